@@ -1,0 +1,43 @@
+"""kapify: make any CNN robust to adversarial attacks with Kernel Average Pooling (KAP).
+
+Example:
+    >>> import timm, kapify
+    >>> model = kapify.convert(timm.create_model("resnet18"), k=3, sigma=0.1)
+    >>> print(kapify.summary(model))  # doctest: +SKIP
+"""
+from .layers import ChannelGrid, GaussianNoise, KernelAvgPool, KernelMaxPool, channel_pool, set_noise
+from .model_source import create_model
+from .reporting import summary
+from .serialization import load, load_config, save
+from .surgery import (
+    KapConfig,
+    TracingError,
+    convert,
+    get_config,
+    is_converted,
+    register_conv_type,
+    register_leaf_module,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChannelGrid",
+    "GaussianNoise",
+    "KapConfig",
+    "KernelAvgPool",
+    "KernelMaxPool",
+    "TracingError",
+    "channel_pool",
+    "convert",
+    "create_model",
+    "get_config",
+    "is_converted",
+    "load",
+    "load_config",
+    "register_conv_type",
+    "register_leaf_module",
+    "save",
+    "set_noise",
+    "summary",
+]

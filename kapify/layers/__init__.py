@@ -1,0 +1,18 @@
+"""Layers: channel pooling (KAP/KMP), Gaussian noise, channel grids."""
+from .channel_pool import KernelAvgPool, KernelMaxPool, PoolMode, channel_pool, check_kernel_size
+from .grid import ChannelGrid, line_grid, rect_grid
+from .noise import GaussianNoise, check_sigma, set_noise
+
+__all__ = [
+    "ChannelGrid",
+    "GaussianNoise",
+    "KernelAvgPool",
+    "KernelMaxPool",
+    "PoolMode",
+    "channel_pool",
+    "check_kernel_size",
+    "check_sigma",
+    "line_grid",
+    "rect_grid",
+    "set_noise",
+]

@@ -1,0 +1,147 @@
+"""Kernel average / max pooling: pooling along the *channel* dimension (paper §3.2, §A.1).
+
+The C channels are laid out on a :class:`~kapify.layers.grid.ChannelGrid` (a 1-D line by default)
+and every output channel pools the ``K`` (line) or ``K x K`` (grid) neighbours centred on
+``(S*i, S*j)``. Positions outside the grid are padding: an average counts only real channels, a
+max ignores the padding.
+
+The op runs as one 2-D spatial pooling over a free view of the tensor in which the channel grid
+is the pooled plane and every spatial position is a "channel" of the pooling kernel, so contiguous
+and channels-last inputs are read once and written once, without a copy.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .grid import ChannelGrid
+
+__all__ = ["channel_pool", "KernelAvgPool", "KernelMaxPool", "PoolMode", "check_kernel_size"]
+
+PoolMode = Literal["avg", "max"]
+GridLike = Union[ChannelGrid, Tuple[int, int], None]
+
+
+def check_kernel_size(kernel_size: int) -> int:
+    """Return ``kernel_size`` if it is a positive odd integer, else raise a ``ValueError``."""
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(
+            f"KAP kernel size must be a positive odd integer (the window is centred on each channel), "
+            f"got {kernel_size!r}; use e.g. 3 or 5"
+        )
+    return kernel_size
+
+
+def _check_stride(stride: int) -> int:
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"KAP stride must be a positive integer, got {stride!r}")
+    return stride
+
+
+def _as_grid(grid: GridLike) -> Optional[ChannelGrid]:
+    if grid is None or isinstance(grid, ChannelGrid):
+        return grid
+    if isinstance(grid, (tuple, list)) and len(grid) == 2:
+        return ChannelGrid(int(grid[0]), int(grid[1]))
+    raise ValueError(f"grid must be None (1-D), a (rows, cols) pair or a ChannelGrid, got {grid!r}")
+
+
+def channel_pool(
+    x: torch.Tensor,
+    kernel_size: int,
+    stride: int = 1,
+    grid: GridLike = None,
+    mode: PoolMode = "avg",
+) -> torch.Tensor:
+    """Pool ``x`` of shape (N, C, *spatial) along C, laid out on ``grid`` (None: a line).
+
+    Returns a tensor of shape (N, C', *spatial) with C' = ``grid.pooled(stride).channels``.
+
+    Example:
+        >>> x = torch.arange(4.0).view(1, 4)
+        >>> channel_pool(x, 3)          # means of [0,1], [0,1,2], [1,2,3], [2,3]
+        tensor([[0.5000, 1.0000, 2.0000, 2.5000]])
+    """
+    check_kernel_size(kernel_size)
+    _check_stride(stride)
+    if x.dim() < 2:
+        raise ValueError(f"channel pooling needs an input of shape (N, C, ...), got shape {tuple(x.shape)}")
+    n, c = x.shape[:2]
+    spatial = x.shape[2:]
+    layout = _as_grid(grid) or ChannelGrid(1, c)
+    if layout.channels != c:
+        raise ValueError(
+            f"channel grid {layout} holds {layout.channels} channels but the input has C={c} "
+            f"(input shape {tuple(x.shape)}); pass a grid with rows * cols == C"
+        )
+    if layout.is_line:
+        kernel, step, pad = (1, kernel_size), (1, stride), (0, kernel_size // 2)
+    else:
+        kernel, step, pad = (kernel_size,) * 2, (stride,) * 2, (kernel_size // 2,) * 2
+    out_grid = layout.pooled(stride)
+    length = math.prod(spatial)
+
+    def pool(z: torch.Tensor) -> torch.Tensor:
+        if mode == "avg":
+            return F.avg_pool2d(z, kernel, step, pad, count_include_pad=False)
+        if mode == "max":
+            return F.max_pool2d(z, kernel, step, pad)
+        raise ValueError(f"pool mode must be 'avg' or 'max', got {mode!r}")
+
+    if spatial and x.stride(1) == 1:
+        # channels-last: (N, *spatial, C) is contiguous; pool the (rows, cols) plane per position.
+        z = x.movedim(1, -1).reshape(n, length, layout.rows, layout.cols)
+        y = pool(z).reshape(n, *spatial, out_grid.channels)
+        return y.movedim(-1, 1)
+    # contiguous: (N, rows, cols, L) viewed as (N, L, rows, cols) is a channels-last 2-D image.
+    z = x.reshape(n, layout.rows, layout.cols, length).permute(0, 3, 1, 2)
+    y = pool(z).permute(0, 2, 3, 1)
+    return y.reshape(n, out_grid.channels, *spatial)
+
+
+class _ChannelPool(nn.Module):
+    mode: PoolMode
+
+    def __init__(self, kernel_size: int, stride: int = 1, grid: GridLike = None) -> None:
+        super().__init__()
+        self.kernel_size = check_kernel_size(kernel_size)
+        self.stride = _check_stride(stride)
+        self.grid = _as_grid(grid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return channel_pool(x, self.kernel_size, self.stride, self.grid, self.mode)
+
+    def out_channels(self, channels: int) -> int:
+        """Channels left after pooling ``channels`` inputs."""
+        return (self.grid or ChannelGrid(1, channels)).pooled(self.stride).channels
+
+    def extra_repr(self) -> str:
+        layout = f"grid={self.grid}" if self.grid is not None else "grid=line"
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, {layout}"
+
+
+class KernelAvgPool(_ChannelPool):
+    """Kernel average pooling (KAP): mean over channel neighbours; padding has zero weight.
+
+    Example:
+        >>> pool = KernelAvgPool(3, grid=(8, 16))
+        >>> pool(torch.randn(2, 128, 4, 4)).shape
+        torch.Size([2, 128, 4, 4])
+    """
+
+    mode: PoolMode = "avg"
+
+
+class KernelMaxPool(_ChannelPool):
+    """Kernel max pooling (KMP): max over channel neighbours; padding is ignored.
+
+    Example:
+        >>> KernelMaxPool(3)(torch.tensor([[1.0, 5.0, 2.0, 0.0]]))
+        tensor([[5., 5., 5., 2.]])
+    """
+
+    mode: PoolMode = "max"

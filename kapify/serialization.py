@@ -1,0 +1,109 @@
+"""``kapify.save`` / ``kapify.load``: safetensors weights with the conversion config as JSON metadata."""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from typing import Any, Dict, Optional, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from .model_source import build_from_source
+from .surgery.config import KapConfig, get_config
+from .surgery.convert import convert
+
+__all__ = ["save", "load", "load_config", "load_extra"]
+
+_CONFIG_KEY = "kapify.config"
+_EXTRA_KEY = "kapify.extra"
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    for attr in ("module", "_orig_mod"):  # DistributedDataParallel, torch.compile
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module) and get_config(model) is get_config(inner):
+            return _unwrap(inner)
+    return model
+
+
+def save(model: nn.Module, path: PathLike, extra: Optional[Dict[str, Any]] = None) -> None:
+    """Save a converted model's weights and conversion config to one ``.safetensors`` file.
+
+    ``extra`` is any JSON-serialisable dict (training args, metrics) stored beside the config.
+    The file is written to a temporary name first, so a crash never leaves a truncated checkpoint.
+
+    Example:
+        >>> import kapify
+        >>> model = kapify.convert(kapify.create_model("resnet18", num_classes=10))
+        >>> kapify.save(model, "/tmp/kap.safetensors")
+        >>> restored = kapify.load("/tmp/kap.safetensors")
+    """
+    model = _unwrap(model)
+    config = get_config(model)
+    if config is None:
+        raise ValueError(f"{type(model).__name__} was not converted by kapify.convert; save it with torch.save instead")
+    if config.source is None:
+        raise ValueError(
+            "this model does not record how to rebuild it (torchvision models do not store their builder "
+            "name); build it with kapify.create_model('torchvision/<name>', ...) before converting"
+        )
+    metadata = {_CONFIG_KEY: json.dumps(config.to_dict())}
+    if extra is not None:
+        metadata[_EXTRA_KEY] = json.dumps(extra)
+    tmp = f"{os.fspath(path)}.tmp"
+    save_model(model, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _metadata(path: PathLike) -> Dict[str, str]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no kapify checkpoint at {os.fspath(path)!r}")
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{os.fspath(path)!r} is not a readable safetensors file ({err}); is it corrupt or truncated?") from err
+    if _CONFIG_KEY not in metadata:
+        raise ValueError(f"{os.fspath(path)!r} is a safetensors file but not a kapify checkpoint (no '{_CONFIG_KEY}' metadata)")
+    return metadata
+
+
+def load_config(path: PathLike) -> KapConfig:
+    """The :class:`KapConfig` stored in a checkpoint written by :func:`save`."""
+    return KapConfig.from_dict(json.loads(_metadata(path)[_CONFIG_KEY]))
+
+
+def load_extra(path: PathLike) -> Optional[Dict[str, Any]]:
+    """The ``extra`` dict stored by :func:`save`, or None."""
+    raw = _metadata(path).get(_EXTRA_KEY)
+    return None if raw is None else json.loads(raw)
+
+
+def load(path: PathLike, model: Optional[nn.Module] = None, device: Union[str, torch.device] = "cpu") -> nn.Module:
+    """Rebuild a converted model from a checkpoint written by :func:`save`.
+
+    The plain model is built from the recorded timm/torchvision source (or pass the unconverted
+    ``model`` yourself), converted with the recorded options, checked layer by layer against the
+    record, and the weights are loaded strictly.
+    """
+    config = load_config(path)
+    if model is None:
+        if config.source is None:
+            raise ValueError(f"{os.fspath(path)!r} records no model source; pass the unconverted model as model=")
+        model = build_from_source(config.source)
+    converted = convert(model, **config.convert_kwargs())
+    got = [(r.name, r.grid, r.out_channels) for r in get_config(converted).layers]
+    want = [(r.name, r.grid, r.out_channels) for r in config.layers]
+    for recorded, rebuilt in itertools.zip_longest(want, got):
+        if recorded != rebuilt:
+            raise ValueError(
+                f"the rebuilt model does not match the checkpoint's recorded layers (first difference: recorded "
+                f"{recorded}, rebuilt {rebuilt}); did the timm/torchvision version or the model source change?"
+            )
+    converted.kapify_config.source = config.source
+    load_model(converted, os.fspath(path), strict=True, device=str(device))
+    return converted.to(device)

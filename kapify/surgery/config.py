@@ -1,0 +1,81 @@
+"""The record of a conversion, kept on the converted model as ``model.kapify_config``.
+
+It is small and JSON-serialisable, so that :func:`kapify.save` / :func:`kapify.load` can rebuild the
+same architecture from the model's source (a timm or torchvision model name) without user code.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+from torch import nn
+
+__all__ = ["LayerRecord", "KapConfig", "get_config", "is_converted", "CONFIG_ATTR"]
+
+CONFIG_ATTR = "kapify_config"
+
+
+@dataclass
+class LayerRecord:
+    """What was placed after one convolution."""
+
+    name: str
+    conv_class: str
+    in_channels: int
+    out_channels: int
+    pooled_channels: int
+    grid: Optional[str]  # "RxC" of the pooled channels, None when no pool
+    kernel_size: int
+    stride: int
+    pool: Optional[str]
+    sigma: float
+    route: str  # how the conv was found: "graph" or "inside leaf <Type>"
+
+
+@dataclass
+class KapConfig:
+    """Options of a :func:`kapify.convert` call and what it did, layer by layer."""
+
+    k: int
+    stride: int
+    sigma: float
+    pool: Optional[str]
+    grid: str
+    input_noise: bool
+    include: Optional[List[str]] = None
+    exclude: Optional[List[str]] = None
+    layers: List[LayerRecord] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)
+    params_before: int = 0
+    source: Optional[Dict[str, Any]] = None
+    version: int = 1
+
+    def convert_kwargs(self) -> Dict[str, Any]:
+        """The keyword arguments that make :func:`kapify.convert` repeat this conversion."""
+        return dict(
+            k=self.k, stride=self.stride, sigma=self.sigma, pool=self.pool, grid=self.grid,
+            input_noise=self.input_noise, include=self.include, exclude=self.exclude,
+        )
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "KapConfig":
+        data = dict(data)
+        data["layers"] = [LayerRecord(**layer) for layer in data.get("layers", [])]
+        return cls(**data)
+
+
+def get_config(model: nn.Module) -> Optional[KapConfig]:
+    """The :class:`KapConfig` of a converted model (unwrapping DDP / torch.compile), else None."""
+    for attr in ("module", "_orig_mod"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module) and not hasattr(model, CONFIG_ATTR):
+            return get_config(inner)
+    return getattr(model, CONFIG_ATTR, None)
+
+
+def is_converted(model: nn.Module) -> bool:
+    """Whether ``model`` was returned by :func:`kapify.convert`."""
+    return get_config(model) is not None

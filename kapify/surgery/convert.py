@@ -1,0 +1,170 @@
+"""``kapify.convert``: put KAP (or KMP) and Gaussian noise after every convolution of a model."""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import warnings
+from typing import Callable, Dict, Iterable, List, Literal, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..layers import ChannelGrid, GaussianNoise, KernelAvgPool, KernelMaxPool, check_kernel_size, check_sigma
+from ..layers.grid import line_grid, rect_grid
+from ..model_source import describe_source
+from .config import CONFIG_ATTR, KapConfig, LayerRecord, is_converted
+from .conv_sites import find_conv_sites
+from .conv_types import conv_types
+from .kap_conv import attach_kap, original_class
+
+__all__ = ["convert", "GRID_RULES", "POOLS"]
+
+#: channel-layout rules by name: C -> grid.
+GRID_RULES: Dict[str, Callable[[int], ChannelGrid]] = {
+    "rect": rect_grid,  # most nearly square rows x cols factorisation of C (keeps pretrained shapes)
+    "line": line_grid,  # 1-D KAP over the channel index
+}
+#: pool modules by name (None: noise only).
+POOLS = {"avg": KernelAvgPool, "max": KernelMaxPool, None: None}
+
+PatternArg = Union[str, Sequence[str], None]
+
+
+def _patterns(arg: PatternArg, what: str) -> Optional[List[str]]:
+    if arg is None:
+        return None
+    if isinstance(arg, str):
+        return [arg]
+    if isinstance(arg, (list, tuple)) and all(isinstance(p, str) for p in arg):
+        return list(arg)
+    raise ValueError(f"{what} takes module-name patterns (a string or a list of strings), got {arg!r}")
+
+
+def _selected(name: str, include: Optional[List[str]], exclude: Optional[List[str]]) -> bool:
+    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
+
+
+def _input_noise_hook(module: nn.Module, args: tuple) -> tuple:
+    return (module.kapify_input_noise(args[0]),) + tuple(args[1:])
+
+
+def _check_options(k: int, sigma: float, pool: Optional[str], stride: int, grid: str) -> float:
+    check_kernel_size(k)
+    sigma = check_sigma(sigma)
+    if pool not in POOLS:
+        raise ValueError(f"pool must be 'avg' (KAP), 'max' (KMP) or None (noise only), got {pool!r}")
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride must be a positive integer, got {stride!r}")
+    if stride > 1:
+        raise NotImplementedError(
+            f"stride={stride} shrinks each conv's output channels by about {stride}x{stride}, so every downstream "
+            f"layer must be re-widened; that needs kapify's channel re-widening, which is not available yet. "
+            f"Use stride=1."
+        )
+    if grid == "square":
+        raise NotImplementedError(
+            "grid='square' re-widens channel counts to perfect squares, which needs kapify's channel "
+            "re-widening; it is not available yet. Use grid='rect' (nearly square rows x cols) or 'line'."
+        )
+    if grid not in GRID_RULES:
+        raise ValueError(f"grid must be one of {sorted(GRID_RULES)} (or 'square' once re-widening lands), got {grid!r}")
+    return sigma
+
+
+def convert(
+    model: nn.Module,
+    k: int = 3,
+    sigma: float = 0.1,
+    pool: Optional[Literal["avg", "max"]] = "avg",
+    stride: int = 1,
+    grid: str = "rect",
+    input_noise: bool = True,
+    include: PatternArg = None,
+    exclude: PatternArg = None,
+    leaf_modules: Iterable[type] = (),
+    example_input: Optional[torch.Tensor] = None,
+) -> nn.Module:
+    """Return a copy of ``model`` with a channel pool and Gaussian noise after every convolution.
+
+    Args:
+        model: any timm / torchvision / user CNN; it is never modified, also when conversion fails.
+        k: pooling window (odd): K channels on a line, K x K on a grid.
+        sigma: std of the N(0, sigma^2) noise added after each pool (and to the input) in training.
+            0 adds no noise layers.
+        pool: "avg" (KAP), "max" (KMP) or None (noise only: the paper's NT(sigma) baseline).
+        stride: pooling stride; > 1 needs channel re-widening (not available yet).
+        grid: channel layout, "rect" (most nearly square rows x cols, e.g. 128 -> 8x16) or "line".
+        input_noise: also add the noise to the model's input (training only).
+        include / exclude: fnmatch patterns on conv module names, e.g. ``exclude="conv1"``.
+        leaf_modules: extra module types FX must not trace through (their convs are still converted).
+        example_input: input used to check the traced graph against eager execution
+            (default: from timm's ``pretrained_cfg``, else a 224x224 image).
+
+    Example:
+        >>> import timm, kapify
+        >>> kap = kapify.convert(timm.create_model("resnet18"), k=3, sigma=0.1)
+        >>> kap.conv1.kap_pool
+        KernelAvgPool(kernel_size=3, stride=1, grid=8x8)
+    """
+    sigma = _check_options(k, sigma, pool, stride, grid)
+    include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")
+    if is_converted(model):
+        raise ValueError(
+            f"{type(model).__name__} was already converted by kapify (see kapify.summary(model)); "
+            f"convert the original model instead of converting twice"
+        )
+    if not any(isinstance(m, conv_types()) for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} has no convolution: KAP pools the output channels of convolutions. "
+            f"If it has a custom conv layer, register it with kapify.register_conv_type(MyConv)"
+        )
+    params_before = sum(p.numel() for p in model.parameters())
+    new = copy.deepcopy(model)
+    sites = find_conv_sites(new, tuple(leaf_modules), None if example_input is None else [example_input])
+    if sites.functional:
+        warnings.warn(
+            f"{len(sites.functional)} functional convolution(s) have no conv module to pool after and are left "
+            f"as they are: {', '.join(sites.functional[:5])}",
+            stacklevel=2,
+        )
+    chosen = {name: route for name, route in sites.modules.items() if _selected(name, include_p, exclude_p)}
+    if not chosen:
+        raise ValueError(
+            f"include={include_p} / exclude={exclude_p} leave none of the {len(sites.modules)} convolutions "
+            f"to convert (e.g. {', '.join(list(sites.modules)[:3])}); loosen the patterns"
+        )
+    records = []
+    for name, route in chosen.items():
+        conv = new.get_submodule(name)
+        layout = GRID_RULES[grid](conv.out_channels)
+        pool_module = None if pool is None else POOLS[pool](k, stride, None if grid == "line" else layout)
+        noise = GaussianNoise(sigma) if sigma > 0 else None
+        records.append(
+            LayerRecord(
+                name=name,
+                conv_class=f"{original_class(conv).__module__}.{original_class(conv).__qualname__}",
+                in_channels=conv.in_channels,
+                out_channels=conv.out_channels,
+                pooled_channels=layout.pooled(stride).channels if pool_module is not None else conv.out_channels,
+                grid=str(layout) if pool_module is not None else None,
+                kernel_size=k,
+                stride=stride,
+                pool=pool,
+                sigma=sigma,
+                route=route,
+            )
+        )
+        if pool_module is not None or noise is not None:
+            attach_kap(conv, pool_module, noise)
+    if input_noise and sigma > 0:
+        new.kapify_input_noise = GaussianNoise(sigma, site="input")
+        new.register_forward_pre_hook(_input_noise_hook)
+    config = KapConfig(
+        k=k, stride=stride, sigma=sigma, pool=pool, grid=grid, input_noise=bool(input_noise and sigma > 0),
+        include=include_p, exclude=exclude_p, layers=records, skipped=sites.functional,
+        params_before=params_before, source=describe_source(model),
+    )
+    setattr(new, CONFIG_ATTR, config)
+    return new

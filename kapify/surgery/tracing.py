@@ -1,0 +1,159 @@
+"""The one FX tracer kapify uses to look at a model's graph.
+
+It applies timm's tracing settings (timm's leaf modules and auto-wrapped functions, as
+``timm.layers.create_feature_extractor`` passes them to torchvision's feature-extraction tracer),
+keeps every registered conv type as a leaf (its output *is* the conv's output) and adds the leaf
+modules registered with :func:`register_leaf_module`. A traced graph is only trusted after
+:func:`check_graph` has compared it with eager execution.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Type
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .conv_types import conv_types
+
+__all__ = ["KapifyTracer", "TracingError", "register_leaf_module", "trace", "check_graph", "example_input"]
+
+_LEAF_MODULES: Set[Type[nn.Module]] = set()
+
+
+def register_leaf_module(cls: Type[nn.Module]) -> Type[nn.Module]:
+    """Treat ``cls`` as a leaf when tracing: FX does not trace through its ``forward``.
+
+    Use it for blocks with data-dependent control flow. Convolutions inside a leaf are still
+    converted. Usable as a decorator.
+
+    Example:
+        >>> @register_leaf_module
+        ... class Dynamic(nn.Module):
+        ...     def forward(self, x):
+        ...         return x if x.sum() > 0 else -x
+    """
+    _LEAF_MODULES.add(cls)
+    return cls
+
+
+class TracingError(RuntimeError):
+    """The model could not be traced by torch.fx; the message names the module where it failed."""
+
+
+def _timm_settings() -> Tuple[List[type], List[Callable]]:
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:  # pragma: no cover
+        return [], []
+    return list(get_notrace_modules()), list(get_notrace_functions())
+
+
+class KapifyTracer(fx.Tracer):
+    """``torch.fx.Tracer`` with timm's leaf settings, conv types as leaves, and the module path of a failure."""
+
+    def __init__(self, leaf_modules: Sequence[type] = ()) -> None:
+        timm_leaves, timm_functions = _timm_settings()
+        super().__init__(autowrap_functions=tuple(f for f in timm_functions if callable(f)))
+        self.leaf_types = tuple({*timm_leaves, *_LEAF_MODULES, *leaf_modules})
+        self._stack: List[Tuple[str, type]] = []
+        self.failed_in: Optional[Tuple[str, type]] = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, conv_types()) or isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        self._stack.append((self.path_of_module(m), type(m)))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self._stack[-1]
+            raise
+        finally:
+            self._stack.pop()
+
+
+def trace(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.GraphModule:
+    """Symbolically trace ``model``; raise :class:`TracingError` naming the failing module.
+
+    Example:
+        >>> gm = trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+        >>> [n.op for n in gm.graph.nodes]
+        ['placeholder', 'call_module', 'call_module', 'output']
+    """
+    tracer = KapifyTracer(leaf_modules)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = tracer.trace(model)
+    except Exception as err:
+        where = "the model's own forward"
+        cls_name = type(model).__name__
+        if tracer.failed_in is not None:
+            path, cls = tracer.failed_in
+            where, cls_name = f"module '{path}'", cls.__name__
+        raise TracingError(
+            f"torch.fx could not trace {type(model).__name__}: it failed inside {where} ({cls_name}) with "
+            f"{type(err).__name__}: {err}. Mark that block as a leaf so FX does not trace through it, e.g. "
+            f"`kapify.register_leaf_module({cls_name})` or `convert(..., leaf_modules=[{cls_name}])`; "
+            f"convolutions inside a leaf are still converted."
+        ) from err
+    return fx.GraphModule(model, graph, class_name=type(model).__name__ + "Graph")
+
+
+def example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
+    """A random input for ``model``: timm's ``pretrained_cfg['input_size']`` if present, else a
+    small input shaped for the first convolution (3x224x224 for torchvision-style image models)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    if "input_size" in cfg:
+        return torch.randn(batch_size, *cfg["input_size"], device=device, dtype=dtype)
+    first = next((m for m in model.modules() if isinstance(m, conv_types())), None)
+    if first is None:
+        raise ValueError("cannot guess an input for a model without convolutions; pass example_input")
+    ndim = len(first.kernel_size)
+    side = 224 if ndim == 2 else 32
+    return torch.randn(batch_size, first.in_channels, *([side] * ndim), device=device, dtype=dtype)
+
+
+def _flatten(out: Any) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flatten(o)]
+    return []
+
+
+def check_graph(gm: fx.GraphModule, model: nn.Module, inputs: Iterable[torch.Tensor], atol: float = 1e-4) -> Optional[str]:
+    """Run ``gm`` and ``model`` in eval mode on ``inputs``; return why they differ, or None if equal."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                want = _flatten(model(*inputs))
+            except Exception as err:
+                return f"the eager model failed on the example input: {type(err).__name__}: {err}"
+            try:
+                got = _flatten(gm(*inputs))
+            except Exception as err:
+                return f"the traced graph fails at run time: {type(err).__name__}: {err}"
+        if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want)):
+            return "the traced graph returns outputs of other shapes than the eager model"
+        for g, w in zip(got, want):
+            scale = w.abs().max().item() if w.numel() else 0.0
+            if not torch.allclose(g, w, atol=atol * max(1.0, scale), rtol=1e-3):
+                return "the traced graph's output differs from the eager model's"
+        return None
+    finally:
+        for m, training in modes.items():
+            m.training = training

@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from kapify.layers import ChannelGrid, KernelAvgPool, KernelMaxPool, channel_pool, rect_grid
+from tests.reference import channel_pool_loops
+
+# (channels, grid) with grid None = a line: squares, rectangles, tiny and prime layouts
+LAYOUTS = [(16, (4, 4)), (12, (3, 4)), (12, (4, 3)), (10, (2, 5)), (2, (1, 2)), (2, (2, 1)), (1, (1, 1)),
+           (9, None), (8, None), (1, None), (7, (1, 7))]
+SPATIAL = [(), (5,), (3, 4), (2, 3, 2)]
+
+
+@pytest.mark.parametrize("mode", ["avg", "max"])
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("channels,grid", LAYOUTS)
+def test_matches_loop_reference(mode, k, stride, channels, grid):
+    gen = torch.Generator().manual_seed(hash((mode, k, stride, channels, grid)) % 2**31)
+    for spatial in SPATIAL:
+        x = torch.randn(2, channels, *spatial, generator=gen)
+        got = channel_pool(x, k, stride, grid, mode)
+        want = channel_pool_loops(x, k, stride, grid, mode)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_channels_last_matches_contiguous(mode):
+    x = torch.randn(3, 24, 5, 7)
+    want = channel_pool(x, 3, 2, (4, 6), mode)
+    got = channel_pool(x.to(memory_format=torch.channels_last), 3, 2, (4, 6), mode)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want)
+    x5 = torch.randn(2, 16, 3, 4, 5)
+    got5 = channel_pool(x5.to(memory_format=torch.channels_last_3d), 3, 1, (4, 4), mode)
+    torch.testing.assert_close(got5, channel_pool(x5, 3, 1, (4, 4), mode))
+
+
+def test_non_contiguous_input():
+    x = torch.randn(2, 5, 6, 12).transpose(1, 3)  # (2, 12, 6, 5), neither layout
+    torch.testing.assert_close(channel_pool(x, 3, 1, (3, 4)), channel_pool_loops(x, 3, 1, (3, 4), "avg"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_low_precision(dtype, mode):
+    x = torch.randn(2, 12, 4, 4)
+    got = channel_pool(x.to(dtype), 3, 1, (3, 4), mode)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), channel_pool_loops(x, 3, 1, (3, 4), mode), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("mode", ["avg", "max"])
+@pytest.mark.parametrize("k,stride,grid,spatial", [(3, 1, (3, 4), (3, 2)), (5, 2, (4, 4), (2,)), (3, 1, None, ()),
+                                                   (3, 2, (2, 5), (2, 2)), (5, 1, (1, 2), (2,))])
+def test_gradcheck(mode, k, stride, grid, spatial):
+    channels = grid[0] * grid[1] if grid else 7
+    x = torch.randn(2, channels, *spatial, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: channel_pool(t, k, stride, grid, mode), (x,))
+    ref = channel_pool_loops(x, k, stride, grid, mode)
+    (g_ref,) = torch.autograd.grad(ref.sum(), x)
+    (g,) = torch.autograd.grad(channel_pool(x, k, stride, grid, mode).sum(), x)
+    torch.testing.assert_close(g, g_ref)
+
+
+def test_modules_and_output_channels():
+    pool = KernelAvgPool(3, stride=2, grid=(8, 16))
+    assert pool(torch.randn(2, 128, 3, 3)).shape == (2, 32, 3, 3)
+    assert pool.out_channels(128) == 32
+    assert KernelMaxPool(3)(torch.randn(2, 10)).shape == (2, 10)
+    assert "grid=8x16" in repr(pool)
+
+
+def test_rect_grid():
+    assert rect_grid(128) == ChannelGrid(8, 16)
+    assert rect_grid(64) == ChannelGrid(8, 8)
+    assert rect_grid(7) == ChannelGrid(1, 7)
+    for c in range(1, 300):
+        g = rect_grid(c)
+        assert g.channels == c and g.rows <= g.cols
+        assert all(c % r for r in range(g.rows + 1, int(c**0.5) + 1))  # no squarer factorisation
+
+
+@pytest.mark.parametrize("k", [0, 2, 4, -1, 1.0, True])
+def test_bad_kernel_size(k):
+    with pytest.raises(ValueError, match="odd"):
+        KernelAvgPool(k)
+
+
+def test_bad_grid_and_input():
+    with pytest.raises(ValueError, match="rows \\* cols == C"):
+        channel_pool(torch.randn(2, 10, 3), 3, 1, (3, 3))
+    with pytest.raises(ValueError, match="shape \\(N, C"):
+        channel_pool(torch.randn(10), 3)
+    with pytest.raises(ValueError, match="stride"):
+        KernelAvgPool(3, stride=0)
+    with pytest.raises(ValueError, match="'avg' or 'max'"):
+        channel_pool(torch.randn(2, 4), 3, mode="median")
