@@ -8,7 +8,7 @@ Example:
 from .layers import ChannelGrid, GaussianNoise, KernelAvgPool, KernelMaxPool, channel_pool, set_noise
 from .model_source import create_model
 from .reporting import summary
-from .serialization import load, load_config, save
+from .serialization import load, load_config, load_extra, save
 from .surgery import (
     KapConfig,
     TracingError,
@@ -35,6 +35,7 @@ __all__ = [
     "is_converted",
     "load",
     "load_config",
+    "load_extra",
     "register_conv_type",
     "register_leaf_module",
     "save",

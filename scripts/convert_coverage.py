@@ -1,0 +1,185 @@
+"""Coverage of ``kapify.convert`` over timm's and torchvision's model zoos (not a test).
+
+For every timm model name with a convolution (parameters counted on the meta device; models over
+``--max-params`` are skipped as too big for a 24 GB CPU machine) and every torchvision
+classification model: build it (pretrained=False), convert it, run the converted model in eval
+mode and check the output shape and that every conv the eager model calls is pooled.
+Results stream to a JSONL file (a rerun resumes), then a Markdown report is written.
+
+    python scripts/convert_coverage.py --out docs/coverage            # everything (hours on 2 cores)
+    python scripts/convert_coverage.py --timm 'resnet*' --no-torchvision
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import fnmatch
+import json
+import os
+import signal
+import sys
+import time
+import warnings
+
+import torch
+from torch import nn
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(_signum, _frame):
+    raise _Timeout()
+
+
+def called_convs(model: nn.Module, x: torch.Tensor) -> set:
+    """Names of the conv modules an eager forward of ``model`` actually calls."""
+    from kapify.surgery.conv_types import is_conv
+
+    seen, handles = set(), []
+    for name, module in model.named_modules():
+        if is_conv(module):
+            handles.append(module.register_forward_hook(lambda m, i, o, n=name: seen.add(n)))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def check_model(build, timeout: int) -> dict:
+    import kapify
+    from kapify.surgery.kap_conv import is_kap_conv
+    from kapify.surgery.tracing import example_input
+
+    signal.alarm(timeout)
+    start = time.time()
+    try:
+        model = build().eval()
+        x = example_input(model)
+        want = called_convs(model, x)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            kap = kapify.convert(model, k=3, sigma=0.1, example_input=x).eval()
+        with torch.no_grad():
+            out, ref = kap(x), model(x)
+        unpooled = sorted(n for n in want if not is_kap_conv(kap.get_submodule(n)))
+        shapes_ok = [t.shape for t in (out if isinstance(out, (list, tuple)) else [out])] == \
+                    [t.shape for t in (ref if isinstance(ref, (list, tuple)) else [ref])]
+        if unpooled:
+            return {"status": "failed", "reason": f"convs left unpooled: {unpooled[:3]}"}
+        if not shapes_ok:
+            return {"status": "failed", "reason": "output shape changed"}
+        cfg = kapify.get_config(kap)
+        notes = sorted({str(w.message).split(":")[1].strip()[:60] for w in caught if "not trusted" in str(w.message)})
+        return {"status": "converted", "convs": len(cfg.layers), "functional": len(cfg.skipped),
+                "routes": sorted({r.route for r in cfg.layers}), "notes": notes, "seconds": round(time.time() - start, 2)}
+    except _Timeout:
+        return {"status": "failed", "reason": f"timeout > {timeout}s"}
+    except Exception as err:  # the report groups these
+        return {"status": "failed", "reason": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+    finally:
+        signal.alarm(0)
+
+
+def timm_candidates(patterns, max_params):
+    import timm
+
+    for name in timm.list_models():
+        if patterns and not any(fnmatch.fnmatch(name, p) for p in patterns):
+            continue
+        try:
+            with torch.device("meta"):
+                meta = timm.create_model(name, pretrained=False)
+        except Exception as err:
+            yield name, {"status": "failed", "reason": f"build on meta device: {type(err).__name__}: {err}"[:300]}
+            continue
+        from kapify.surgery.conv_types import is_conv
+
+        if not any(is_conv(m) for m in meta.modules()):
+            yield name, {"status": "no-conv"}
+            continue
+        params = sum(p.numel() for p in meta.parameters())
+        if params > max_params:
+            yield name, {"status": "skipped", "reason": f"{params / 1e6:.0f}M params > {max_params / 1e6:.0f}M"}
+            continue
+        yield name, (lambda n=name: timm.create_model(n, pretrained=False))
+
+
+def torchvision_candidates():
+    import torchvision
+
+    for name in torchvision.models.list_models(module=torchvision.models):
+        yield f"torchvision/{name}", (lambda n=name: torchvision.models.get_model(n, weights=None))
+
+
+def write_report(rows: dict, path: str) -> None:
+    lines = ["# `kapify.convert` coverage", "",
+             "Produced by `python scripts/convert_coverage.py` (k=3, sigma=0.1, grid=rect, pool=avg; eval-mode "
+             "forward at each model's default input size; a model counts as converted when every conv its eager "
+             "forward calls is pooled and the output shape is unchanged).", ""]
+    for zoo, keep in (("timm", lambda n: not n.startswith("torchvision/")), ("torchvision", lambda n: n.startswith("torchvision/"))):
+        sub = {n: r for n, r in rows.items() if keep(n)}
+        if not sub:
+            continue
+        counts = collections.Counter(r["status"] for r in sub.values())
+        tried = counts["converted"] + counts["failed"]
+        rate = 100 * counts["converted"] / tried if tried else 0.0
+        lines += [f"## {zoo}", "",
+                  f"- models with a convolution tried: {tried}; converted: {counts['converted']} ({rate:.1f}%); "
+                  f"failed: {counts['failed']}",
+                  f"- skipped as too big for this CPU machine: {counts['skipped']}; without any convolution: {counts['no-conv']}",
+                  f"- graph not trusted (module-walk fallback used): {sum(1 for r in sub.values() if r.get('notes'))}", ""]
+        reasons = collections.defaultdict(list)
+        for n, r in sub.items():
+            if r["status"] == "failed":
+                reasons[r["reason"].split(":")[0] + ": " + r["reason"].split(":", 1)[-1][:120]].append(n)
+        if reasons:
+            lines += ["| failure | models |", "|---|---|"]
+            for reason, names in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
+                lines.append(f"| {reason.replace('|', '/')} | {len(names)}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''} |")
+            lines.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="docs/coverage", help="output prefix (.jsonl and .md are written)")
+    parser.add_argument("--timm", nargs="*", default=None, help="fnmatch patterns of timm names (default: all)")
+    parser.add_argument("--no-timm", action="store_true")
+    parser.add_argument("--no-torchvision", action="store_true")
+    parser.add_argument("--max-params", type=float, default=150e6)
+    parser.add_argument("--timeout", type=int, default=180, help="seconds per model")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    signal.signal(signal.SIGALRM, _alarm)
+    jsonl = args.out + ".jsonl"
+    rows = {}
+    if os.path.exists(jsonl):
+        with open(jsonl) as f:
+            rows = {r["model"]: r for r in map(json.loads, f)}
+    candidates = []
+    if not args.no_torchvision:
+        candidates += list(torchvision_candidates())
+    if not args.no_timm:
+        candidates += list(timm_candidates(args.timm, args.max_params))
+    with open(jsonl, "a") as f:
+        for i, (name, build) in enumerate(candidates):
+            if name in rows:
+                continue
+            result = build if isinstance(build, dict) else check_model(build, args.timeout)
+            rows[name] = {"model": name, **result}
+            f.write(json.dumps(rows[name]) + "\n")
+            f.flush()
+            print(f"[{i + 1}/{len(candidates)}] {name}: {result['status']} {result.get('reason', '')}", flush=True)
+    write_report(rows, args.out + ".md")
+    print(f"wrote {args.out}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

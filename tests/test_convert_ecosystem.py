@@ -1,0 +1,112 @@
+"""A converted model keeps working where the original did: timm/torchvision API, state_dict, eval,
+torch.compile, autocast, channels_last, DDP."""
+import os
+
+import pytest
+import timm
+import torch
+import torch.distributed as dist
+import torchvision
+
+import kapify
+
+
+@pytest.fixture(scope="module")
+def timm_pair():
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    return model, kapify.convert(model, k=3, sigma=0.1)
+
+
+def test_timm_api_is_kept(timm_pair):
+    model, kap = timm_pair
+    assert isinstance(kap, type(model)) and type(kap) is type(model)
+    assert kap.pretrained_cfg == model.pretrained_cfg and kap.default_cfg == model.default_cfg
+    assert kap.num_classes == 10 and kap.get_classifier().out_features == 10
+    x = torch.randn(2, 3, 32, 32)
+    kap.eval()
+    feats = kap.forward_features(x)
+    assert feats.shape == (2, 512, 1, 1)
+    torch.testing.assert_close(kap.forward_head(feats), kap(x))
+    kap2 = kapify.convert(model)
+    kap2.reset_classifier(5)
+    assert kap2(x).shape == (2, 5)
+
+
+def test_torchvision_class_is_kept():
+    model = torchvision.models.mobilenet_v2(weights=None, num_classes=3)
+    kap = kapify.convert(model)
+    assert type(kap) is torchvision.models.MobileNetV2 and kap.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_state_dict_round_trip(timm_pair):
+    model, kap = timm_pair
+    assert list(kap.state_dict()) == list(model.state_dict())  # pools and noise add no keys
+    other = kapify.convert(timm.create_model("resnet18", pretrained=False, num_classes=10))
+    other.load_state_dict(kap.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    kap.eval(), other.eval()
+    with torch.no_grad():
+        assert torch.equal(kap(x), other(x))
+    pretrained_like = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    other.load_state_dict(pretrained_like.state_dict())  # weights of a plain model load as they are
+
+
+def test_caller_model_is_not_modified():
+    model = timm.create_model("resnet18", pretrained=False)
+    from tests.conftest import assert_unchanged, state_snapshot
+
+    snap = state_snapshot(model)
+    kap = kapify.convert(model)
+    assert_unchanged(model, snap)
+    assert kap.conv1.weight is not model.conv1.weight and torch.equal(kap.conv1.weight, model.conv1.weight)
+
+
+def test_eval_is_deterministic_and_train_is_noisy(timm_pair):
+    _, kap = timm_pair
+    x = torch.randn(2, 3, 32, 32)
+    kap.eval()
+    with torch.no_grad():
+        assert torch.equal(kap(x), kap(x))
+        kapify.set_noise(kap, True)
+        assert not torch.equal(kap(x), kap(x))
+        kapify.set_noise(kap, False)
+
+
+def test_autocast_and_channels_last(timm_pair):
+    _, kap = timm_pair
+    kap.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = kap(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = kap(x)
+        assert low.dtype == torch.bfloat16
+        torch.testing.assert_close(low.float(), ref, rtol=0.1, atol=0.1)
+        kap_cl = kapify.convert(timm.create_model("resnet18", pretrained=False, num_classes=10))
+        kap_cl.load_state_dict(kap.state_dict())
+        kap_cl = kap_cl.to(memory_format=torch.channels_last).eval()
+        torch.testing.assert_close(kap_cl(x.to(memory_format=torch.channels_last)), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_ddp_wraps_and_trains():
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29531")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        kap = kapify.convert(timm.create_model("resnet18", pretrained=False, num_classes=4))
+        ddp = torch.nn.parallel.DistributedDataParallel(kap)
+        ddp(torch.randn(2, 3, 32, 32)).sum().backward()
+        assert kap.conv1.weight.grad is not None
+        assert kapify.get_config(ddp) is kapify.get_config(kap)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_torch_compile(timm_pair):
+    _, kap = timm_pair
+    kap.eval()
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(kap)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), kap(x), rtol=1e-4, atol=1e-4)

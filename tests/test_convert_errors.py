@@ -1,0 +1,119 @@
+"""Bad input gets a clear, specific error and leaves the caller's model untouched."""
+import pytest
+import timm
+import torch
+from torch import nn
+
+import kapify
+from tests.conftest import assert_unchanged, state_snapshot
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.gate = DataDependent()
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.gate(self.conv(x)))
+
+
+@pytest.fixture
+def model():
+    return timm.create_model("resnet18", pretrained=False, num_classes=10)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(k=2), ValueError, "odd"),
+        (dict(k=0), ValueError, "odd"),
+        (dict(k=-3), ValueError, "odd"),
+        (dict(sigma=-0.1), ValueError, "sigma"),
+        (dict(pool="median"), ValueError, "'avg' \\(KAP\\), 'max' \\(KMP\\) or None"),
+        (dict(grid="hex"), ValueError, "grid must be one of"),
+        (dict(grid="square"), NotImplementedError, "re-widen"),
+        (dict(stride=2), NotImplementedError, "re-widen"),
+        (dict(stride=0), ValueError, "positive integer"),
+        (dict(include="nothing*"), ValueError, "leave none of the"),
+        (dict(exclude=3), ValueError, "patterns"),
+    ],
+)
+def test_bad_options(model, kwargs, error, match):
+    snap = state_snapshot(model)
+    with pytest.raises(error, match=match):
+        kapify.convert(model, **kwargs)
+    assert_unchanged(model, snap)
+
+
+def test_no_convolution():
+    mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(ValueError, match="has no convolution.*register_conv_type"):
+        kapify.convert(mlp)
+
+
+def test_already_converted(model):
+    kap = kapify.convert(model)
+    snap = state_snapshot(model)
+    with pytest.raises(ValueError, match="already converted"):
+        kapify.convert(kap)
+    assert_unchanged(model, snap)
+
+
+def test_untraceable_names_the_module_and_the_fix():
+    net = Untraceable()
+    snap = state_snapshot(net)
+    with pytest.raises(kapify.TracingError, match=r"inside module 'gate' \(DataDependent\).*register_leaf_module\(DataDependent\)"):
+        kapify.convert(net, example_input=torch.randn(1, 3, 8, 8))
+    assert_unchanged(net, snap)
+    kap = kapify.convert(net, leaf_modules=[DataDependent], example_input=torch.randn(1, 3, 8, 8))
+    assert [r.name for r in kapify.get_config(kap).layers] == ["conv", "head"]
+
+
+def test_convs_inside_leaves_are_converted():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Conv2d(8, 9, 1)
+
+        def forward(self, x):
+            return self.inner(x) if x.mean() > -100 else x
+
+    kapify.register_leaf_module(Block)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), Block())
+    kap = kapify.convert(net, example_input=torch.randn(1, 3, 8, 8))
+    routes = {r.name: r.route for r in kapify.get_config(kap).layers}
+    assert routes == {"0": "graph", "1.inner": "inside leaf Block"}
+    assert kap[1].inner.kap_pool.grid == kapify.ChannelGrid(3, 3)
+
+
+def test_untrusted_graph_falls_back_to_every_conv(monkeypatch):
+    import kapify.surgery.conv_sites as sites
+
+    monkeypatch.setattr(sites, "check_graph", lambda *a, **k: "the traced graph fails at run time: boom")
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    with pytest.warns(UserWarning, match="boom.*module walk"):
+        kap = kapify.convert(net, example_input=torch.randn(1, 3, 8, 8))
+    assert len(kapify.get_config(kap).layers) == 2
+
+
+def test_functional_conv_is_reported():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.w = nn.Parameter(torch.randn(4, 4, 1, 1))
+
+        def forward(self, x):
+            return torch.nn.functional.conv2d(self.conv(x), self.w)
+
+    with pytest.warns(UserWarning, match="functional convolution"):
+        kap = kapify.convert(Functional(), example_input=torch.randn(1, 3, 8, 8))
+    assert len(kapify.get_config(kap).skipped) == 1
+    assert "functional" in str(kapify.summary(kap))
