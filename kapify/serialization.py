@@ -14,6 +14,7 @@ from torch import nn
 from .model_source import build_from_source
 from .surgery.config import KapConfig, get_config
 from .surgery.convert import convert
+from .surgery.fold import fold
 
 __all__ = ["save", "load", "load_config", "load_extra"]
 
@@ -96,6 +97,8 @@ def load(path: PathLike, model: Optional[nn.Module] = None, device: Union[str, t
             raise ValueError(f"{os.fspath(path)!r} records no model source; pass the unconverted model as model=")
         model = build_from_source(config.source)
     converted = convert(model, **config.convert_kwargs())
+    if config.folded:
+        converted = fold(converted)
     got = [(r.name, r.grid, r.out_channels) for r in get_config(converted).layers]
     want = [(r.name, r.grid, r.out_channels) for r in config.layers]
     for recorded, rebuilt in itertools.zip_longest(want, got):
@@ -104,6 +107,6 @@ def load(path: PathLike, model: Optional[nn.Module] = None, device: Union[str, t
                 f"the rebuilt model does not match the checkpoint's recorded layers (first difference: recorded "
                 f"{recorded}, rebuilt {rebuilt}); did the timm/torchvision version or the model source change?"
             )
-    converted.kapify_config.source = config.source
+    get_config(converted).source = config.source
     load_model(converted, os.fspath(path), strict=True, device=str(device))
     return converted.to(device)

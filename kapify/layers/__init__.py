@@ -1,6 +1,7 @@
 """Layers: channel pooling (KAP/KMP), Gaussian noise, channel grids."""
 from .channel_pool import KernelAvgPool, KernelMaxPool, PoolMode, channel_pool, check_kernel_size
 from .grid import ChannelGrid, line_grid, rect_grid
+from .weight_pool import pool_conv_weight
 from .noise import GaussianNoise, check_sigma, set_noise
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "check_kernel_size",
     "check_sigma",
     "line_grid",
+    "pool_conv_weight",
     "rect_grid",
     "set_noise",
 ]

@@ -11,8 +11,8 @@ from ..surgery.config import KapConfig, get_config
 
 __all__ = ["ModelSummary", "summary"]
 
-_COLUMNS = ("name", "conv_class", "in_channels", "out_channels", "grid", "kernel_size", "stride", "pool", "sigma", "route")
-_HEADERS = ("module", "conv", "in", "out", "grid", "K", "S", "pool", "noise", "found")
+_COLUMNS = ("name", "conv_class", "in_channels", "out_channels", "grid", "kernel_size", "stride", "pool", "impl", "sigma", "route")
+_HEADERS = ("module", "conv", "in", "out", "grid", "K", "S", "pool", "runs on", "noise", "found")
 
 
 def _grid_note(grid: str | None) -> str:

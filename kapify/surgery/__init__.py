@@ -3,6 +3,7 @@ from .config import KapConfig, LayerRecord, get_config, is_converted
 from .conv_sites import ConvSites, find_conv_sites
 from .conv_types import is_conv, register_conv_type
 from .convert import convert
+from .fold import fold
 from .kap_conv import attach_kap, is_kap_conv
 from .tracing import TracingError, register_leaf_module, trace
 
@@ -14,6 +15,7 @@ __all__ = [
     "attach_kap",
     "convert",
     "find_conv_sites",
+    "fold",
     "get_config",
     "is_conv",
     "is_converted",

@@ -30,6 +30,7 @@ class LayerRecord:
     pool: Optional[str]
     sigma: float
     route: str  # how the conv was found: "graph" or "inside leaf <Type>"
+    impl: str = "activation"  # where the pool runs: "activation", "weight", or "folded" (baked into weights)
 
 
 @dataclass
@@ -42,19 +43,21 @@ class KapConfig:
     pool: Optional[str]
     grid: str
     input_noise: bool
+    impl: str = "auto"
     include: Optional[List[str]] = None
     exclude: Optional[List[str]] = None
     layers: List[LayerRecord] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)
     params_before: int = 0
     source: Optional[Dict[str, Any]] = None
+    folded: bool = False
     version: int = 1
 
     def convert_kwargs(self) -> Dict[str, Any]:
         """The keyword arguments that make :func:`kapify.convert` repeat this conversion."""
         return dict(
             k=self.k, stride=self.stride, sigma=self.sigma, pool=self.pool, grid=self.grid,
-            input_noise=self.input_noise, include=self.include, exclude=self.exclude,
+            input_noise=self.input_noise, impl=self.impl, include=self.include, exclude=self.exclude,
         )
 
     def to_dict(self) -> Dict[str, Any]:

@@ -15,9 +15,9 @@ from ..model_source import describe_source
 from .config import CONFIG_ATTR, KapConfig, LayerRecord, is_converted
 from .conv_sites import find_conv_sites
 from .conv_types import conv_types
-from .kap_conv import attach_kap, original_class
+from .kap_conv import attach_kap, original_class, weight_poolable
 
-__all__ = ["convert", "GRID_RULES", "POOLS"]
+__all__ = ["convert", "GRID_RULES", "POOLS", "IMPLS"]
 
 #: channel-layout rules by name: C -> grid.
 GRID_RULES: Dict[str, Callable[[int], ChannelGrid]] = {
@@ -26,6 +26,9 @@ GRID_RULES: Dict[str, Callable[[int], ChannelGrid]] = {
 }
 #: pool modules by name (None: noise only).
 POOLS = {"avg": KernelAvgPool, "max": KernelMaxPool, None: None}
+
+#: where the pool runs; "auto" = on the weights wherever that is exact (avg pool after a plain ungrouped conv).
+IMPLS = ("auto", "weight", "activation")
 
 PatternArg = Union[str, Sequence[str], None]
 
@@ -47,11 +50,14 @@ def _selected(name: str, include: Optional[List[str]], exclude: Optional[List[st
 
 
 def _input_noise_hook(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook adding ``module.kapify_input_noise`` to the first input."""
     return (module.kapify_input_noise(args[0]),) + tuple(args[1:])
 
 
-def _check_options(k: int, sigma: float, pool: Optional[str], stride: int, grid: str) -> float:
+def _check_options(k: int, sigma: float, pool: Optional[str], stride: int, grid: str, impl: str) -> float:
     check_kernel_size(k)
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     sigma = check_sigma(sigma)
     if pool not in POOLS:
         raise ValueError(f"pool must be 'avg' (KAP), 'max' (KMP) or None (noise only), got {pool!r}")
@@ -81,6 +87,7 @@ def convert(
     stride: int = 1,
     grid: str = "rect",
     input_noise: bool = True,
+    impl: Literal["auto", "weight", "activation"] = "auto",
     include: PatternArg = None,
     exclude: PatternArg = None,
     leaf_modules: Iterable[type] = (),
@@ -97,6 +104,9 @@ def convert(
         stride: pooling stride; > 1 needs channel re-widening (not available yet).
         grid: channel layout, "rect" (most nearly square rows x cols, e.g. 128 -> 8x16) or "line".
         input_noise: also add the noise to the model's input (training only).
+        impl: where an average pool runs: "weight" pools the conv's filters (Eq. 3, the cost of the
+            plain conv; only after plain ungrouped convs), "activation" pools the output, "auto"
+            picks "weight" wherever it applies. Outputs and gradients agree either way.
         include / exclude: fnmatch patterns on conv module names, e.g. ``exclude="conv1"``.
         leaf_modules: extra module types FX must not trace through (their convs are still converted).
         example_input: input used to check the traced graph against eager execution
@@ -108,7 +118,7 @@ def convert(
         >>> kap.conv1.kap_pool
         KernelAvgPool(kernel_size=3, stride=1, grid=8x8)
     """
-    sigma = _check_options(k, sigma, pool, stride, grid)
+    sigma = _check_options(k, sigma, pool, stride, grid, impl)
     include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")
     if is_converted(model):
         raise ValueError(
@@ -141,6 +151,7 @@ def convert(
         layout = GRID_RULES[grid](conv.out_channels)
         pool_module = None if pool is None else POOLS[pool](k, stride, None if grid == "line" else layout)
         noise = GaussianNoise(sigma) if sigma > 0 else None
+        layer_impl = "weight" if impl == "weight" or (impl == "auto" and weight_poolable(conv, pool_module)) else "activation"
         records.append(
             LayerRecord(
                 name=name,
@@ -154,15 +165,16 @@ def convert(
                 pool=pool,
                 sigma=sigma,
                 route=route,
+                impl=layer_impl,
             )
         )
         if pool_module is not None or noise is not None:
-            attach_kap(conv, pool_module, noise)
+            attach_kap(conv, pool_module, noise, layer_impl)
     if input_noise and sigma > 0:
         new.kapify_input_noise = GaussianNoise(sigma, site="input")
         new.register_forward_pre_hook(_input_noise_hook)
     config = KapConfig(
-        k=k, stride=stride, sigma=sigma, pool=pool, grid=grid, input_noise=bool(input_noise and sigma > 0),
+        k=k, stride=stride, sigma=sigma, pool=pool, grid=grid, input_noise=bool(input_noise and sigma > 0), impl=impl,
         include=include_p, exclude=exclude_p, layers=records, skipped=sites.functional,
         params_before=params_before, source=describe_source(model),
     )

@@ -1,5 +1,9 @@
 """Attach a channel pool and noise to a convolution's output without changing its parameters.
 
+The pool runs on the conv's output (``impl="activation"``) or, for an average pool after a plain
+ungrouped conv, on the conv's filters (``impl="weight"``, paper Eq. 3): same outputs and gradients,
+the cost of the plain conv.
+
 Like ``torch.nn.utils.parametrize``, the conv keeps its identity and is re-classed in place to a
 cached subclass (``KapConv2d`` for ``nn.Conv2d``, ``KapStdConv2d`` for timm's ``StdConv2d`` ...)
 whose ``forward`` runs the original conv, then ``kap_pool``, then ``kap_noise``. The conv is still
@@ -8,12 +12,17 @@ tensors), and it works with ``torch.compile``, autocast, channels-last and DDP.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Type
+from typing import Any, Dict, Literal, Optional, Type
 
 import torch
 from torch import nn
 
-__all__ = ["KapConvMixin", "attach_kap", "is_kap_conv", "original_class"]
+from ..layers import KernelAvgPool, pool_conv_weight
+
+__all__ = ["KapConvMixin", "attach_kap", "detach_kap", "is_kap_conv", "original_class", "weight_poolable", "Impl"]
+
+Impl = Literal["activation", "weight"]
+_PLAIN_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
 
 _CLASSES: Dict[Type[nn.Module], Type[nn.Module]] = {}
 
@@ -23,14 +32,24 @@ class KapConvMixin:
 
     kap_pool: Optional[nn.Module]
     kap_noise: Optional[nn.Module]
+    kap_impl: Impl
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = super().forward(*args, **kwargs)  # type: ignore[misc]
-        if self.kap_pool is not None:
-            out = self.kap_pool(out)
+        if self.kap_impl == "weight":
+            weight, bias = self.pooled_weight()
+            out = self._conv_forward(*args, weight, bias)  # type: ignore[attr-defined]
+        else:
+            out = super().forward(*args, **kwargs)  # type: ignore[misc]
+            if self.kap_pool is not None:
+                out = self.kap_pool(out)
         if self.kap_noise is not None:
             out = self.kap_noise(out)
         return out
+
+    def pooled_weight(self) -> tuple:
+        """The conv's (weight, bias) averaged by its pool: the filters of the equivalent plain conv."""
+        pool = self.kap_pool
+        return pool_conv_weight(self.weight, self.bias, pool.kernel_size, pool.stride, pool.grid)  # type: ignore
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # the generated class cannot be found by name: rebuild it from the original one
@@ -50,8 +69,23 @@ def _kap_class(cls: Type[nn.Module]) -> Type[nn.Module]:
     return _CLASSES[cls]
 
 
-def attach_kap(conv: nn.Module, pool: Optional[nn.Module], noise: Optional[nn.Module]) -> nn.Module:
+def weight_poolable(conv: nn.Module, pool: Optional[nn.Module]) -> bool:
+    """Whether ``pool`` after ``conv`` can run on the conv's filters: an average pool after a plain
+    (torch's own forward) ungrouped conv. Grouped convs are excluded: averaging filters of
+    different groups would need inputs from several groups."""
+    return (
+        isinstance(pool, KernelAvgPool)
+        and getattr(conv, "groups", 1) == 1
+        and getattr(original_class(conv), "forward", None) in _PLAIN_FORWARDS
+    )
+
+
+def attach_kap(
+    conv: nn.Module, pool: Optional[nn.Module], noise: Optional[nn.Module], impl: Impl = "activation"
+) -> nn.Module:
     """Re-class ``conv`` in place so that ``pool`` and then ``noise`` follow its output; returns ``conv``.
+
+    ``impl="weight"`` runs the pool on the filters (see :func:`weight_poolable`).
 
     Example:
         >>> from kapify.layers import KernelAvgPool
@@ -61,9 +95,26 @@ def attach_kap(conv: nn.Module, pool: Optional[nn.Module], noise: Optional[nn.Mo
     """
     if is_kap_conv(conv):
         raise ValueError(f"{type(conv).__name__} already has KAP attached")
+    if impl == "weight" and not weight_poolable(conv, pool):
+        raise ValueError(
+            f"{type(conv).__name__} (groups={getattr(conv, 'groups', 1)}) with {type(pool).__name__} cannot pool "
+            f"its weights: that needs an average pool after a plain, ungrouped conv; use impl='activation'"
+        )
     conv.__class__ = _kap_class(type(conv))
     conv.kap_pool = pool
     conv.kap_noise = noise
+    conv.kap_impl = impl
+    return conv
+
+
+def detach_kap(conv: nn.Module) -> nn.Module:
+    """Undo :func:`attach_kap`: ``conv`` gets back its original class, without pool and noise."""
+    cls = original_class(conv)
+    for name in ("kap_pool", "kap_noise", "kap_impl"):
+        if name in conv._modules:
+            del conv._modules[name]
+        conv.__dict__.pop(name, None)
+    conv.__class__ = cls
     return conv
 
 
