@@ -16,6 +16,7 @@ import collections
 import fnmatch
 import json
 import os
+import random
 import signal
 import sys
 import time
@@ -163,7 +164,9 @@ def main() -> int:
     if not args.no_torchvision:
         candidates += list(torchvision_candidates())
     if not args.no_timm:
-        candidates += list(timm_candidates(args.timm, args.max_params))
+        timm_list = list(timm_candidates(args.timm, args.max_params))
+        random.Random(0).shuffle(timm_list)  # a run cut short is still a sample across all families
+        candidates += timm_list
     with open(jsonl, "a") as f:
         for i, (name, build) in enumerate(candidates):
             if name in rows or i % shards != shard:
