@@ -12,7 +12,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .model_source import build_from_source
-from .surgery.config import KapConfig, get_config
+from .surgery.config import KapConfig, get_config, unwrap
 from .surgery.convert import convert
 from .surgery.fold import fold
 
@@ -21,14 +21,6 @@ __all__ = ["save", "load", "load_config", "load_extra"]
 _CONFIG_KEY = "kapify.config"
 _EXTRA_KEY = "kapify.extra"
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    for attr in ("module", "_orig_mod"):  # DistributedDataParallel, torch.compile
-        inner = getattr(model, attr, None)
-        if isinstance(inner, nn.Module) and get_config(model) is get_config(inner):
-            return _unwrap(inner)
-    return model
 
 
 def save(model: nn.Module, path: PathLike, extra: Optional[Dict[str, Any]] = None) -> None:
@@ -43,7 +35,7 @@ def save(model: nn.Module, path: PathLike, extra: Optional[Dict[str, Any]] = Non
         >>> kapify.save(model, "/tmp/kap.safetensors")
         >>> restored = kapify.load("/tmp/kap.safetensors")
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     config = get_config(model)
     if config is None:
         raise ValueError(f"{type(model).__name__} was not converted by kapify.convert; save it with torch.save instead")

@@ -1,5 +1,5 @@
 """Layers: channel pooling (KAP/KMP), Gaussian noise, channel grids."""
-from .channel_pool import KernelAvgPool, KernelMaxPool, PoolMode, channel_pool, check_kernel_size
+from .channel_pool import KernelAvgPool, KernelMaxPool, PoolMode, channel_pool, check_kernel_size, check_stride
 from .grid import ChannelGrid, line_grid, rect_grid
 from .weight_pool import pool_conv_weight
 from .noise import GaussianNoise, check_sigma, set_noise
@@ -12,6 +12,7 @@ __all__ = [
     "PoolMode",
     "channel_pool",
     "check_kernel_size",
+    "check_stride",
     "check_sigma",
     "line_grid",
     "pool_conv_weight",

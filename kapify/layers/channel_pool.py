@@ -20,7 +20,7 @@ from torch import nn
 
 from .grid import ChannelGrid
 
-__all__ = ["channel_pool", "KernelAvgPool", "KernelMaxPool", "PoolMode", "check_kernel_size"]
+__all__ = ["channel_pool", "KernelAvgPool", "KernelMaxPool", "PoolMode", "check_kernel_size", "check_stride"]
 
 PoolMode = Literal["avg", "max"]
 GridLike = Union[ChannelGrid, Tuple[int, int], None]
@@ -36,7 +36,8 @@ def check_kernel_size(kernel_size: int) -> int:
     return kernel_size
 
 
-def _check_stride(stride: int) -> int:
+def check_stride(stride: int) -> int:
+    """Return ``stride`` if it is a positive integer, else raise a ``ValueError``."""
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise ValueError(f"KAP stride must be a positive integer, got {stride!r}")
     return stride
@@ -67,7 +68,7 @@ def channel_pool(
         tensor([[0.5000, 1.0000, 2.0000, 2.5000]])
     """
     check_kernel_size(kernel_size)
-    _check_stride(stride)
+    check_stride(stride)
     if x.dim() < 2:
         raise ValueError(f"channel pooling needs an input of shape (N, C, ...), got shape {tuple(x.shape)}")
     n, c = x.shape[:2]
@@ -109,7 +110,7 @@ class _ChannelPool(nn.Module):
     def __init__(self, kernel_size: int, stride: int = 1, grid: GridLike = None) -> None:
         super().__init__()
         self.kernel_size = check_kernel_size(kernel_size)
-        self.stride = _check_stride(stride)
+        self.stride = check_stride(stride)
         self.grid = _as_grid(grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

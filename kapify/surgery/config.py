@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 
 from torch import nn
 
-__all__ = ["LayerRecord", "KapConfig", "get_config", "is_converted", "CONFIG_ATTR"]
+__all__ = ["LayerRecord", "KapConfig", "get_config", "is_converted", "unwrap", "CONFIG_ATTR"]
 
 CONFIG_ATTR = "kapify_config"
 
@@ -70,13 +70,19 @@ class KapConfig:
         return cls(**data)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel (``.module``) / torch.compile (``._orig_mod``) wrappers."""
+    while not hasattr(model, CONFIG_ATTR):
+        inner = next((getattr(model, a) for a in ("module", "_orig_mod") if isinstance(getattr(model, a, None), nn.Module)), None)
+        if inner is None:
+            break
+        model = inner
+    return model
+
+
 def get_config(model: nn.Module) -> Optional[KapConfig]:
     """The :class:`KapConfig` of a converted model (unwrapping DDP / torch.compile), else None."""
-    for attr in ("module", "_orig_mod"):
-        inner = getattr(model, attr, None)
-        if isinstance(inner, nn.Module) and not hasattr(model, CONFIG_ATTR):
-            return get_config(inner)
-    return getattr(model, CONFIG_ATTR, None)
+    return getattr(unwrap(model), CONFIG_ATTR, None)
 
 
 def is_converted(model: nn.Module) -> bool:

@@ -9,7 +9,7 @@ from typing import Callable, Dict, Iterable, List, Literal, Optional, Sequence, 
 import torch
 from torch import nn
 
-from ..layers import ChannelGrid, GaussianNoise, KernelAvgPool, KernelMaxPool, check_kernel_size, check_sigma
+from ..layers import ChannelGrid, GaussianNoise, KernelAvgPool, KernelMaxPool, check_kernel_size, check_sigma, check_stride
 from ..layers.grid import line_grid, rect_grid
 from ..model_source import describe_source
 from .config import CONFIG_ATTR, KapConfig, LayerRecord, is_converted
@@ -61,9 +61,7 @@ def _check_options(k: int, sigma: float, pool: Optional[str], stride: int, grid:
     sigma = check_sigma(sigma)
     if pool not in POOLS:
         raise ValueError(f"pool must be 'avg' (KAP), 'max' (KMP) or None (noise only), got {pool!r}")
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"stride must be a positive integer, got {stride!r}")
-    if stride > 1:
+    if check_stride(stride) > 1:
         raise NotImplementedError(
             f"stride={stride} shrinks each conv's output channels by about {stride}x{stride}, so every downstream "
             f"layer must be re-widened; that needs kapify's channel re-widening, which is not available yet. "
