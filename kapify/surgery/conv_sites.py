@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .conv_types import is_conv
-from .tracing import check_graph, example_input, trace
+from .tracing import check_graph, eval_mode, example_input, trace
 
 __all__ = ["ConvSites", "find_conv_sites"]
 
@@ -51,13 +51,8 @@ def find_conv_sites(
         >>> find_conv_sites(net, inputs=[torch.randn(1, 3, 8, 8)]).modules
         {'0': 'graph', '2': 'graph'}
     """
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with eval_mode(model):  # trace the eval branches of `if self.training` code
         gm = trace(model, leaf_modules)
-    finally:
-        for m, training in modes.items():
-            m.training = training
     sites = ConvSites()
     for node in gm.graph.nodes:
         if node.op == "call_module":

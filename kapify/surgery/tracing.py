@@ -8,9 +8,10 @@ modules registered with :func:`register_leaf_module`. A traced graph is only tru
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Type
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Type
 
 import torch
 import torch.fx as fx
@@ -18,7 +19,7 @@ from torch import nn
 
 from .conv_types import conv_types
 
-__all__ = ["KapifyTracer", "TracingError", "register_leaf_module", "trace", "check_graph", "example_input"]
+__all__ = ["KapifyTracer", "TracingError", "register_leaf_module", "trace", "check_graph", "eval_mode", "example_input"]
 
 _LEAF_MODULES: Set[Type[nn.Module]] = set()
 
@@ -123,6 +124,18 @@ def example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
     return torch.randn(batch_size, first.in_channels, *([side] * ndim), device=device, dtype=dtype)
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode, then restore every submodule's own train/eval flag."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
 def _flatten(out: Any) -> List[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
@@ -135,25 +148,19 @@ def _flatten(out: Any) -> List[torch.Tensor]:
 
 def check_graph(gm: fx.GraphModule, model: nn.Module, inputs: Iterable[torch.Tensor], atol: float = 1e-4) -> Optional[str]:
     """Run ``gm`` and ``model`` in eval mode on ``inputs``; return why they differ, or None if equal."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            try:
-                want = _flatten(model(*inputs))
-            except Exception as err:
-                return f"the eager model failed on the example input: {type(err).__name__}: {err}"
-            try:
-                got = _flatten(gm(*inputs))
-            except Exception as err:
-                return f"the traced graph fails at run time: {type(err).__name__}: {err}"
-        if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want)):
-            return "the traced graph returns outputs of other shapes than the eager model"
-        for g, w in zip(got, want):
-            scale = w.abs().max().item() if w.numel() else 0.0
-            if not torch.allclose(g, w, atol=atol * max(1.0, scale), rtol=1e-3):
-                return "the traced graph's output differs from the eager model's"
-        return None
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    with eval_mode(model), torch.no_grad():
+        try:
+            want = _flatten(model(*inputs))
+        except Exception as err:
+            return f"the eager model failed on the example input: {type(err).__name__}: {err}"
+        try:
+            got = _flatten(gm(*inputs))
+        except Exception as err:
+            return f"the traced graph fails at run time: {type(err).__name__}: {err}"
+    if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want)):
+        return "the traced graph returns outputs of other shapes than the eager model"
+    for g, w in zip(got, want):
+        scale = w.abs().max().item() if w.numel() else 0.0
+        if not torch.allclose(g, w, atol=atol * max(1.0, scale), rtol=1e-3):
+            return "the traced graph's output differs from the eager model's"
+    return None
