@@ -8,7 +8,7 @@ from torch import nn
 __all__ = ["create_model", "describe_source", "build_from_source", "SOURCE_ATTR"]
 
 SOURCE_ATTR = "kapify_source"
-_LIBRARIES = ("timm", "torchvision")
+_LIBRARIES = ("timm", "torchvision", "kapify")
 
 
 def _split(name: str) -> tuple[Optional[str], str]:
@@ -21,8 +21,8 @@ def _split(name: str) -> tuple[Optional[str], str]:
 def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Build a timm or torchvision model by name and remember how, for :func:`kapify.save`.
 
-    ``name`` is ``"timm/<arch>"``, ``"torchvision/<arch>"`` or a bare name (timm first, then
-    torchvision). ``kwargs`` go to the library's factory (``num_classes=10``, ...).
+    ``name`` is ``"timm/<arch>"``, ``"torchvision/<arch>"``, ``"kapify/small_convnet"`` or a bare
+    name (timm first, then torchvision). ``kwargs`` go to the library's factory (``num_classes=10``, ...).
 
     Example:
         >>> model = create_model("torchvision/resnet18", num_classes=10)
@@ -41,8 +41,27 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
 
 
 def build_from_source(source: Dict[str, Any], pretrained: bool = False) -> nn.Module:
-    """Build the plain model that ``source`` (from :func:`describe_source`) names."""
+    """Build the plain model that ``source`` (from :func:`describe_source`) names, with its
+    recorded adaptations (``source["adapt"]``, see :func:`kapify.models.adapt`) replayed."""
+    from .models.adapt import ADAPTATIONS
+
+    model = _build_arch(source, pretrained)
+    for step in source.get("adapt") or []:
+        options = {k: v for k, v in step.items() if k != "name"}
+        if step.get("name") not in ADAPTATIONS:
+            raise ValueError(f"the model source names an unknown adaptation {step.get('name')!r}; registered: {sorted(ADAPTATIONS)}")
+        model = ADAPTATIONS[step["name"]](model, **options)
+    return model
+
+
+def _build_arch(source: Dict[str, Any], pretrained: bool) -> nn.Module:
     library, arch, kwargs = source.get("library"), source.get("name"), dict(source.get("kwargs") or {})
+    if library == "kapify":
+        from .models import MODELS
+
+        if arch not in MODELS:
+            raise ValueError(f"kapify has no model named {arch!r}; kapify models: {sorted(MODELS)}")
+        return MODELS[arch](**kwargs)
     if library == "timm":
         import timm
 
@@ -55,7 +74,7 @@ def build_from_source(source: Dict[str, Any], pretrained: bool = False) -> nn.Mo
         if arch not in torchvision.models.list_models():
             raise ValueError(f"torchvision has no model named {arch!r}; see torchvision.models.list_models()")
         return torchvision.models.get_model(arch, weights="DEFAULT" if pretrained else None, **kwargs)
-    raise ValueError(f"cannot build a model from source {source!r}: library must be 'timm' or 'torchvision'")
+    raise ValueError(f"cannot build a model from source {source!r}: library must be 'timm', 'torchvision' or 'kapify'")
 
 
 def describe_source(model: nn.Module) -> Optional[Dict[str, Any]]:

@@ -170,7 +170,7 @@ def convert(
             attach_kap(conv, pool_module, noise, layer_impl)
     if input_noise and sigma > 0:
         new.kapify_input_noise = GaussianNoise(sigma, site="input")
-        new.register_forward_pre_hook(_input_noise_hook)
+        new.register_forward_pre_hook(_input_noise_hook, prepend=True)  # pixel space: before any input normalisation
     config = KapConfig(
         k=k, stride=stride, sigma=sigma, pool=pool, grid=grid, input_noise=bool(input_noise and sigma > 0), impl=impl,
         include=include_p, exclude=exclude_p, layers=records, skipped=sites.functional,

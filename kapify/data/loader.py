@@ -1,0 +1,60 @@
+"""Data loaders with the paper's augmentation (random crop + horizontal flip), sharded for DDP."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .datasets import build_dataset, dataset_info
+
+__all__ = ["build_loader", "default_transform"]
+
+
+def default_transform(name: str, train: bool) -> Optional[Callable]:
+    """Random crop (+ 4 px padding at 32 px) and horizontal flip for training; none (CIFAR) or a
+    resize + centre crop (ImageFolder datasets, timm's eval transform) for testing. No normalisation:
+    images stay in [0, 1]."""
+    from torchvision.transforms import v2
+
+    info = dataset_info(name)
+    if info.image_size <= 32:
+        return v2.Compose([v2.RandomCrop(info.image_size, padding=4), v2.RandomHorizontalFlip()]) if train else None
+    from timm.data import create_transform
+
+    return create_transform(info.image_size, is_training=train, normalize=False, color_jitter=0.0, hflip=0.5)
+
+
+def build_loader(
+    name: str,
+    train: bool,
+    batch_size: int,
+    data_dir: Optional[str] = None,
+    num_samples: Optional[int] = None,
+    seed: int = 0,
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    download: bool = True,
+    augment: bool = True,
+    drop_last: Optional[bool] = None,
+) -> DataLoader:
+    """A loader over ``name``'s train or test split. The order is a function of ``seed`` and the
+    epoch (``loader.sampler.set_epoch(epoch)``), so runs are reproducible and resumable; with
+    ``world_size > 1`` each rank reads its own shard.
+
+    Example:
+        >>> loader = build_loader("cifar10", train=False, batch_size=8, data_dir="../shared/data", num_samples=16, download=False)  # doctest: +SKIP
+    """
+    transform = default_transform(name, train and augment)
+    dataset = build_dataset(name, train, data_dir, transform, download=download, num_samples=num_samples, seed=seed)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=False)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=train if drop_last is None else drop_last,
+        persistent_workers=num_workers > 0,
+    )
