@@ -48,3 +48,14 @@ def called_convs(model: torch.nn.Module, x: torch.Tensor) -> dict:
         for h in handles:
             h.remove()
     return seen
+
+
+SHARED_DATA = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def cifar_dir():
+    """The shared CIFAR-10 JPEG copy (../shared/data); tests that need real images skip without it."""
+    if not (SHARED_DATA / "cifar10-jpeg" / "test.tar.gz").is_file():
+        pytest.skip(f"the CIFAR-10 JPEG copy is not at {SHARED_DATA}/cifar10-jpeg")
+    return str(SHARED_DATA)

@@ -65,11 +65,13 @@ def pgd(
     random_start: bool = True,
     loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
     generator: Optional[torch.Generator] = None,
+    x_init: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Maximise ``loss_fn(model(x_adv), y)`` (default: summed cross-entropy) over the eps-ball.
 
     L2 steps move along the normalised gradient, Linf steps along its sign; every iterate is
     projected back onto the ball and the [0,1] box. ``step_size`` defaults to ``2.5 * eps / steps``.
+    The start is ``x_init`` (projected) if given, else a random point of the ball (``random_start``), else ``x``.
     The model is used as it is (call ``model.eval()`` first for evaluation). Returns the final iterate.
 
     Example:
@@ -87,7 +89,10 @@ def pgd(
     step = 2.5 * eps / steps if step_size is None else step_size
     loss_fn = loss_fn or (lambda logits, target: F.cross_entropy(logits, target, reduction="sum"))
     x = x.detach()
-    x_adv = _random_start(x, eps, norm, generator) if random_start else x.clone()
+    if x_init is not None:
+        x_adv = project(x_init.detach(), x, eps, norm)
+    else:
+        x_adv = _random_start(x, eps, norm, generator) if random_start else x.clone()
     shape = (-1,) + (1,) * (x.dim() - 1)
     for _ in range(steps):
         x_adv.requires_grad_(True)

@@ -6,6 +6,8 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
+from .input_stage import input_stages
+
 __all__ = ["GaussianNoise", "set_noise", "check_sigma"]
 
 NoiseSite = Literal["all", "input", "activation"]
@@ -65,7 +67,7 @@ def set_noise(model: nn.Module, enabled: bool, site: NoiseSite = "all", sigma: O
         raise ValueError(f"site must be 'all', 'input' or 'activation', got {site!r}")
     new_sigma = None if sigma is None else check_sigma(sigma)
     changed = 0
-    for module in model.modules():
+    for module in list(model.modules()) + input_stages(model):
         if isinstance(module, GaussianNoise) and site in ("all", module.site):
             module.test_time = bool(enabled)
             if new_sigma is not None:

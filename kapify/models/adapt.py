@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, Sequence
 import torch
 from torch import nn
 
+from ..layers.input_stage import add_input_stage
 from ..surgery.conv_types import conv_types
 
 __all__ = ["ADAPTATIONS", "register_adaptation", "adapt", "small_image_stem", "normalize_input", "InputNormalize"]
@@ -95,20 +96,17 @@ class InputNormalize(nn.Module):
         self.register_buffer("std", torch.tensor([float(s) for s in std]).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        # an input stage is not a child module, so .to(device) does not move it: follow the input
+        return (x - self.mean.to(x)) / self.std.to(x)
 
     def extra_repr(self) -> str:
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
 
 
-def _normalize_hook(module: nn.Module, args: tuple) -> tuple:
-    return (module.kapify_normalize(args[0]),) + tuple(args[1:])
-
-
 @register_adaptation("normalize_input")  # the model takes [0,1] pixels: noise, attacks and eps live in pixel space
 def normalize_input(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> nn.Module:
     """Make ``model`` take [0, 1] pixels: its input is normalised by ``(x - mean) / std`` inside it
-    (a forward pre-hook; the model keeps its class and state_dict keys). kapify's input noise is
+    (an input stage run by a forward pre-hook; the model keeps its class and state_dict keys). kapify's input noise is
     added before this normalisation, in pixel space, as in the paper.
 
     Example:
@@ -119,6 +117,5 @@ def normalize_input(model: nn.Module, mean: Sequence[float], std: Sequence[float
     """
     if hasattr(model, "kapify_normalize"):
         raise ValueError(f"{type(model).__name__} already normalises its input ({model.kapify_normalize})")
-    model.kapify_normalize = InputNormalize(mean, std)
-    model.register_forward_pre_hook(_normalize_hook)
+    add_input_stage(model, "kapify_normalize", InputNormalize(mean, std))
     return model

@@ -11,13 +11,16 @@ from torch import nn
 
 from ..layers import ChannelGrid, GaussianNoise, KernelAvgPool, KernelMaxPool, check_kernel_size, check_sigma, check_stride
 from ..layers.grid import line_grid, rect_grid
+from ..layers.input_stage import add_input_stage
 from ..model_source import describe_source
 from .config import CONFIG_ATTR, KapConfig, LayerRecord, is_converted
 from .conv_sites import find_conv_sites
 from .conv_types import conv_types
 from .kap_conv import attach_kap, original_class, weight_poolable
 
-__all__ = ["convert", "GRID_RULES", "POOLS", "IMPLS"]
+__all__ = ["convert", "GRID_RULES", "POOLS", "IMPLS", "INPUT_NOISE_ATTR"]
+
+INPUT_NOISE_ATTR = "kapify_input_noise"
 
 #: channel-layout rules by name: C -> grid.
 GRID_RULES: Dict[str, Callable[[int], ChannelGrid]] = {
@@ -47,11 +50,6 @@ def _selected(name: str, include: Optional[List[str]], exclude: Optional[List[st
     if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
         return False
     return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
-
-
-def _input_noise_hook(module: nn.Module, args: tuple) -> tuple:
-    """Forward pre-hook adding ``module.kapify_input_noise`` to the first input."""
-    return (module.kapify_input_noise(args[0]),) + tuple(args[1:])
 
 
 def _check_options(k: int, sigma: float, pool: Optional[str], stride: int, grid: str, impl: str) -> float:
@@ -169,8 +167,8 @@ def convert(
         if pool_module is not None or noise is not None:
             attach_kap(conv, pool_module, noise, layer_impl)
     if input_noise and sigma > 0:
-        new.kapify_input_noise = GaussianNoise(sigma, site="input")
-        new.register_forward_pre_hook(_input_noise_hook, prepend=True)  # pixel space: before any input normalisation
+        # first: the noise lives in pixel space, before any input normalisation
+        add_input_stage(new, INPUT_NOISE_ATTR, GaussianNoise(sigma, site="input"), first=True)
     config = KapConfig(
         k=k, stride=stride, sigma=sigma, pool=pool, grid=grid, input_noise=bool(input_noise and sigma > 0), impl=impl,
         include=include_p, exclude=exclude_p, layers=records, skipped=sites.functional,

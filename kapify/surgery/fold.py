@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .config import CONFIG_ATTR, get_config
-from .convert import _input_noise_hook
+from ..layers.input_stage import remove_input_stage
+from .convert import INPUT_NOISE_ATTR
 from .kap_conv import detach_kap, is_kap_conv, weight_poolable
 
 __all__ = ["fold"]
@@ -54,10 +55,6 @@ def fold(model: nn.Module) -> nn.Module:
         else:
             conv.kap_impl = "activation"
         layers.append(dataclasses.replace(record, sigma=0.0))
-    for hook_id, hook in list(new._forward_pre_hooks.items()):
-        if hook is _input_noise_hook:
-            del new._forward_pre_hooks[hook_id]
-    if hasattr(new, "kapify_input_noise"):
-        del new.kapify_input_noise
+    remove_input_stage(new, INPUT_NOISE_ATTR)
     setattr(new, CONFIG_ATTR, dataclasses.replace(config, layers=layers, folded=True))
     return new
