@@ -5,6 +5,7 @@ Example:
     >>> model = kapify.convert(timm.create_model("resnet18"), k=3, sigma=0.1)
     >>> print(kapify.summary(model))  # doctest: +SKIP
 """
+from . import data, evaluation, models
 from .layers import ChannelGrid, GaussianNoise, KernelAvgPool, KernelMaxPool, channel_pool, set_noise
 from .model_source import create_model
 from .reporting import summary

@@ -59,3 +59,12 @@ def cifar_dir():
     if not (SHARED_DATA / "cifar10-jpeg" / "test.tar.gz").is_file():
         pytest.skip(f"the CIFAR-10 JPEG copy is not at {SHARED_DATA}/cifar10-jpeg")
     return str(SHARED_DATA)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on, for torchrun's rendezvous in tests."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

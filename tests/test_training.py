@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import kapify
+from conftest import free_port
 from kapify.data import dataset_info
 from kapify.training import OBJECTIVES, TrainConfig, build_model, main, parse_args, train, width_kwargs
 
@@ -102,7 +103,7 @@ def test_resume_mid_epoch_continues_with_identical_state(cifar_dir, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_gloo_processes(cifar_dir, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(ROOT / "recipes" / "train_timm.py")] + TINY + [
            "--data-dir", cifar_dir, "--train-samples", "256", "--epochs", "1", "--output", str(tmp_path), "--experiment", "ddp"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -51,6 +51,19 @@ class ChannelGrid:
     def __str__(self) -> str:
         return f"{self.rows}x{self.cols}"
 
+    @classmethod
+    def parse(cls, text: str) -> "ChannelGrid":
+        """The grid written as ``"ROWSxCOLS"`` (the form ``str()`` gives and summaries record).
+
+        Example:
+            >>> ChannelGrid.parse("8x16")
+            ChannelGrid(rows=8, cols=16)
+        """
+        rows, sep, cols = str(text).partition("x")
+        if not (sep and rows.isdigit() and cols.isdigit()):
+            raise ValueError(f"a grid is written ROWSxCOLS, e.g. '8x16'; got {text!r}")
+        return cls(int(rows), int(cols))
+
 
 def rect_grid(channels: int) -> ChannelGrid:
     """The most nearly square ``rows x cols`` factorisation of ``channels`` (rows <= cols).

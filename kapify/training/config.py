@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-import yaml
+from .. import options
+from ..options import option
 
 __all__ = ["TrainConfig", "parse_args", "build_parser"]
 
 
-def _opt(default: Any, help: str, **extra: Any) -> Any:
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **extra})
-    return field(default=default, metadata={"help": help, **extra})
+_opt = option
 
 
 @dataclass
@@ -88,39 +84,9 @@ class TrainConfig:
         return f"{self.dataset}-{self.model.replace('/', '_')}-{pool}-k{self.kap_k}-s{self.sigma:g}-{self.objective}"
 
 
-def _flag_type(tp: Any) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Union:
-        tp = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (dict, list):
-        return yaml.safe_load
-    return tp
-
-
-def _bool(text: str) -> bool:
-    value = str(text).lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser: one ``--flag`` per :class:`TrainConfig` field (``--kap-k 3``,
-    ``--input-noise false``, ``--model-kwargs '{drop_rate: 0.1}'``), plus ``--config``."""
-    parser = argparse.ArgumentParser(description="Train timm/torchvision models with KAP (kapify) and their baselines")
-    parser.add_argument("-c", "--config", default=None, help="YAML args file; command-line flags override it")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        tp = _flag_type(hints[f.name])
-        kwargs: Dict[str, Any] = {"help": f.metadata["help"], "dest": f.name, "default": argparse.SUPPRESS}
-        kwargs["type"] = _bool if tp is bool else tp
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
-    return parser
+    """The command-line parser: one ``--flag`` per :class:`TrainConfig` field, plus ``--config``."""
+    return options.build_parser(TrainConfig, "Train timm/torchvision models with KAP (kapify) and their baselines")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
@@ -130,18 +96,4 @@ def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
         >>> parse_args(["--model", "kapify/small_convnet", "--kap-k", "5"]).kap_k
         5
     """
-    args = vars(build_parser().parse_args(argv))
-    values: Dict[str, Any] = {}
-    config_path = args.pop("config", None)
-    if config_path:
-        with open(config_path) as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{config_path} must hold a mapping of option: value")
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = sorted(set(k.replace("-", "_") for k in loaded) - names)
-        if unknown:
-            raise ValueError(f"{config_path}: unknown option(s) {unknown}; see recipes/train_timm.py --help")
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
-    values.update(args)
-    return TrainConfig(**values)
+    return options.parse_options(TrainConfig, argv, "Train timm/torchvision models with KAP (kapify) and their baselines")

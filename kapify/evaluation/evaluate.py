@@ -1,0 +1,147 @@
+"""``kapify.evaluation.evaluate``: robust accuracy of a model under a list of attacks, every
+adversarial example verified, batches cached on disk so an interrupted run resumes."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from ..distributed import all_gather_tensor, all_reduce_sum
+from ..layers import GaussianNoise
+from ..layers.input_stage import input_stages
+from ..surgery.tracing import eval_mode
+from .attacks import ATTACKS, AttackSpec
+from .checks import verify_examples
+
+__all__ = ["evaluate", "attack_mode", "predict"]
+
+
+@contextlib.contextmanager
+def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode with every kapify noise layer off (paper §4.1: attacks run noise-free); restored after."""
+    noise = [m for m in list(model.modules()) + input_stages(model) if isinstance(m, GaussianNoise)]
+    flags = [m.test_time for m in noise]
+    with eval_mode(model):
+        for m in noise:
+            m.test_time = False
+        try:
+            yield model
+        finally:
+            for m, flag in zip(noise, flags):
+                m.test_time = flag
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Predicted classes; NaN/inf logits are an error, not a silent wrong answer."""
+    logits = model(x)
+    if not torch.isfinite(logits).all():
+        raise FloatingPointError("the model returned NaN/inf logits; check the checkpoint and the input range ([0, 1] pixels)")
+    return logits.argmax(1)
+
+
+def _shard(n: int) -> tuple[int, int, torch.Tensor]:
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    return rank, world, torch.arange(rank, n, world)
+
+
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    attacks: Sequence[str] = ("clean", "pgd", "autoattack"),
+    norm: str = "L2",
+    eps: Union[float, Sequence[float]] = 1.0,
+    seed: int = 0,
+    batch_size: int = 250,
+    spec: Optional[AttackSpec] = None,
+    return_examples: bool = False,
+    cache_dir: Optional[Union[str, Path]] = None,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Accuracy of ``model`` on ``images`` (N,C,H,W in [0,1]) under each attack and each eps.
+
+    An example counts as robust when the model classifies both it and its adversarial version
+    correctly. Every adversarial example is checked (budget, [0,1] box, shape) before it counts;
+    a violation raises :class:`~kapify.evaluation.checks.AdversarialExampleError`. Under torchrun
+    each process attacks its share of the examples and the counts are summed.
+
+    Returns ``{"results": [{attack, norm, eps, seed, accuracy, n, time_s, notes}], "examples":
+    {(attack, eps): x_adv}}`` (examples only with ``return_examples``).
+
+    Example:
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+        >>> out = evaluate(model, torch.rand(8, 3, 2, 2), torch.randint(0, 4, (8,)), attacks=["clean", "pgd"], progress=False)
+        >>> [r["attack"] for r in out["results"]]
+        ['clean', 'pgd']
+    """
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown:
+        raise ValueError(f"unknown attack(s) {unknown}; available: {sorted(ATTACKS)}")
+    eps_list = [float(e) for e in ([eps] if isinstance(eps, (int, float)) else eps)]
+    if not eps_list or any(not e > 0 for e in eps_list):
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+    device = next(model.parameters()).device
+    with attack_mode(model), torch.no_grad():
+        num_classes = model(images[:1].float().to(device)).shape[1]
+    base = dataclasses.replace(spec or AttackSpec(), num_classes=num_classes)
+    rank, world, index = _shard(images.shape[0])
+    x_all, y_all = images[index].float().contiguous(), labels[index]
+    results: List[Dict[str, Any]] = []
+    examples: Dict[Any, torch.Tensor] = {}
+    with attack_mode(model):
+        clean_correct = torch.cat([predict(model, x_all[i:i + batch_size].to(device)).cpu() == y_all[i:i + batch_size]
+                                   for i in range(0, len(y_all), batch_size)]) if len(y_all) else torch.zeros(0, dtype=torch.bool)
+        for attack in attacks:
+            for e in (eps_list if attack != "clean" else eps_list[:1]):
+                spec_e = dataclasses.replace(base, norm=norm, eps=e)
+                folder = None
+                if cache_dir is not None:
+                    folder = Path(cache_dir) / f"{attack}-{norm}-eps{e:g}-seed{seed}-rank{rank}of{world}"
+                    folder.mkdir(parents=True, exist_ok=True)
+                correct, advs, notes, t0 = [], [], [], time.perf_counter()
+                batches = range(0, len(y_all), batch_size)
+                for b in tqdm(batches, desc=f"{attack} {norm} eps={e:g}", disable=not progress or rank != 0, leave=False):
+                    cached = folder / f"batch{b // batch_size:05d}.pt" if folder is not None else None
+                    if cached is not None and cached.is_file():
+                        saved = torch.load(cached, weights_only=True)
+                        batch_correct, x_adv, batch_notes = saved["correct"], saved.get("x_adv"), []
+                    else:
+                        x, y = x_all[b:b + batch_size].to(device), y_all[b:b + batch_size].to(device)
+                        x_adv, batch_notes = ATTACKS[attack](model, x, y, spec_e, seed + b)
+                        verify_examples(x, x_adv, e, norm, attack)
+                        batch_correct = (predict(model, x_adv) == y).cpu() & clean_correct[b:b + batch_size]
+                        x_adv = x_adv.detach().cpu()
+                        if cached is not None:
+                            torch.save({"correct": batch_correct, "x_adv": x_adv if return_examples else None}, cached)
+                    correct.append(batch_correct)
+                    notes.extend(n for n in batch_notes if n not in notes)
+                    if return_examples:
+                        advs.append(x_adv)
+                mine = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+                hits, total = all_reduce_sum([float(mine.sum()), float(mine.numel())], device)
+                results.append({"attack": attack, "norm": norm, "eps": e, "seed": seed, "accuracy": hits / max(total, 1),
+                                "n": int(total), "time_s": time.perf_counter() - t0, "notes": notes})
+                if return_examples and advs:
+                    examples[(attack, e)] = _unshard(torch.cat(advs), index, images.shape[0], world)
+    return {"results": results, "examples": examples}
+
+
+def _unshard(part: torch.Tensor, index: torch.Tensor, n: int, world: int) -> torch.Tensor:
+    """The full (N, ...) tensor from each process's rows (``index`` = this process's rows)."""
+    if world == 1:
+        return part
+    rows = all_gather_tensor(index.to(part.device))
+    values = all_gather_tensor(part)
+    full = torch.empty((n,) + tuple(part.shape[1:]), dtype=part.dtype)
+    full[rows.cpu()] = values.cpu()
+    return full

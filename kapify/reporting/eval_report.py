@@ -1,0 +1,108 @@
+"""Write ``kapify-eval`` results: results.json (schema ``kapify-eval/1``), results.md in the
+paper's table layout, and PNG plots (accuracy vs eps, certified accuracy vs radius, kernels)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List
+
+__all__ = ["write_report", "markdown_table"]
+
+
+def _pct(acc: Dict[str, float]) -> str:
+    return f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}" if acc.get("std") else f"{100 * acc['mean']:.2f}"
+
+
+def markdown_table(results: Dict[str, Any]) -> str:
+    """Rows = eps, columns = attacks (the paper's Table 1 layout), plus noise/transfer/flags sections."""
+    rows: List[Dict[str, Any]] = results["results"]
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    eps_values = sorted({r["eps"] for r in rows if r["attack"] != "clean"}) or sorted({r["eps"] for r in rows})
+    lookup = {(r["attack"], r["eps"]): r for r in rows}
+    clean = next((r for r in rows if r["attack"] == "clean"), None)
+    model = results.get("model") or {}
+    lines = [f"# kapify-eval: {model.get('checkpoint') or model.get('name')}", "",
+             f"{results['dataset']['name']}, {results['n_examples']} examples x {len(results['seeds'])} seed(s) "
+             f"{results['seeds']}, {results['device']}; accuracy in % (mean ± std over seeds).", "",
+             "| norm | eps | " + " | ".join(attacks) + " |", "|---|---|" + "---|" * len(attacks)]
+    norm = rows[0]["norm"] if rows else ""
+    for e in eps_values:
+        cells = [_pct(clean["accuracy"]) if a == "clean" and clean else (_pct(lookup[(a, e)]["accuracy"]) if (a, e) in lookup else "")
+                 for a in attacks]
+        lines.append(f"| {norm} | {e:g} | " + " | ".join(cells) + " |")
+    if "noise_sensitivity" in results:
+        ns = results["noise_sensitivity"]
+        lines += ["", f"## Noise sensitivity ({ns['attack']} examples, eps={ns['eps']:g}; Table 2)", "",
+                  "| input noise | activation noise | accuracy |", "|---|---|---|"]
+        lines += [f"| {'✓' if r['input_noise'] else '×'} | {'✓' if r['activation_noise'] else '×'} | {100 * r['accuracy']:.2f} |"
+                  for r in ns["rows"]]
+    if "transfer" in results:
+        lines += ["", f"## Transfer from {results['transfer']['reference']} (Table A3)", "", "| attack | eps | accuracy |", "|---|---|---|"]
+        lines += [f"| {r['attack']} | {r['eps']:g} | {_pct(r['accuracy'])} |" for r in results["transfer"]["results"]]
+    if "certification" in results:
+        c = results["certification"]
+        lines += ["", f"## Certified accuracy (sigma={c['sigma']}, n0={c['n0']}, n={c['n']}, alpha={c['alpha']})", "",
+                  "| radius | " + " | ".join(f"{r:g}" for r in c["radii"][::2]) + " |", "|---|" + "---|" * len(c["radii"][::2]),
+                  "| accuracy % | " + " | ".join(f"{100 * a:.1f}" for a in c["certified_accuracy"][::2]) + " |"]
+    if "diagnostics" in results:
+        t = results["diagnostics"]["topography"]
+        lines += ["", f"## Topography of {results['diagnostics']['first_conv']} (grid {results['diagnostics']['grid']})", "",
+                  f"neighbour cosine similarity {t['neighbour']:.3f} vs all pairs {t['all_pairs']:.3f}: score {t['score']:.3f}"]
+    lines += ["", "## Flags", ""]
+    lines += [f"- **{f['kind']}**: {f['message']}" for f in results["flags"]] or ["none"]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(results: Dict[str, Any], out: Path) -> List[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    rows = [r for r in results["results"] if r["attack"] != "clean"]
+    if len({r["eps"] for r in rows}) > 1:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for attack in dict.fromkeys(r["attack"] for r in rows):
+            pts = sorted((r["eps"], 100 * r["accuracy"]["mean"], 100 * r["accuracy"]["std"]) for r in rows if r["attack"] == attack)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", label=attack, capsize=3)
+        ax.set(xlabel=f"eps ({rows[0]['norm']})", ylabel="robust accuracy (%)", ylim=(0, 100), title="Robust accuracy vs eps")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "accuracy_vs_eps.png", dpi=120)
+        plt.close(fig)
+        written.append("accuracy_vs_eps.png")
+    if "certification" in results:
+        c = results["certification"]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(c["radii"], [100 * a for a in c["certified_accuracy"]], marker=".")
+        ax.set(xlabel="L2 radius", ylabel="certified accuracy (%)", ylim=(0, 100), title=f"Randomized smoothing, sigma={c['sigma']}")
+        fig.tight_layout()
+        fig.savefig(out / "certified_accuracy.png", dpi=120)
+        plt.close(fig)
+        written.append("certified_accuracy.png")
+    if "_mosaic" in results:
+        plt.imsave(out / "first_layer_kernels.png", results["_mosaic"].numpy())
+        written.append("first_layer_kernels.png")
+    change = (results.get("diagnostics") or {}).get("activation_change")
+    if change:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(range(len(change["layers"])), list(change["layers"].values()), marker="o")
+        ax.set(xlabel="conv layer (forward order)", ylabel="||f(x_adv) - f(x)|| / ||f(x)||", title=f"Activation change ({change['attack']})")
+        fig.tight_layout()
+        fig.savefig(out / "activation_change.png", dpi=120)
+        plt.close(fig)
+        written.append("activation_change.png")
+    return written
+
+
+def write_report(results: Dict[str, Any], out: Path) -> None:
+    """Write results.json, results.md and the plots into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results["plots"] = _plots(results, out)
+    public = {k: v for k, v in results.items() if not k.startswith("_")}
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(public, indent=2))
+    tmp.replace(out / "results.json")
+    (out / "results.md").write_text(markdown_table(public))
