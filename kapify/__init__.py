@@ -11,6 +11,12 @@ from .model_source import create_model
 from .reporting import summary
 from .serialization import load, load_config, load_extra, save
 from .surgery import (
+    ChannelHandler,
+    channel_groups,
+    register_channel_handler,
+    rewiden,
+    square_width,
+    width_mult,
     KapConfig,
     TracingError,
     convert,
@@ -25,6 +31,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ChannelGrid",
+    "ChannelHandler",
+    "channel_groups",
+    "register_channel_handler",
+    "rewiden",
+    "square_width",
+    "width_mult",
     "GaussianNoise",
     "KapConfig",
     "KernelAvgPool",

@@ -119,7 +119,7 @@ def test_torchrun_two_gloo_processes(cifar_dir, tmp_path):
     (["--model", "no_such_model"], "no model named"),
     (["--objective", "magic"], "unknown objective"),
     (["--early-stop", "true"], "val_attack_steps"),
-    (["--kap-stride", "2"], "re-widening"),
+    (["--kap-stride", "2", "--pool", "none"], "kap_stride only applies"),
     (["--grid", "diagonal"], "grid must be"),
     (["--data-dir", "/nonexistent-kapify"], "cifar10 not found"),
 ])

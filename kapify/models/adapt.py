@@ -119,3 +119,15 @@ def normalize_input(model: nn.Module, mean: Sequence[float], std: Sequence[float
         raise ValueError(f"{type(model).__name__} already normalises its input ({model.kapify_normalize})")
     add_input_stage(model, "kapify_normalize", InputNormalize(mean, std))
     return model
+
+
+@register_adaptation("rewiden")  # kapify.rewiden with a named width rule, e.g. {"name": "mult", "m": 4}
+def rewiden_adaptation(model: nn.Module, rule: Any, function_preserving: bool = False) -> nn.Module:
+    """:func:`kapify.rewiden` by a *named* rule (``"square"`` or ``{"name": "mult", "m": 4}``), so
+    that a checkpoint can replay it. Returns a new model (the input is left as it is)."""
+    from ..surgery.rewiden import rewiden
+
+    if callable(rule):
+        raise ValueError("only named width rules can be recorded; call kapify.rewiden(model, fn) directly for a callable")
+    new = rewiden(model, rule, function_preserving=function_preserving)
+    return new

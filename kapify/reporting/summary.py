@@ -50,6 +50,7 @@ class ModelSummary:
             "layers": self.rows,
             "skipped_functional_convs": list(self.config.skipped),
             "elongated_grids": self.elongated,
+            "fixed_widths": dict(self.config.fixed_widths),
             "params_before": self.params_before,
             "params_after": self.params_after,
         }
@@ -76,6 +77,11 @@ class ModelSummary:
             lines.append(
                 f"note: {len(self.elongated)} layer(s) have elongated channel grids (e.g. a prime channel count): "
                 f"{', '.join(self.elongated[:5])}"
+            )
+        if c.fixed_widths:
+            lines.append(
+                f"note: {len(c.fixed_widths)} layer(s) kept a non-square width (rectangular grid): "
+                + "; ".join(f"{n} ({why})" for n, why in list(c.fixed_widths.items())[:5])
             )
         if c.skipped:
             lines.append(f"not converted (functional convs): {', '.join(c.skipped)}")

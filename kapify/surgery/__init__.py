@@ -4,10 +4,21 @@ from .conv_sites import ConvSites, find_conv_sites
 from .conv_types import is_conv, register_conv_type
 from .convert import convert
 from .fold import fold
+from .channel_groups import ChannelGroup, analyze_channels, channel_groups
 from .kap_conv import attach_kap, is_kap_conv
+from .resize import ChannelHandler, register_channel_handler
+from .rewiden import rewiden, square_width, width_mult
 from .tracing import TracingError, register_leaf_module, trace
 
 __all__ = [
+    "ChannelGroup",
+    "ChannelHandler",
+    "analyze_channels",
+    "channel_groups",
+    "register_channel_handler",
+    "rewiden",
+    "square_width",
+    "width_mult",
     "ConvSites",
     "KapConfig",
     "LayerRecord",

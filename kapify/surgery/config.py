@@ -51,6 +51,7 @@ class KapConfig:
     params_before: int = 0
     source: Optional[Dict[str, Any]] = None
     folded: bool = False
+    fixed_widths: Dict[str, str] = field(default_factory=dict)  # grid="square": conv -> why its width stayed
     version: int = 1
 
     def convert_kwargs(self) -> Dict[str, Any]:

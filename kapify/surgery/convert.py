@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import fnmatch
 import warnings
 from typing import Callable, Dict, Iterable, List, Literal, Optional, Sequence, Union
@@ -17,6 +18,8 @@ from .config import CONFIG_ATTR, KapConfig, LayerRecord, is_converted
 from .conv_sites import find_conv_sites
 from .conv_types import conv_types
 from .kap_conv import attach_kap, original_class, weight_poolable
+from .resize import resize_layer
+from .rewiden import _rewiden
 
 __all__ = ["convert", "GRID_RULES", "POOLS", "IMPLS", "INPUT_NOISE_ATTR"]
 
@@ -26,6 +29,7 @@ INPUT_NOISE_ATTR = "kapify_input_noise"
 GRID_RULES: Dict[str, Callable[[int], ChannelGrid]] = {
     "rect": rect_grid,  # most nearly square rows x cols factorisation of C (keeps pretrained shapes)
     "line": line_grid,  # 1-D KAP over the channel index
+    "square": rect_grid,  # after kapify.rewiden(model, "square"): a perfect square; rect where a width is fixed
 }
 #: pool modules by name (None: noise only).
 POOLS = {"avg": KernelAvgPool, "max": KernelMaxPool, None: None}
@@ -52,6 +56,17 @@ def _selected(name: str, include: Optional[List[str]], exclude: Optional[List[st
     return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
 
 
+def _multiply_filters(conv: nn.Module, layout: ChannelGrid, stride: int) -> ChannelGrid:
+    """Give ``conv`` stride*stride times its filters on a (rows*S) x (cols*S) grid (stride*C on a
+    line), old filter (r, c) at the centre (r*S, c*S) of the window that pools back to channel (r, c);
+    the new filters get the layer's own initialisation. A stride-S pool then returns C channels."""
+    wide = ChannelGrid(layout.rows, layout.cols * stride) if layout.is_line else ChannelGrid(layout.rows * stride, layout.cols * stride)
+    rows, cols = torch.meshgrid(torch.arange(layout.rows), torch.arange(layout.cols), indexing="ij")
+    centres = (rows * (1 if layout.is_line else stride) * wide.cols + cols * stride).flatten()
+    resize_layer(conv, new_out=wide.channels, out_index=centres)
+    return wide
+
+
 def _check_options(k: int, sigma: float, pool: Optional[str], stride: int, grid: str, impl: str) -> float:
     check_kernel_size(k)
     if impl not in IMPLS:
@@ -59,19 +74,11 @@ def _check_options(k: int, sigma: float, pool: Optional[str], stride: int, grid:
     sigma = check_sigma(sigma)
     if pool not in POOLS:
         raise ValueError(f"pool must be 'avg' (KAP), 'max' (KMP) or None (noise only), got {pool!r}")
-    if check_stride(stride) > 1:
-        raise NotImplementedError(
-            f"stride={stride} shrinks each conv's output channels by about {stride}x{stride}, so every downstream "
-            f"layer must be re-widened; that needs kapify's channel re-widening, which is not available yet. "
-            f"Use stride=1."
-        )
-    if grid == "square":
-        raise NotImplementedError(
-            "grid='square' re-widens channel counts to perfect squares, which needs kapify's channel "
-            "re-widening; it is not available yet. Use grid='rect' (nearly square rows x cols) or 'line'."
-        )
+    check_stride(stride)
+    if stride > 1 and pool is None:
+        raise ValueError(f"stride={stride} is a pooling stride; it needs pool='avg' or 'max'")
     if grid not in GRID_RULES:
-        raise ValueError(f"grid must be one of {sorted(GRID_RULES)} (or 'square' once re-widening lands), got {grid!r}")
+        raise ValueError(f"grid must be one of {sorted(GRID_RULES)}, got {grid!r}")
     return sigma
 
 
@@ -97,8 +104,13 @@ def convert(
         sigma: std of the N(0, sigma^2) noise added after each pool (and to the input) in training.
             0 adds no noise layers.
         pool: "avg" (KAP), "max" (KMP) or None (noise only: the paper's NT(sigma) baseline).
-        stride: pooling stride; > 1 needs channel re-widening (not available yet).
-        grid: channel layout, "rect" (most nearly square rows x cols, e.g. 128 -> 8x16) or "line".
+        stride: pooling stride. S > 1 is the paper's kernel-size multiplier (§4.2): each plain conv
+            gets S*S times the filters (S times on a line) and the stride-S pool brings them back
+            to C channels, so downstream layers keep their shapes (grouped convs keep stride 1).
+        grid: channel layout: "rect" (most nearly square rows x cols, e.g. 128 -> 8x16; keeps
+            pretrained shapes), "square" (first :func:`kapify.rewiden` every free channel group to
+            a perfect square, 128 -> 144 = 12x12, preserving the function; fixed groups stay rect)
+            or "line" (1-D KAP).
         input_noise: also add the noise to the model's input (training only).
         impl: where an average pool runs: "weight" pools the conv's filters (Eq. 3, the cost of the
             plain conv; only after plain ungrouped convs), "activation" pools the output, "auto"
@@ -127,7 +139,10 @@ def convert(
             f"If it has a custom conv layer, register it with kapify.register_conv_type(MyConv)"
         )
     params_before = sum(p.numel() for p in model.parameters())
-    new = copy.deepcopy(model)
+    if grid == "square":  # widen every free channel group to a perfect square; the function is preserved
+        new, graph = _rewiden(model, "square", True, example_input, leaf_modules, strict=False)
+    else:
+        new, graph = copy.deepcopy(model), None
     sites = find_conv_sites(new, tuple(leaf_modules), None if example_input is None else [example_input])
     if sites.functional:
         warnings.warn(
@@ -141,11 +156,19 @@ def convert(
             f"include={include_p} / exclude={exclude_p} leave none of the {len(sites.modules)} convolutions "
             f"to convert (e.g. {', '.join(list(sites.modules)[:3])}); loosen the patterns"
         )
-    records = []
+    records, fixed_widths = [], {}
     for name, route in chosen.items():
         conv = new.get_submodule(name)
+        if graph is not None and math.isqrt(conv.out_channels) ** 2 != conv.out_channels:
+            group = graph.group_of(name)
+            fixed_widths[name] = (group.fixed if group is not None and group.fixed else
+                                  f"no square within 4x is divisible by the {group.divisor} groups" if group is not None else
+                                  "not in the traced graph")
         layout = GRID_RULES[grid](conv.out_channels)
-        pool_module = None if pool is None else POOLS[pool](k, stride, None if grid == "line" else layout)
+        layer_stride = stride if getattr(conv, "groups", 1) == 1 else 1  # grouped convs: no kernel-size multiplier
+        if layer_stride > 1:  # kernel-size multiplier (§4.2): S*S x the filters, pooled back to C channels
+            layout = _multiply_filters(conv, layout, layer_stride)
+        pool_module = None if pool is None else POOLS[pool](k, layer_stride, None if grid == "line" else layout)
         noise = GaussianNoise(sigma) if sigma > 0 else None
         layer_impl = "weight" if impl == "weight" or (impl == "auto" and weight_poolable(conv, pool_module)) else "activation"
         records.append(
@@ -154,10 +177,10 @@ def convert(
                 conv_class=f"{original_class(conv).__module__}.{original_class(conv).__qualname__}",
                 in_channels=conv.in_channels,
                 out_channels=conv.out_channels,
-                pooled_channels=layout.pooled(stride).channels if pool_module is not None else conv.out_channels,
+                pooled_channels=layout.pooled(layer_stride).channels if pool_module is not None else conv.out_channels,
                 grid=str(layout) if pool_module is not None else None,
                 kernel_size=k,
-                stride=stride,
+                stride=layer_stride,
                 pool=pool,
                 sigma=sigma,
                 route=route,
@@ -172,7 +195,7 @@ def convert(
     config = KapConfig(
         k=k, stride=stride, sigma=sigma, pool=pool, grid=grid, input_noise=bool(input_noise and sigma > 0), impl=impl,
         include=include_p, exclude=exclude_p, layers=records, skipped=sites.functional,
-        params_before=params_before, source=describe_source(model),
+        params_before=params_before, source=describe_source(model), fixed_widths=fixed_widths,
     )
     setattr(new, CONFIG_ATTR, config)
     return new

@@ -1,0 +1,138 @@
+"""Resizing a layer's channels in place, by layer type (the handler registry users extend).
+
+A handler says which channel counts a layer has and how to give it new ones. Old channels keep
+their values (placed where ``in_index`` / ``out_index`` say); new entries come from the layer's own
+``reset_parameters`` on the new shape, or are zero where ``zero_new_inputs`` asks (Net2Net-style
+function preservation: a new input channel then contributes nothing).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Type
+
+import torch
+from torch import nn
+
+__all__ = ["ChannelHandler", "register_channel_handler", "channel_handler", "resize_layer", "CHANNEL_HANDLERS"]
+
+
+@dataclass
+class ChannelHandler:
+    """How one layer type exposes and changes its channels.
+
+    ``kind``: "conv"/"linear" (in and out channels are independent, except depthwise convs),
+    "channelwise" (one channel count, e.g. BatchNorm: output channels = input channels).
+    ``channels_normalised``: the layer mixes statistics across channels (GroupNorm, LayerNorm),
+    so adding channels changes its outputs for the old ones.
+    """
+
+    kind: str
+    in_attr: str
+    out_attr: str
+    channels_normalised: bool = False
+
+
+CHANNEL_HANDLERS: Dict[Type[nn.Module], ChannelHandler] = {}
+
+
+def register_channel_handler(module_type: Type[nn.Module], handler: ChannelHandler) -> None:
+    """Teach re-widening a layer type: ``register_channel_handler(MyNorm, ChannelHandler("channelwise", "dim", "dim"))``."""
+    CHANNEL_HANDLERS[module_type] = handler
+
+
+register_channel_handler(nn.modules.conv._ConvNd, ChannelHandler("conv", "in_channels", "out_channels"))  # Conv1d/2d/3d and subclasses
+register_channel_handler(nn.Linear, ChannelHandler("linear", "in_features", "out_features"))  # classifiers, MLP heads
+register_channel_handler(nn.modules.batchnorm._NormBase, ChannelHandler("channelwise", "num_features", "num_features"))  # BatchNorm*, InstanceNorm*
+register_channel_handler(nn.GroupNorm, ChannelHandler("channelwise", "num_channels", "num_channels", channels_normalised=True))  # stats over channel groups
+
+
+def channel_handler(module: nn.Module) -> Optional[ChannelHandler]:
+    """The handler of ``module``'s most specific registered base class, or None."""
+    for cls in type(module).__mro__:
+        if cls in CHANNEL_HANDLERS:
+            return CHANNEL_HANDLERS[cls]
+    return None
+
+
+def _place(old: torch.Tensor, new: torch.Tensor, out_index: torch.Tensor, in_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``new`` with ``old[i]`` (and ``old[i, j]``) written at ``new[out_index[i]]`` (``[.., in_index[j]]``)."""
+    out = new.clone()
+    if in_index is None:
+        return out.index_copy_(0, out_index, old.to(out.dtype))
+    rows = out.index_select(0, out_index)
+    rows.index_copy_(1, in_index, old.to(out.dtype))
+    return out.index_copy_(0, out_index, rows)
+
+
+def resize_layer(
+    module: nn.Module,
+    new_in: Optional[int] = None,
+    in_index: Optional[torch.Tensor] = None,
+    new_out: Optional[int] = None,
+    out_index: Optional[torch.Tensor] = None,
+    zero_new_inputs: bool = False,
+    init_fn: Optional[Callable[[nn.Module], None]] = None,
+) -> None:
+    """Give ``module`` ``new_in`` input / ``new_out`` output channels in place (same object, class,
+    hooks). ``in_index[i]`` / ``out_index[i]`` = new position of old channel i (default: 0..C-1)."""
+    handler = channel_handler(module)
+    if handler is None:
+        raise TypeError(f"no channel handler for {type(module).__name__}; register one with kapify.register_channel_handler")
+    old_in, old_out = getattr(module, handler.in_attr), getattr(module, handler.out_attr)
+    if handler.kind == "channelwise":
+        new_in = new_out = new_out or new_in
+        in_index = out_index = out_index if out_index is not None else in_index
+    new_in, new_out = new_in or old_in, new_out or old_out
+    in_index = torch.arange(old_in) if in_index is None else in_index
+    out_index = torch.arange(old_out) if out_index is None else out_index
+    groups = getattr(module, "groups", 1)
+    depthwise = handler.kind == "conv" and groups > 1 and groups == old_in
+    fresh = copy.deepcopy(module)
+    setattr(fresh, handler.in_attr, new_in)
+    setattr(fresh, handler.out_attr, new_out)
+    if depthwise:
+        fresh.groups = new_in
+    shapes: Dict[str, tuple] = {}
+    for name, tensor in list(fresh.named_parameters(recurse=False)) + list(fresh.named_buffers(recurse=False)):
+        if tensor is None or tensor.dim() == 0:
+            continue
+        shape = list(tensor.shape)
+        if handler.kind in ("conv", "linear") and name == "weight":
+            shape[0] = new_out
+            shape[1] = new_in // fresh.groups if handler.kind == "conv" else new_in
+        else:  # bias, norm weight/bias/running stats: one entry per output channel
+            shape[0] = new_out
+        shapes[name] = tuple(shape)
+        empty = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
+        if isinstance(tensor, nn.Parameter):
+            setattr(fresh, name, nn.Parameter(empty, requires_grad=tensor.requires_grad))
+        else:
+            setattr(fresh, name, empty)
+    if hasattr(fresh, "reset_parameters"):
+        (init_fn or (lambda m: m.reset_parameters()))(fresh)
+    elif hasattr(fresh, "reset_running_stats"):
+        fresh.reset_running_stats()
+    for name in shapes:
+        old, new = getattr(module, name), getattr(fresh, name).detach()
+        if handler.kind in ("conv", "linear") and name == "weight" and not depthwise:
+            # grouped convs hold in/groups input channels per filter: old ones keep their place in the group
+            columns = in_index if handler.kind == "linear" or groups == 1 else torch.arange(old.shape[1])
+            if zero_new_inputs:  # outgoing weights of new input channels start at 0 (Net2Net)
+                keep = torch.zeros(new.shape[1], dtype=torch.bool)
+                keep[columns] = True
+                new = new.clone()
+                new[:, ~keep] = 0
+            value = _place(old.detach(), new, out_index, columns)
+        else:
+            value = _place(old.detach(), new, out_index)
+        if isinstance(old, nn.Parameter):
+            setattr(module, name, nn.Parameter(value, requires_grad=old.requires_grad))
+        else:
+            setattr(module, name, value)
+    setattr(module, handler.in_attr, new_in)
+    setattr(module, handler.out_attr, new_out)
+    if depthwise:
+        module.groups = new_in
+    if hasattr(module, "normalized_shape"):
+        module.normalized_shape = (new_out,)

@@ -1,0 +1,153 @@
+"""``kapify.rewiden``: change channel widths consistently across the whole graph by a width rule."""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Dict, Iterable, List, Optional, Union
+
+import torch
+from torch import nn
+
+from .channel_groups import ChannelGraph, analyze_channels
+from .resize import resize_layer
+
+__all__ = ["rewiden", "square_width", "width_mult", "WIDTH_RULES", "resolve_width_rule"]
+
+WidthFn = Callable[[int], int]
+
+
+def square_width(channels: int, align: int = 16, divisor: int = 1) -> int:
+    """The next usable perfect square >= ``channels``: for 64 channels and more, a square that is a
+    multiple of ``align`` (16: 144, 256, 576, ... tensor-core friendly); below 64 any square
+    (25, 36, 49). ``divisor`` (grouped convs) must divide it too; if no such square is within 4x,
+    the next multiple of ``divisor`` is returned (a rectangular grid).
+
+    Example:
+        >>> [square_width(c) for c in (16, 24, 64, 128, 192, 256, 512)]
+        [16, 25, 64, 144, 256, 256, 576]
+    """
+    step = math.lcm(align if channels >= 64 else 1, divisor)
+    n = math.isqrt(channels - 1) + 1 if channels > 1 else 1
+    while n * n <= 4 * channels:
+        if (n * n) % step == 0:
+            return n * n
+        n += 1
+    return -(-channels // divisor) * divisor
+
+
+def width_mult(m: float) -> WidthFn:
+    """The width rule ``C -> round(m * C)`` (the paper's RN18WideX4 is ``width_mult(4)``)."""
+    if not m >= 1:
+        raise ValueError(f"width_mult must be >= 1 (re-widening never shrinks), got {m}")
+    return lambda c: max(c, int(round(m * c)))
+
+
+#: named width rules (recorded in checkpoints, so kapify.load can replay them).
+WIDTH_RULES: Dict[str, Callable[..., WidthFn]] = {
+    "square": lambda align=16: (lambda c: square_width(c, align)),  # next usable perfect square
+    "mult": lambda m: width_mult(m),  # m x wider
+}
+
+
+def resolve_width_rule(rule: Union[str, Dict, WidthFn]) -> WidthFn:
+    if callable(rule):
+        return rule
+    if isinstance(rule, str):
+        rule = {"name": rule}
+    options = {k: v for k, v in rule.items() if k != "name"}
+    if rule.get("name") not in WIDTH_RULES:
+        raise ValueError(f"unknown width rule {rule!r}; named rules: {sorted(WIDTH_RULES)} or a callable C -> C'")
+    return WIDTH_RULES[rule["name"]](**options)
+
+
+def _blocked(old: int, new: int, divisor: int) -> torch.Tensor:
+    """New positions of old channels when a width divisible by ``divisor`` grows: each of the
+    ``divisor`` blocks keeps its old channels first (grouped convs keep their groups)."""
+    per_old, per_new = old // divisor, new // divisor
+    return torch.cat([q * per_new + torch.arange(per_old) for q in range(divisor)])
+
+
+def _plan(graph: ChannelGraph, width_fn: WidthFn) -> Dict[int, int]:
+    widths: Dict[int, int] = {}
+    for g in graph.groups:
+        if g.fixed is not None or not g.producers:
+            widths[g.id] = g.width
+            continue
+        new = width_fn(g.width)
+        if not isinstance(new, int) or isinstance(new, bool):
+            raise ValueError(f"the width rule returned {new!r} for {g.width} channels; it must return an int")
+        if new < g.width:
+            raise ValueError(f"the width rule shrinks {g.width} channels to {new} (group of {g.producers[0]}); re-widening only grows")
+        if new % g.divisor:
+            new = -(-new // g.divisor) * g.divisor  # grouped convs: round up to a multiple of the groups
+        widths[g.id] = new
+    return widths
+
+
+def rewiden(
+    model: nn.Module,
+    width_fn: Union[str, Dict, WidthFn] = "square",
+    function_preserving: bool = False,
+    example_input: Optional[torch.Tensor] = None,
+    leaf_modules: Iterable[type] = (),
+    strict: bool = False,
+) -> nn.Module:
+    """Return a copy of ``model`` whose channel groups (see :func:`kapify.channel_groups`) have
+    ``width_fn(C)`` channels, every member rewritten consistently (convs, BatchNorm, depthwise
+    groups, residual adds, concat slices, heads). Groups that cannot change (model input/output,
+    ops that are not channel-aware) keep their width. Old channels keep their trained values; new
+    ones get the layer's own initialisation; with ``function_preserving=True`` the outgoing weights
+    of new channels start at zero, so the widened model computes what the original did.
+
+    ``width_fn``: a callable ``C -> C' >= C``, ``"square"`` (:func:`square_width`) or
+    ``{"name": "mult", "m": 4}``. ``strict=True`` raises (naming the layers and why) if any conv's
+    channel group cannot change. The caller's model is never modified.
+
+    Example:
+        >>> import timm
+        >>> wide = rewiden(timm.create_model("resnet18"), "square", example_input=torch.rand(1, 3, 64, 64))
+        >>> wide.layer2[0].conv1.out_channels, wide.fc.in_features, wide.fc.out_features
+        (144, 576, 1000)
+    """
+    return _rewiden(model, width_fn, function_preserving, example_input, leaf_modules, strict)[0]
+
+
+def _rewiden(model: nn.Module, width_fn: Union[str, Dict, WidthFn], function_preserving: bool,
+             example_input: Optional[torch.Tensor], leaf_modules: Iterable[type], strict: bool) -> tuple[nn.Module, ChannelGraph]:
+    """:func:`rewiden`, also returning the channel graph (for reports)."""
+    fn = resolve_width_rule(width_fn)
+    new = copy.deepcopy(model)
+    graph = analyze_channels(new, example_input, leaf_modules)
+    stuck = [g for g in graph.groups if g.fixed is not None and g.producers and g.fixed != "model output"]
+    if strict and stuck:
+        raise ValueError(
+            f"{len(stuck)} channel group(s) cannot be re-widened: "
+            + "; ".join(f"{', '.join(g.producers[:3])}: {g.fixed}" for g in stuck[:5])
+            + ". Register a channel handler (kapify.register_channel_handler) or a leaf module for these layers, or pass strict=False"
+        )
+    widths = _plan(graph, fn)
+    index = {g.id: _blocked(g.width, widths[g.id], g.divisor) if g.divisor > 1 else torch.arange(g.width) for g in graph.groups}
+
+    def layout_map(layout) -> tuple[int, torch.Tensor]:
+        offset, parts = 0, []
+        for gid in layout:
+            parts.append(index[gid] + offset)
+            offset += widths[gid]
+        return offset, torch.cat(parts)
+
+    names = set(graph.inputs) | set(graph.outputs) | set(graph.channelwise)
+    for name in sorted(names):
+        module = new.get_submodule(name)
+        if name in graph.channelwise:
+            size, idx = layout_map(graph.channelwise[name])
+            resize_layer(module, new_in=size, in_index=idx, new_out=size, out_index=idx)
+            continue
+        kwargs = {}
+        if name in graph.inputs:
+            size, idx = layout_map(graph.inputs[name])
+            kwargs.update(new_in=size, in_index=idx, zero_new_inputs=function_preserving)
+        if name in graph.outputs:
+            gid = graph.outputs[name]
+            kwargs.update(new_out=widths[gid], out_index=index[gid])
+        resize_layer(module, **kwargs)
+    return new, graph
