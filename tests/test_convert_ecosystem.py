@@ -14,7 +14,7 @@ import kapify
 @pytest.fixture(scope="module")
 def timm_pair():
     model = timm.create_model("resnet18", pretrained=False, num_classes=10)
-    return model, kapify.convert(model, k=3, sigma=0.1)
+    return model, kapify.convert(model, k=3, sigma=0.1, grid="rect")  # rect keeps pretrained shapes
 
 
 def test_timm_api_is_kept(timm_pair):
@@ -26,6 +26,8 @@ def test_timm_api_is_kept(timm_pair):
     kap.eval()
     feats = kap.forward_features(x)
     assert feats.shape == (2, 512, 1, 1)
+    square = kapify.convert(model)  # the default re-widens to squares: 512 -> 576 features, same API
+    assert square.eval().forward_features(x).shape == (2, 576, 1, 1) and square(x).shape == (2, 10)
     torch.testing.assert_close(kap.forward_head(feats), kap(x))
     kap2 = kapify.convert(model)
     kap2.reset_classifier(5)
@@ -41,7 +43,7 @@ def test_torchvision_class_is_kept():
 def test_state_dict_round_trip(timm_pair):
     model, kap = timm_pair
     assert list(kap.state_dict()) == list(model.state_dict())  # pools and noise add no keys
-    other = kapify.convert(timm.create_model("resnet18", pretrained=False, num_classes=10))
+    other = kapify.convert(timm.create_model("resnet18", pretrained=False, num_classes=10), grid="rect")
     other.load_state_dict(kap.state_dict())
     x = torch.randn(2, 3, 32, 32)
     kap.eval(), other.eval()
@@ -82,7 +84,7 @@ def test_autocast_and_channels_last(timm_pair):
             low = kap(x)
         assert low.dtype == torch.bfloat16
         torch.testing.assert_close(low.float(), ref, rtol=0.1, atol=0.1)
-        kap_cl = kapify.convert(timm.create_model("resnet18", pretrained=False, num_classes=10))
+        kap_cl = kapify.convert(timm.create_model("resnet18", pretrained=False, num_classes=10), grid="rect")
         kap_cl.load_state_dict(kap.state_dict())
         kap_cl = kap_cl.to(memory_format=torch.channels_last).eval()
         torch.testing.assert_close(kap_cl(x.to(memory_format=torch.channels_last)), ref, rtol=1e-4, atol=1e-4)

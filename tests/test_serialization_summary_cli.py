@@ -58,7 +58,7 @@ def test_save_load_errors(tmp_path):
 
 def test_summary_text_and_data():
     conv = torch.nn.Sequential(torch.nn.Conv2d(3, 7, 3), torch.nn.ReLU(), torch.nn.Conv2d(7, 64, 1))
-    s = kapify.summary(kapify.convert(conv, example_input=torch.randn(1, 3, 8, 8)))
+    s = kapify.summary(kapify.convert(conv, grid="rect", example_input=torch.randn(1, 3, 8, 8)))
     assert [r["grid"] for r in s.rows] == ["1x7", "8x8"]
     assert s.elongated == ["0"]
     text = str(s)

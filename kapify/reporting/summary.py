@@ -93,9 +93,9 @@ def summary(model: nn.Module) -> ModelSummary:
 
     Example:
         >>> import timm, kapify
-        >>> s = kapify.summary(kapify.convert(timm.create_model("resnet18")))
-        >>> s.rows[0]["grid"], s.params_before == s.params_after
-        ('8x8', True)
+        >>> s = kapify.summary(kapify.convert(timm.create_model("resnet18"), grid="rect"))
+        >>> s.rows[0]["grid"], s.rows[-1]["grid"], s.params_before == s.params_after
+        ('8x8', '16x32', True)
     """
     config = get_config(model)
     if config is None:

@@ -2,7 +2,8 @@
 
 The model is traced with kapify's FX tracer and run once with an example input (shapes). Each
 tensor's channel axis (dim 1) belongs to a *channel group*: a conv/linear output starts a group;
-channel-wise layers (BatchNorm), activations, pools and depthwise convs pass it on; a residual add
+channel-wise layers (BatchNorm), activations, pools and depthwise/grouped convs with equal in and
+out channels pass it on (widening adds whole groups, so the width stays a multiple of the group width); a residual add
 or a multiply (squeeze-excitation) merges the groups of its operands; a concat along dim 1 gives a
 tensor made of several groups' segments. A group touching anything else (reshape, permute, matmul,
 a parameter used directly, a layer without a channel handler, the model's input or output) is
@@ -33,6 +34,12 @@ _ELEMENTWISE = {
     F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.leaky_relu, F.elu, F.mish,
     F.dropout, F.dropout2d, F.hardtanh,
 }
+try:  # torchvision's per-sample drop path (EfficientNet, ConvNeXt, ...) scales whole examples
+    from torchvision.ops import stochastic_depth
+
+    _ELEMENTWISE.add(stochastic_depth)
+except ImportError:  # pragma: no cover - torchvision is a dependency
+    pass
 _ELEMENTWISE_METHODS = {"add", "add_", "mul", "mul_", "sub", "div", "relu", "relu_", "sigmoid", "sigmoid_", "tanh",
                         "clamp", "clamp_", "contiguous", "float", "to", "type_as", "hardswish", "exp", "neg"}
 _SPATIAL = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, F.interpolate,
@@ -50,6 +57,7 @@ class ChannelGroup:
     channelwise: List[str] = field(default_factory=list)  # BatchNorm, depthwise convs, ...
     divisor: int = 1                                        # grouped convs: the width must stay divisible by this
     fixed: Optional[str] = None                             # why the width cannot change (None: free)
+    normalised: bool = False                                # a member normalises across channels (GroupNorm)
 
 
 @dataclass
@@ -62,8 +70,10 @@ class ChannelGraph:
     channelwise: Dict[str, Layout]  # BatchNorm, depthwise conv, ... -> layout of its channels
 
     def group_of(self, module_name: str) -> Optional[ChannelGroup]:
-        """The group a producer's output channels belong to."""
+        """The group a conv's output channels belong to (a depthwise conv's: its input's)."""
         gid = self.outputs.get(module_name)
+        if gid is None and len(self.channelwise.get(module_name, ())) == 1:
+            gid = self.channelwise[module_name][0]
         return None if gid is None else self.groups[gid]
 
 
@@ -73,6 +83,7 @@ class _UnionFind:
         self.fixed: Dict[int, str] = {}
         self.divisor: Dict[int, int] = {}
         self.width: Dict[int, int] = {}
+        self.normalised: set = set()
 
     def new(self, width: int, fixed: Optional[str] = None) -> int:
         self.parent.append(len(self.parent))
@@ -97,6 +108,8 @@ class _UnionFind:
             self.fixed.setdefault(a, self.fixed[b])
         if self.width.get(a) != self.width.get(b):
             self.fixed.setdefault(a, f"channel counts {self.width.get(a)} and {self.width.get(b)} meet")
+        if b in self.normalised:
+            self.normalised.add(a)
         div = math.lcm(self.divisor.get(a, 1), self.divisor.get(b, 1))
         self.divisor[a] = div
         return a
@@ -178,6 +191,11 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
                 continue
             if handler.kind == "channelwise":
                 roles.setdefault(node.target, []).append(("channelwise", src))
+                if handler.channels_normalised:  # GroupNorm: widths stay multiples of its groups; statistics mix channels
+                    for g in src:
+                        root = uf.find(g)
+                        uf.divisor[root] = math.lcm(uf.divisor.get(root, 1), getattr(module, "num_groups", 1))
+                        uf.normalised.add(root)
                 layout[node] = src
                 continue
             groups = getattr(module, "groups", 1)
@@ -186,22 +204,21 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
                 fix_all([src], f"Linear '{node.target}' applied to a tensor of rank {len(shape or ())}")
                 layout[node] = fresh(node, f"output of Linear '{node.target}'")
                 continue
-            if groups > 1 and groups == c_in == c_out:  # depthwise: channel i in -> channel i out
+            if groups > 1 and c_in == c_out:  # depthwise / grouped: channel i in feeds group of channel i out
                 if len(src) != 1:
-                    fix_all([src], f"depthwise '{node.target}' reads a concatenation")
-                roles.setdefault(node.target, []).append(("depthwise", src))
+                    fix_all([src], f"grouped conv '{node.target}' reads a concatenation")
+                else:  # widening adds whole groups: the width stays a multiple of the group width
+                    root = uf.find(src[0])
+                    uf.divisor[root] = math.lcm(uf.divisor.get(root, 1), c_in // groups)
+                roles.setdefault(node.target, []).append(("grouped", src))
                 layout[node] = src
                 continue
             if groups > 1:
-                if len(src) != 1 or c_out % groups:
-                    fix_all([src], f"grouped conv '{node.target}'")
-                else:
-                    root = uf.find(src[0])
-                    uf.divisor[root] = math.lcm(uf.divisor.get(root, 1), groups)
+                fix_all([src], f"grouped conv '{node.target}' with {c_in} in and {c_out} out channels")
+                layout[node] = fresh(node, f"output of grouped conv '{node.target}' ({c_in} -> {c_out} channels)")
+                continue
             inputs[node.target] = src
             out = uf.new(c_out)
-            if groups > 1:
-                uf.divisor[out] = groups
             outputs[node.target] = out
             roles.setdefault(node.target, []).append(("conv", src))
             layout[node] = (out,)
@@ -262,7 +279,8 @@ def _collect(uf: _UnionFind, inputs: Dict[str, Layout], outputs: Dict[str, int],
              roles: Dict[str, List[Tuple[str, Layout]]]) -> ChannelGraph:
     roots = sorted({uf.find(g) for g in range(len(uf.parent))})
     index = {r: i for i, r in enumerate(roots)}
-    groups = [ChannelGroup(id=i, width=uf.width[r], divisor=uf.divisor.get(r, 1), fixed=uf.fixed.get(r)) for i, r in enumerate(roots)]
+    groups = [ChannelGroup(id=i, width=uf.width[r], divisor=uf.divisor.get(r, 1), fixed=uf.fixed.get(r), normalised=r in uf.normalised)
+              for i, r in enumerate(roots)]
     renum = lambda g: index[uf.find(g)]  # noqa: E731
     for name, gid in outputs.items():
         groups[renum(gid)].producers.append(name)

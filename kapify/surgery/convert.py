@@ -88,7 +88,7 @@ def convert(
     sigma: float = 0.1,
     pool: Optional[Literal["avg", "max"]] = "avg",
     stride: int = 1,
-    grid: str = "rect",
+    grid: str = "square",
     input_noise: bool = True,
     impl: Literal["auto", "weight", "activation"] = "auto",
     include: PatternArg = None,
@@ -139,7 +139,7 @@ def convert(
             f"If it has a custom conv layer, register it with kapify.register_conv_type(MyConv)"
         )
     params_before = sum(p.numel() for p in model.parameters())
-    if grid == "square":  # widen every free channel group to a perfect square; the function is preserved
+    if grid == "square" and pool is not None:  # widen every free channel group to a perfect square; the function is preserved
         new, graph = _rewiden(model, "square", True, example_input, leaf_modules, strict=False)
     else:
         new, graph = copy.deepcopy(model), None

@@ -87,12 +87,12 @@ def resize_layer(
     in_index = torch.arange(old_in) if in_index is None else in_index
     out_index = torch.arange(old_out) if out_index is None else out_index
     groups = getattr(module, "groups", 1)
-    depthwise = handler.kind == "conv" and groups > 1 and groups == old_in
+    grouped = handler.kind == "conv" and groups > 1 and old_in == old_out  # widening adds whole groups
     fresh = copy.deepcopy(module)
     setattr(fresh, handler.in_attr, new_in)
     setattr(fresh, handler.out_attr, new_out)
-    if depthwise:
-        fresh.groups = new_in
+    if grouped:
+        fresh.groups = new_in // (old_in // groups)
     shapes: Dict[str, tuple] = {}
     for name, tensor in list(fresh.named_parameters(recurse=False)) + list(fresh.named_buffers(recurse=False)):
         if tensor is None or tensor.dim() == 0:
@@ -115,8 +115,7 @@ def resize_layer(
         fresh.reset_running_stats()
     for name in shapes:
         old, new = getattr(module, name), getattr(fresh, name).detach()
-        if handler.kind in ("conv", "linear") and name == "weight" and not depthwise:
-            # grouped convs hold in/groups input channels per filter: old ones keep their place in the group
+        if handler.kind in ("conv", "linear") and name == "weight" and not grouped:
             columns = in_index if handler.kind == "linear" or groups == 1 else torch.arange(old.shape[1])
             if zero_new_inputs:  # outgoing weights of new input channels start at 0 (Net2Net)
                 keep = torch.zeros(new.shape[1], dtype=torch.bool)
@@ -132,7 +131,7 @@ def resize_layer(
             setattr(module, name, value)
     setattr(module, handler.in_attr, new_in)
     setattr(module, handler.out_attr, new_out)
-    if depthwise:
-        module.groups = new_in
+    if grouped:
+        module.groups = fresh.groups
     if hasattr(module, "normalized_shape"):
         module.normalized_shape = (new_out,)

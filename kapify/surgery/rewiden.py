@@ -43,8 +43,16 @@ def width_mult(m: float) -> WidthFn:
 
 
 #: named width rules (recorded in checkpoints, so kapify.load can replay them).
+def _square_rule(align: int = 16) -> WidthFn:
+    def rule(channels: int, divisor: int = 1) -> int:
+        return square_width(channels, align, divisor)
+
+    rule.takes_divisor = True  # type: ignore[attr-defined]
+    return rule
+
+
 WIDTH_RULES: Dict[str, Callable[..., WidthFn]] = {
-    "square": lambda align=16: (lambda c: square_width(c, align)),  # next usable perfect square
+    "square": _square_rule,  # next usable perfect square (a multiple of the group width for grouped convs)
     "mult": lambda m: width_mult(m),  # m x wider
 }
 
@@ -60,20 +68,15 @@ def resolve_width_rule(rule: Union[str, Dict, WidthFn]) -> WidthFn:
     return WIDTH_RULES[rule["name"]](**options)
 
 
-def _blocked(old: int, new: int, divisor: int) -> torch.Tensor:
-    """New positions of old channels when a width divisible by ``divisor`` grows: each of the
-    ``divisor`` blocks keeps its old channels first (grouped convs keep their groups)."""
-    per_old, per_new = old // divisor, new // divisor
-    return torch.cat([q * per_new + torch.arange(per_old) for q in range(divisor)])
-
-
-def _plan(graph: ChannelGraph, width_fn: WidthFn) -> Dict[int, int]:
+def _plan(graph: ChannelGraph, width_fn: WidthFn, function_preserving: bool) -> Dict[int, int]:
     widths: Dict[int, int] = {}
     for g in graph.groups:
+        if function_preserving and g.normalised and g.fixed is None:
+            g.fixed = "a GroupNorm/LayerNorm normalises across these channels: new ones would change the function"
         if g.fixed is not None or not g.producers:
             widths[g.id] = g.width
             continue
-        new = width_fn(g.width)
+        new = width_fn(g.width, divisor=g.divisor) if getattr(width_fn, "takes_divisor", False) else width_fn(g.width)
         if not isinstance(new, int) or isinstance(new, bool):
             raise ValueError(f"the width rule returned {new!r} for {g.width} channels; it must return an int")
         if new < g.width:
@@ -125,8 +128,8 @@ def _rewiden(model: nn.Module, width_fn: Union[str, Dict, WidthFn], function_pre
             + "; ".join(f"{', '.join(g.producers[:3])}: {g.fixed}" for g in stuck[:5])
             + ". Register a channel handler (kapify.register_channel_handler) or a leaf module for these layers, or pass strict=False"
         )
-    widths = _plan(graph, fn)
-    index = {g.id: _blocked(g.width, widths[g.id], g.divisor) if g.divisor > 1 else torch.arange(g.width) for g in graph.groups}
+    widths = _plan(graph, fn, function_preserving)
+    index = {g.id: torch.arange(g.width) for g in graph.groups}  # old channels first; grouped convs gain whole groups
 
     def layout_map(layout) -> tuple[int, torch.Tensor]:
         offset, parts = 0, []
@@ -150,4 +153,17 @@ def _rewiden(model: nn.Module, width_fn: Union[str, Dict, WidthFn], function_pre
             gid = graph.outputs[name]
             kwargs.update(new_out=widths[gid], out_index=index[gid])
         resize_layer(module, **kwargs)
+    _sync_head_width(model, new)
     return new, graph
+
+
+def _sync_head_width(old: nn.Module, new: nn.Module) -> None:
+    """timm models remember their feature width (``num_features``, ``head_hidden_size``) for
+    ``reset_classifier`` and ``forward_head``: keep it equal to what the classifier now reads."""
+    if not hasattr(new, "get_classifier") or not hasattr(new, "num_features"):
+        return
+    before, after = old.get_classifier(), new.get_classifier()
+    if isinstance(before, nn.Linear) and isinstance(after, nn.Linear) and before.in_features != after.in_features:
+        for attr in ("num_features", "head_hidden_size"):
+            if getattr(new, attr, None) == before.in_features:
+                setattr(new, attr, after.in_features)

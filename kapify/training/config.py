@@ -34,7 +34,7 @@ class TrainConfig:
     pool: str = _opt("avg", "channel pool: avg (KAP), max (KMP) or none (NT / NT(sigma))", choices=["avg", "max", "none"])
     kap_k: int = _opt(3, "KAP kernel size (odd)")
     kap_stride: int = _opt(1, "KAP stride")
-    grid: str = _opt("rect", "channel layout: rect or line")
+    grid: str = _opt("square", "channel layout: square (re-widen to perfect squares), rect (keep widths) or line")
     sigma: float = _opt(0.1, "std of the Gaussian noise on the input and after every pool, in training")
     input_noise: bool = _opt(True, "add the noise to the input too")
     kap_impl: str = _opt("auto", "where an average pool runs: auto, weight or activation", choices=["auto", "weight", "activation"])

@@ -1,0 +1,148 @@
+"""Re-widening: channel groups, function-preserving widening on the coverage list, square grids,
+the kernel-size multiplier, width rules, bad input."""
+import math
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import kapify
+from kapify.surgery.resize import resize_layer
+from tests.conftest import assert_unchanged, state_snapshot
+from tests.test_convert_zoo import CASES, build
+
+
+# where channel groups legitimately stay fixed (rectangular grids), and the reason the report gives
+PARTLY_FIXED = {
+    ("timm", "convnext_tiny"): "not channel-aware",  # blocks run channels-last: permute + Linear MLP
+    ("torchvision", "convnext_tiny"): "not channel-aware",
+    ("torchvision", "shufflenet_v2_x1_0"): "view",  # channel shuffle permutes channels across groups
+    ("torchvision", "vgg11_bn"): "flatten",  # the classifier reads 512 x 7 x 7 flattened features
+}
+
+
+def _param_count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("library,name", CASES, ids=[f"{lib}-{n}" for lib, n in CASES])
+def test_square_widening_preserves_the_function_and_gives_square_grids(library, name, tmp_path):
+    model = build(library, name).eval()
+    x = torch.rand(2, 3, 64, 64)
+    wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x[:1]).eval()
+    with torch.no_grad():
+        want, got = model(x), wide(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * max(1.0, want.abs().max().item()))
+    kap = kapify.convert(model, grid="square", example_input=x[:1])
+    config = kapify.get_config(kap)
+    square = [r for r in config.layers if math.isqrt(r.out_channels) ** 2 == r.out_channels]
+    assert len(square) + len(config.fixed_widths) == len(config.layers)
+    if (library, name) not in PARTLY_FIXED:
+        assert len(square) >= 0.9 * len(config.layers), config.fixed_widths
+    else:
+        assert any(PARTLY_FIXED[(library, name)] in why for why in config.fixed_widths.values())
+    for r in square:
+        rows, cols = map(int, r.grid.split("x"))
+        assert rows == cols
+    out = kap.train()(x)
+    out.sum().backward()
+    assert out.shape == want.shape and torch.isfinite(out).all()
+    report = kapify.summary(kap)
+    assert report.params_before == _param_count(model) and report.params_after == _param_count(kap)
+
+
+def test_timm_head_api_follows_the_new_width():
+    wide = kapify.convert(timm.create_model("resnet18", num_classes=10), example_input=torch.rand(1, 3, 32, 32))
+    assert wide.num_features == 576
+    wide.reset_classifier(5)
+    assert wide.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_residual_groups_of_resnet18():
+    groups = kapify.channel_groups(timm.create_model("resnet18"), torch.rand(1, 3, 64, 64))
+    stage1 = next(g for g in groups if "layer1.0.conv2" in g.producers)
+    assert set(stage1.producers) == {"conv1", "layer1.0.conv2", "layer1.1.conv2"}  # stem + residual adds
+    assert "layer2.0.downsample.0" in stage1.consumers and "bn1" in stage1.channelwise and stage1.fixed is None
+    head = next(g for g in groups if "fc" in g.producers)
+    assert head.fixed == "model output" and head.width == 1000
+
+
+def test_width_mult_and_checkpoint_round_trip(tmp_path):
+    model = kapify.create_model("resnet18", num_classes=10)
+    wide = kapify.models.adapt(model, "rewiden", rule={"name": "mult", "m": 2})
+    assert wide.layer1[0].conv1.out_channels == 128 and wide.fc.in_features == 1024 and wide.fc.out_features == 10
+    kap = kapify.convert(wide, grid="square", sigma=0.0, example_input=torch.rand(1, 3, 32, 32)).eval()
+    kapify.save(kap, tmp_path / "w.safetensors")
+    back = kapify.load(tmp_path / "w.safetensors").eval()
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(back(x), kap(x))
+    assert back.layer4[0].conv1.out_channels == 1024  # 2 x 512 = 1024 = 32^2 is already square
+
+
+def test_resize_layer_places_old_channels_and_zeroes_new_inputs():
+    conv = nn.Conv2d(4, 6, 3)
+    old = conv.weight.detach().clone()
+    out_index, in_index = torch.tensor([0, 2, 4, 6, 8, 10]), torch.tensor([1, 2, 3, 5])
+    resize_layer(conv, new_in=7, in_index=in_index, new_out=12, out_index=out_index, zero_new_inputs=True)
+    assert conv.weight.shape == (12, 7, 3, 3) and conv.in_channels == 7 and conv.out_channels == 12
+    torch.testing.assert_close(conv.weight[out_index][:, in_index], old)
+    assert (conv.weight[:, [0, 4, 6]] == 0).all()  # outgoing weights of new input channels
+    assert conv.weight[1].abs().sum() > 0  # a new filter: the layer's own init
+    bn = nn.BatchNorm2d(3)
+    bn.running_mean.fill_(5)
+    resize_layer(bn, new_out=5, out_index=torch.tensor([0, 1, 2]))
+    assert bn.running_mean.tolist() == [5, 5, 5, 0, 0] and bn.weight.tolist() == [1] * 5
+
+
+def test_square_width_rule():
+    assert [kapify.square_width(c) for c in (1, 9, 10, 63, 64, 65, 144, 145)] == [1, 9, 16, 64, 64, 144, 144, 256]
+    assert kapify.square_width(128, divisor=3) == 144  # 144 = 12^2 is a multiple of 16 and of 3
+    assert kapify.square_width(100, divisor=7) == 105  # no square multiple of 16 and 7 within 4x: next multiple of 7
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+def test_kernel_size_multiplier_keeps_downstream_shapes_and_centres_old_filters(stride):
+    model = kapify.models.SmallConvNet(depth=2, width=12, num_classes=5).eval()
+    x = torch.rand(2, 3, 16, 16)
+    kap = kapify.convert(model, k=1, stride=stride, sigma=0.0, grid="rect")  # K=1: each output is exactly its centre filter
+    assert kap.features[0][0].weight.shape[0] == 12 * stride * stride
+    assert kap.features[1][0].in_channels == 12  # downstream unchanged
+    torch.testing.assert_close(kap.eval()(x), model(x), rtol=1e-5, atol=1e-5)
+    kap3 = kapify.convert(model, k=3, stride=stride, sigma=0.1, impl="activation", grid="rect")
+    kap3w = kapify.convert(model, k=3, stride=stride, sigma=0.1, impl="weight", grid="rect")
+    kap3w.load_state_dict(kap3.state_dict())
+    torch.testing.assert_close(kap3.eval()(x), kap3w.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rule,match", [
+    (lambda c: c - 1, "shrinks"),
+    (lambda c: c * 1.5, "must return an int"),
+    ("hexagonal", "unknown width rule"),
+])
+def test_bad_width_rules_leave_the_model_untouched(rule, match):
+    model = timm.create_model("resnet18", num_classes=10)
+    snap = state_snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        kapify.rewiden(model, rule, example_input=torch.rand(1, 3, 32, 32))
+    assert_unchanged(model, snap)
+
+
+def test_unresolvable_coupling_names_the_nodes_in_strict_mode():
+    class Shuffle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            n, c, h, w = y.shape
+            y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)  # channel shuffle
+            return self.b(y).mean((2, 3))
+
+    model = Shuffle()
+    with pytest.raises(ValueError, match=r"a: .*not channel-aware"):
+        kapify.rewiden(model, "square", strict=True, example_input=torch.rand(1, 3, 4, 4))
+    wide = kapify.rewiden(model, "square", example_input=torch.rand(1, 3, 4, 4))  # non-strict: the group keeps 8
+    assert wide.a.out_channels == 8
