@@ -15,6 +15,7 @@ import argparse
 import collections
 import fnmatch
 import json
+import math
 import os
 import random
 import signal
@@ -34,7 +35,7 @@ def _alarm(_signum, _frame):
     raise _Timeout()
 
 
-def check_model(build, timeout: int) -> dict:
+def check_model(build, timeout: int, grid: str = "square") -> dict:
     import kapify
     from kapify.surgery.conv_types import is_conv
     from kapify.surgery.kap_conv import is_kap_conv
@@ -47,7 +48,7 @@ def check_model(build, timeout: int) -> dict:
         x = example_input(model)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            kap = kapify.convert(model, k=3, sigma=0.1, example_input=x).eval()
+            kap = kapify.convert(model, k=3, sigma=0.1, grid=grid, example_input=x).eval()
         unpooled, handles = set(), []
         for name, module in kap.named_modules():  # every conv the forward calls must be pooled
             if is_conv(module) and not is_kap_conv(module):
@@ -67,9 +68,18 @@ def check_model(build, timeout: int) -> dict:
         if not shapes_ok:
             return {"status": "failed", "reason": "output shape changed"}
         cfg = kapify.get_config(kap)
+        extra = {}
+        if grid == "square":  # re-widening must preserve the function, and most grids should be square
+            wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
+            with torch.no_grad():
+                want, got = model(x), wide(x)
+            scale = max(1.0, want.abs().max().item())
+            extra["preserved"] = bool(torch.allclose(got, want, rtol=1e-3, atol=1e-3 * scale))
+            extra["square_layers"] = sum(1 for r in cfg.layers if math.isqrt(r.out_channels) ** 2 == r.out_channels)
+            extra["fixed"] = sorted({why.split(" '")[0][:60] for why in cfg.fixed_widths.values()})[:3]
         notes = sorted({str(w.message).split(":")[1].strip()[:60] for w in caught if "not trusted" in str(w.message)})
         return {"status": "converted", "convs": len(cfg.layers), "functional": len(cfg.skipped),
-                "routes": sorted({r.route for r in cfg.layers}), "notes": notes, "seconds": round(time.time() - start, 2)}
+                "routes": sorted({r.route for r in cfg.layers}), "notes": notes, "seconds": round(time.time() - start, 2), **extra}
     except _Timeout:
         return {"status": "failed", "reason": f"timeout > {timeout}s"}
     except Exception as err:  # the report groups these
@@ -109,9 +119,9 @@ def torchvision_candidates():
         yield f"torchvision/{name}", (lambda n=name: torchvision.models.get_model(n, weights=None))
 
 
-def write_report(rows: dict, path: str) -> None:
+def write_report(rows: dict, path: str, grid: str = "square") -> None:
     lines = ["# `kapify.convert` coverage", "",
-             "Produced by `python scripts/convert_coverage.py` (k=3, sigma=0.1, grid=rect, pool=avg; eval-mode "
+             f"Produced by `python scripts/convert_coverage.py --grid {grid}` (k=3, sigma=0.1, pool=avg; eval-mode "
              "forward at each model's default input size; a model counts as converted when every conv its eager "
              "forward calls is pooled and the output shape is unchanged).", ""]
     for zoo, keep in (("timm", lambda n: not n.startswith("torchvision/")), ("torchvision", lambda n: n.startswith("torchvision/"))):
@@ -125,7 +135,18 @@ def write_report(rows: dict, path: str) -> None:
                   f"- models with a convolution tried: {tried}; converted: {counts['converted']} ({rate:.1f}%); "
                   f"failed: {counts['failed']}",
                   f"- skipped as too big for this CPU machine: {counts['skipped']}; without any convolution: {counts['no-conv']}",
-                  f"- graph not trusted (module-walk fallback used): {sum(1 for r in sub.values() if r.get('notes'))}", ""]
+                  f"- graph not trusted (module-walk fallback used): {sum(1 for r in sub.values() if r.get('notes'))}"]
+        done = [r for r in sub.values() if r["status"] == "converted" and "preserved" in r]
+        if done:
+            layers = sum(r["convs"] for r in done)
+            square = sum(r["square_layers"] for r in done)
+            why = collections.Counter(w for r in done for w in r.get("fixed", []))
+            lines += [f"- grid=square: re-widening preserved the function (float32 rounding) in "
+                      f"{sum(r['preserved'] for r in done)}/{len(done)} models; {square}/{layers} pooled convs "
+                      f"({100 * square / max(layers, 1):.1f}%) got a square grid; models with every grid square: "
+                      f"{sum(r['square_layers'] == r['convs'] for r in done)}/{len(done)}",
+                      "- why widths stayed non-square (models): " + "; ".join(f"{w} ({c})" for w, c in why.most_common(8))]
+        lines.append("")
         reasons = collections.defaultdict(list)
         for n, r in sub.items():
             if r["status"] == "failed":
@@ -148,6 +169,7 @@ def main() -> int:
     parser.add_argument("--max-params", type=float, default=150e6)
     parser.add_argument("--timeout", type=int, default=180, help="seconds per model")
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th model from the i-th (parallel workers)")
+    parser.add_argument("--grid", default="square", choices=["square", "rect", "line"], help="convert's grid option")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the Markdown report from the JSONL")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -171,12 +193,12 @@ def main() -> int:
         for i, (name, build) in enumerate(candidates):
             if name in rows or i % shards != shard:
                 continue
-            result = build if isinstance(build, dict) else check_model(build, args.timeout)
+            result = build if isinstance(build, dict) else check_model(build, args.timeout, args.grid)
             rows[name] = {"model": name, **result}
             f.write(json.dumps(rows[name]) + "\n")
             f.flush()
             print(f"[{i + 1}/{len(candidates)}] {name}: {result['status']} {result.get('reason', '')}", flush=True)
-    write_report(rows, args.out + ".md")
+    write_report(rows, args.out + ".md", args.grid)
     print(f"wrote {args.out}.md")
     return 0
 
