@@ -75,7 +75,7 @@ def test_cli_convert(tmp_path, capsys):
     ckpt = tmp_path / "m.safetensors"
     assert main(["convert", "resnet18", "--num-classes", "10", "--json", str(out), "--save", str(ckpt)]) == 0
     text = capsys.readouterr().out
-    assert "layer4.1.conv2" in text and "16x32" in text and "output (2, 10)" in text
+    assert "layer4.1.conv2" in text and "24x24" in text and "output (2, 10)" in text  # square default: 512 -> 576
     assert json.loads(out.read_text())["layers"][0]["name"] == "conv1"
     assert kapify.load(ckpt).num_classes == 10
     assert main(["convert", "resnet18", "--k", "4"]) == 2
