@@ -9,6 +9,7 @@ from torch import nn
 
 import kapify
 from kapify.surgery.resize import resize_layer
+from kapify.surgery.rewiden import RewidenError
 from tests.conftest import assert_unchanged, state_snapshot
 from tests.test_convert_zoo import CASES, build
 
@@ -146,3 +147,23 @@ def test_unresolvable_coupling_names_the_nodes_in_strict_mode():
         kapify.rewiden(model, "square", strict=True, example_input=torch.rand(1, 3, 4, 4))
     wide = kapify.rewiden(model, "square", example_input=torch.rand(1, 3, 4, 4))  # non-strict: the group keeps 8
     assert wide.a.out_channels == 8
+
+
+def test_a_hard_coded_width_falls_back_to_rect_with_a_warning():
+    class HardCoded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+            self.b, self.d = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y, v = self.a(x), self.c(x)
+            v = v.reshape(v.shape[0], y.shape[1], v.shape[2], v.shape[3])  # y's width, read at run time, reshapes v
+            return (self.b(y) + self.d(v)).mean((2, 3))
+
+    model = HardCoded()
+    with pytest.raises(RewidenError, match="hard-codes a channel count"):
+        kapify.rewiden(model, {"name": "mult", "m": 2}, example_input=torch.rand(1, 3, 4, 4))
+    with pytest.warns(UserWarning, match="falls back to rectangular grids"):
+        kap = kapify.convert(model, example_input=torch.rand(1, 3, 4, 4))
+    assert kap.a.out_channels == 8 and "re-widening failed" in kapify.get_config(kap).fixed_widths["a"]

@@ -217,6 +217,9 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
                 fix_all([src], f"grouped conv '{node.target}' with {c_in} in and {c_out} out channels")
                 layout[node] = fresh(node, f"output of grouped conv '{node.target}' ({c_in} -> {c_out} channels)")
                 continue
+            if handler.channels_normalised:  # weight standardisation over the input channels
+                for g in src:
+                    uf.normalised.add(uf.find(g))
             inputs[node.target] = src
             out = uf.new(c_out)
             outputs[node.target] = out

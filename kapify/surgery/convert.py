@@ -19,7 +19,7 @@ from .conv_sites import find_conv_sites
 from .conv_types import conv_types
 from .kap_conv import attach_kap, original_class, weight_poolable
 from .resize import resize_layer
-from .rewiden import _rewiden
+from .rewiden import RewidenError, _rewiden
 
 __all__ = ["convert", "GRID_RULES", "POOLS", "IMPLS", "INPUT_NOISE_ATTR"]
 
@@ -139,8 +139,14 @@ def convert(
             f"If it has a custom conv layer, register it with kapify.register_conv_type(MyConv)"
         )
     params_before = sum(p.numel() for p in model.parameters())
+    unwidened = None
     if grid == "square" and pool is not None:  # widen every free channel group to a perfect square; the function is preserved
-        new, graph = _rewiden(model, "square", True, example_input, leaf_modules, strict=False)
+        try:
+            new, graph = _rewiden(model, "square", True, example_input, leaf_modules, strict=False)
+        except RewidenError as err:
+            warnings.warn(f"grid='square' falls back to rectangular grids with the original widths: {err}", stacklevel=2)
+            new, graph = copy.deepcopy(model), None
+            unwidened = str(err)
     else:
         new, graph = copy.deepcopy(model), None
     sites = find_conv_sites(new, tuple(leaf_modules), None if example_input is None else [example_input])
@@ -159,7 +165,9 @@ def convert(
     records, fixed_widths = [], {}
     for name, route in chosen.items():
         conv = new.get_submodule(name)
-        if graph is not None and math.isqrt(conv.out_channels) ** 2 != conv.out_channels:
+        if unwidened is not None and math.isqrt(conv.out_channels) ** 2 != conv.out_channels:
+            fixed_widths[name] = "re-widening failed for this model: " + unwidened[:120]
+        elif graph is not None and math.isqrt(conv.out_channels) ** 2 != conv.out_channels:
             group = graph.group_of(name)
             fixed_widths[name] = (group.fixed if group is not None and group.fixed else
                                   f"no square within 4x is divisible by the {group.divisor} groups" if group is not None else

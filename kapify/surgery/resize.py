@@ -23,8 +23,8 @@ class ChannelHandler:
 
     ``kind``: "conv"/"linear" (in and out channels are independent, except depthwise convs),
     "channelwise" (one channel count, e.g. BatchNorm: output channels = input channels).
-    ``channels_normalised``: the layer mixes statistics across channels (GroupNorm, LayerNorm),
-    so adding channels changes its outputs for the old ones.
+    ``channels_normalised``: the layer mixes statistics across its input channels (GroupNorm,
+    weight-standardised convs), so adding channels changes its outputs for the old ones.
     """
 
     kind: str
@@ -45,6 +45,13 @@ register_channel_handler(nn.modules.conv._ConvNd, ChannelHandler("conv", "in_cha
 register_channel_handler(nn.Linear, ChannelHandler("linear", "in_features", "out_features"))  # classifiers, MLP heads
 register_channel_handler(nn.modules.batchnorm._NormBase, ChannelHandler("channelwise", "num_features", "num_features"))  # BatchNorm*, InstanceNorm*
 register_channel_handler(nn.GroupNorm, ChannelHandler("channelwise", "num_channels", "num_channels", channels_normalised=True))  # stats over channel groups
+try:  # timm's weight-standardised convs normalise each filter over its input channels
+    from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+
+    for _std_conv in (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame):
+        register_channel_handler(_std_conv, ChannelHandler("conv", "in_channels", "out_channels", channels_normalised=True))
+except ImportError:  # pragma: no cover - timm is a dependency
+    pass
 
 
 def channel_handler(module: nn.Module) -> Optional[ChannelHandler]:

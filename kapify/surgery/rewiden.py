@@ -10,8 +10,9 @@ from torch import nn
 
 from .channel_groups import ChannelGraph, analyze_channels
 from .resize import resize_layer
+from .tracing import eval_mode, example_input as default_input
 
-__all__ = ["rewiden", "square_width", "width_mult", "WIDTH_RULES", "resolve_width_rule"]
+__all__ = ["RewidenError", "rewiden", "square_width", "width_mult", "WIDTH_RULES", "resolve_width_rule"]
 
 WidthFn = Callable[[int], int]
 
@@ -154,7 +155,25 @@ def _rewiden(model: nn.Module, width_fn: Union[str, Dict, WidthFn], function_pre
             kwargs.update(new_out=widths[gid], out_index=index[gid])
         resize_layer(module, **kwargs)
     _sync_head_width(model, new)
+    _check_forward(new, example_input)
     return new, graph
+
+
+class RewidenError(ValueError):
+    """The widened model no longer runs: it hard-codes a channel count the graph does not show."""
+
+
+def _check_forward(model: nn.Module, example_input: Optional[torch.Tensor]) -> None:
+    x = example_input if example_input is not None else default_input(model)
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(x)
+    except Exception as err:
+        raise RewidenError(
+            f"re-widening broke the model's forward ({type(err).__name__}: {str(err).splitlines()[0][:200]}): a layer "
+            f"hard-codes a channel count the traced graph does not show (e.g. a view to a stored width). Use "
+            f"grid='rect' / no re-widening for this model, or register a channel handler or leaf module for that layer"
+        ) from err
 
 
 def _sync_head_width(old: nn.Module, new: nn.Module) -> None:
