@@ -46,7 +46,9 @@ class GaussianNoise(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sigma == 0 or not (self.training or self.test_time):
             return x
-        return x + torch.randn_like(x) * self.sigma
+        # one RNG pass writing N(0, sigma^2) straight into a new buffer, then one add: ~10% cheaper on a CPU
+        # than x + randn_like(x) * sigma (drawing the numbers dominates; see docs/overhead.md)
+        return torch.empty_like(x).normal_(0.0, self.sigma).add_(x)
 
     def extra_repr(self) -> str:
         return f"sigma={self.sigma}, site={self.site}" + (", test_time=True" if self.test_time else "")
