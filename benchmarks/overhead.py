@@ -3,7 +3,8 @@ measured side by side in one run and printed as ratios to the plain model.
 
 Variants: plain; NT(sigma) (noise only, no pool: the cost of drawing noise); KAP on activations;
 KAP on weights (Eq. 3); KAP on weights + noise (the paper's training setting); KAP folded into
-plain conv weights (inference only). Variants are interleaved repeat by repeat so that drift in
+plain conv weights (inference only); the same with square grids (ResNet18 re-widened 128 -> 144,
+512 -> 576: what grid="square" costs at inference). Variants are interleaved repeat by repeat so that drift in
 machine speed hits all alike; the median of the repeats is reported, warm-up excluded; CUDA events
 time GPU runs.
 
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 import kapify
+from kapify.models import small_image_stem
 
 SIGMA = 0.1
 VARIANTS: Dict[str, dict] = {
@@ -33,23 +35,17 @@ VARIANTS: Dict[str, dict] = {
     "KAP weight": dict(impl="weight", sigma=0.0),
     "KAP weight + noise": dict(impl="weight", sigma=SIGMA),
     "KAP folded": dict(impl="weight", sigma=0.0, fold=True),
+    "KAP square, folded": dict(impl="weight", sigma=0.0, fold=True, grid="square"),
 }
-
-
-def small_image_resnet(model: nn.Module) -> nn.Module:
-    """The CIFAR ResNet18 of the paper: 3x3 stride-1 stem, no stem max-pool."""
-    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
-    model.maxpool = nn.Identity()
-    return model
 
 
 def build(variant: dict, small: bool, num_classes: int) -> nn.Module:
     model = timm.create_model("resnet18", pretrained=False, num_classes=num_classes)
     if small:
-        model = small_image_resnet(model)
+        model = small_image_stem(model)  # the CIFAR ResNet18 of the paper: 3x3 stride-1 stem, no max-pool
     if not variant:
         return model
-    options = {k: v for k, v in variant.items() if k != "fold"}
+    options = {"grid": "rect", **{k: v for k, v in variant.items() if k != "fold"}}  # rect: the plain model's widths
     kap = kapify.convert(model, k=3, example_input=torch.randn(1, 3, 32 if small else 224, 32 if small else 224), **options)
     return kapify.fold(kap) if variant.get("fold") else kap
 

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -81,7 +82,7 @@ def check_model(build, timeout: int, grid: str = "square") -> dict:
             except RewidenError:  # convert fell back to rect widths (warned); nothing was widened
                 extra["preserved"] = True
             extra["square_layers"] = sum(1 for r in cfg.layers if math.isqrt(r.out_channels) ** 2 == r.out_channels)
-            extra["fixed"] = sorted({why.split(" '")[0][:60] for why in cfg.fixed_widths.values()})[:3]
+            extra["fixed"] = sorted({_reason_kind(why) for why in cfg.fixed_widths.values()})[:3]
         notes = sorted({str(w.message).split(":")[1].strip()[:60] for w in caught if "not trusted" in str(w.message)})
         return {"status": "converted", "convs": len(cfg.layers), "functional": len(cfg.skipped),
                 "routes": sorted({r.route for r in cfg.layers}), "notes": notes, "seconds": round(time.time() - start, 2), **extra}
@@ -91,6 +92,13 @@ def check_model(build, timeout: int, grid: str = "square") -> dict:
         return {"status": "failed", "reason": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
     finally:
         signal.alarm(0)
+
+
+def _reason_kind(why: str) -> str:
+    """A fixed-width reason without node and module names, so that the report can count models per kind."""
+    why = re.sub(r"'[^']*'", "'.'", why.split(": re-widening broke")[0])
+    why = re.sub(r"\b([a-z]+(?:_[a-z]+)*)_\d+\b", r"\1", why)  # view_23 -> view
+    return re.sub(r"\b\d+\b", "N", why)[:80]
 
 
 def timm_candidates(patterns, max_params):
@@ -124,11 +132,14 @@ def torchvision_candidates():
         yield f"torchvision/{name}", (lambda n=name: torchvision.models.get_model(n, weights=None))
 
 
-def write_report(rows: dict, path: str, grid: str = "square") -> None:
+def write_report(rows: dict, path: str, grid: str = "square", limit=None) -> None:
+    sample = f" --limit {limit}" if limit else ""
     lines = ["# `kapify.convert` coverage", "",
-             f"Produced by `python scripts/convert_coverage.py --grid {grid}` (k=3, sigma=0.1, pool=avg; eval-mode "
+             f"Produced by `python scripts/convert_coverage.py --grid {grid}{sample}` (k=3, sigma=0.1, pool=avg; eval-mode "
              "forward at each model's default input size; a model counts as converted when every conv its eager "
-             "forward calls is pooled and the output shape is unchanged).", ""]
+             "forward calls is pooled and the output shape is unchanged). With grid=square, 'function preserved' "
+             "is `kapify.rewiden(model, 'square', function_preserving=True)` matching the original model's "
+             "outputs; `convert` itself also widens channel-normalised groups (LayerNorm/GroupNorm).", ""]
     for zoo, keep in (("timm", lambda n: not n.startswith("torchvision/")), ("torchvision", lambda n: n.startswith("torchvision/"))):
         sub = {n: r for n, r in rows.items() if keep(n)}
         if not sub:
@@ -149,7 +160,8 @@ def write_report(rows: dict, path: str, grid: str = "square") -> None:
             lines += [f"- grid=square: re-widening preserved the function (float32 rounding) in "
                       f"{sum(r['preserved'] for r in done)}/{len(done)} models; {square}/{layers} pooled convs "
                       f"({100 * square / max(layers, 1):.1f}%) got a square grid; models with every grid square: "
-                      f"{sum(r['square_layers'] == r['convs'] for r in done)}/{len(done)}",
+                      f"{sum(r['square_layers'] == r['convs'] for r in done)}/{len(done)}, with at least 90% square: "
+                      f"{sum(r['square_layers'] >= 0.9 * r['convs'] for r in done)}/{len(done)}",
                       "- why widths stayed non-square (models): " + "; ".join(f"{w} ({c})" for w, c in why.most_common(8))]
         lines.append("")
         reasons = collections.defaultdict(list)
@@ -175,6 +187,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=180, help="seconds per model")
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th model from the i-th (parallel workers)")
     parser.add_argument("--grid", default="square", choices=["square", "rect", "line"], help="convert's grid option")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N timm names of the seeded order (a sample)")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the Markdown report from the JSONL")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -193,6 +206,7 @@ def main() -> int:
     if not args.no_timm:
         timm_list = list(timm_candidates(args.timm, args.max_params))
         random.Random(0).shuffle(timm_list)  # a run cut short is still a sample across all families
+        timm_list = timm_list[:args.limit]
         candidates += timm_list
     with open(jsonl, "a") as f:
         for i, (name, build) in enumerate(candidates):
@@ -203,7 +217,7 @@ def main() -> int:
             f.write(json.dumps(rows[name]) + "\n")
             f.flush()
             print(f"[{i + 1}/{len(candidates)}] {name}: {result['status']} {result.get('reason', '')}", flush=True)
-    write_report(rows, args.out + ".md", args.grid)
+    write_report(rows, args.out + ".md", args.grid, args.limit)
     print(f"wrote {args.out}.md")
     return 0
 

@@ -16,8 +16,6 @@ from tests.test_convert_zoo import CASES, build
 
 # where channel groups legitimately stay fixed (rectangular grids), and the reason the report gives
 PARTLY_FIXED = {
-    ("timm", "convnext_tiny"): "not channel-aware",  # blocks run channels-last: permute + Linear MLP
-    ("torchvision", "convnext_tiny"): "not channel-aware",
     ("torchvision", "shufflenet_v2_x1_0"): "view",  # channel shuffle permutes channels across groups
     ("torchvision", "vgg11_bn"): "flatten",  # the classifier reads 512 x 7 x 7 flattened features
 }
@@ -143,7 +141,7 @@ def test_unresolvable_coupling_names_the_nodes_in_strict_mode():
             return self.b(y).mean((2, 3))
 
     model = Shuffle()
-    with pytest.raises(ValueError, match=r"a: .*not channel-aware"):
+    with pytest.raises(ValueError, match=r"a: .*view.* changes the channel axis"):
         kapify.rewiden(model, "square", strict=True, example_input=torch.rand(1, 3, 4, 4))
     wide = kapify.rewiden(model, "square", example_input=torch.rand(1, 3, 4, 4))  # non-strict: the group keeps 8
     assert wide.a.out_channels == 8
@@ -153,13 +151,13 @@ def test_a_hard_coded_width_falls_back_to_rect_with_a_warning():
     class HardCoded(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+            self.a, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 4, 1)
             self.b, self.d = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
 
         def forward(self, x):
             y, v = self.a(x), self.c(x)
-            v = v.reshape(v.shape[0], y.shape[1], v.shape[2], v.shape[3])  # y's width, read at run time, reshapes v
-            return (self.b(y) + self.d(v)).mean((2, 3))
+            v = v.reshape(v.shape[0], y.shape[1], v.shape[2], -1)  # 4 x 4x4 -> y's width (read at run time) x 4x2
+            return self.b(y).mean((2, 3)) + self.d(v).mean((2, 3))
 
     model = HardCoded()
     with pytest.raises(RewidenError, match="hard-codes a channel count"):
@@ -167,3 +165,82 @@ def test_a_hard_coded_width_falls_back_to_rect_with_a_warning():
     with pytest.warns(UserWarning, match="falls back to rectangular grids"):
         kap = kapify.convert(model, example_input=torch.rand(1, 3, 4, 4))
     assert kap.a.out_channels == 8 and "re-widening failed" in kapify.get_config(kap).fixed_widths["a"]
+
+
+class ChannelsLastBlock(nn.Module):
+    """A ConvNeXt-style block: depthwise conv, permute to channels-last, LayerNorm + Linear MLP, back,
+    LayerScale, residual; then a channel-mixing mean (CBAM-style) and a stored-shape view."""
+
+    def __init__(self, stored_view: bool = False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.norm = nn.LayerNorm(8)
+        self.fc1, self.fc2 = nn.Linear(8, 12), nn.Linear(12, 8)
+        self.gamma = nn.Parameter(torch.rand(8))
+        self.head = nn.Linear(8, 3)
+        self.stored_view = stored_view
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.fc2(torch.relu(self.fc1(self.norm(y)))).transpose(1, 3).transpose(2, 3)  # back to NCHW
+        gamma = self.gamma.view(8, 1, 1) if self.stored_view else self.gamma.reshape(1, -1, 1, 1)
+        x = x + y * gamma
+        return self.head(x.mean((2, 3)))
+
+
+def test_channel_axis_is_followed_through_permutes_layernorm_linear_and_layerscale():
+    model = ChannelsLastBlock().eval()
+    groups = kapify.channel_groups(model, torch.rand(1, 3, 5, 6))
+    stream = next(g for g in groups if "stem" in g.producers)
+    assert set(stream.producers) == {"stem", "fc2"} and stream.fixed is None and stream.normalised
+    assert {"dw", "norm", "gamma"} <= set(stream.channelwise) and set(stream.consumers) == {"fc1", "head"}
+    hidden = next(g for g in groups if "fc1" in g.producers)
+    assert hidden.width == 12 and hidden.fixed is None and not hidden.normalised
+    x = torch.rand(2, 3, 5, 6)
+    kept = kapify.rewiden(model, "square", function_preserving=True, example_input=x[:1]).eval()
+    assert kept.stem.out_channels == 8 and kept.fc1.out_features == 16  # LayerNorm'd stream kept, hidden widened
+    torch.testing.assert_close(kept(x), model(x))
+    wide = kapify.rewiden(model, "square", example_input=x[:1]).eval()  # every group: the stream too
+    assert wide.stem.out_channels == wide.dw.groups == wide.norm.normalized_shape[0] == wide.head.in_features == 9
+    assert wide.gamma.shape == (9,) and torch.equal(wide.gamma[:8], model.gamma)
+    torch.testing.assert_close(wide.gamma[8:], model.gamma.mean().expand(1))  # new LayerScale entries: the mean
+    assert wide(x).shape == (2, 3)
+
+
+def test_a_stored_shape_view_fixes_the_group_instead_of_breaking_the_model():
+    model = ChannelsLastBlock(stored_view=True)
+    groups = kapify.channel_groups(model, torch.rand(1, 3, 5, 6))
+    stream = next(g for g in groups if "stem" in g.producers)
+    assert stream.fixed is not None and "hard-codes 8 channels" in stream.fixed
+    wide = kapify.rewiden(model, "square", example_input=torch.rand(1, 3, 5, 6))
+    assert wide.stem.out_channels == 8 and wide.fc1.out_features == 16 and wide(torch.rand(1, 3, 5, 6)).shape == (1, 3)
+
+
+def test_linear_over_another_dim_and_channel_statistics():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.proj = nn.Conv2d(3, 6, 1), nn.Linear(4, 4)
+            self.gate = nn.Conv2d(1, 1, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            y = y * torch.sigmoid(self.gate(y.mean(1, keepdim=True)))  # spatial attention: statistics over channels
+            return self.proj(y.flatten(2)).sum()  # (N, 6, 4): a Linear over the 4 positions
+
+    groups = kapify.channel_groups(Tokens(), torch.rand(1, 3, 2, 2))
+    conv = next(g for g in groups if "conv" in g.producers)
+    assert conv.normalised and "'proj' reads dim 2, the channels are on dim 1" in conv.fixed
+
+
+def test_convert_squares_convnext_across_layernorm_and_says_so():
+    model = timm.create_model("convnext_atto", num_classes=10)
+    kap = kapify.convert(model, example_input=torch.rand(1, 3, 64, 64))
+    config = kapify.get_config(kap)
+    assert all(math.isqrt(r.out_channels) ** 2 == r.out_channels for r in config.layers) and not config.fixed_widths
+    assert "stem.0" in config.widened_across_norm and "across a LayerNorm/GroupNorm" in str(kapify.summary(kap))
+    block = kap.stages[0].blocks[0]
+    assert block.gamma.shape[0] == block.conv_dw.out_channels == block.norm.normalized_shape[0] == 49
+    assert kap.eval()(torch.rand(2, 3, 64, 64)).shape == (2, 10)

@@ -51,6 +51,7 @@ class ModelSummary:
             "skipped_functional_convs": list(self.config.skipped),
             "elongated_grids": self.elongated,
             "fixed_widths": dict(self.config.fixed_widths),
+            "widened_across_norm": list(self.config.widened_across_norm),
             "params_before": self.params_before,
             "params_after": self.params_after,
         }
@@ -82,6 +83,12 @@ class ModelSummary:
             lines.append(
                 f"note: {len(c.fixed_widths)} layer(s) kept a non-square width (rectangular grid): "
                 + "; ".join(f"{n} ({why})" for n, why in list(c.fixed_widths.items())[:5])
+            )
+        if c.widened_across_norm:
+            lines.append(
+                f"note: {len(c.widened_across_norm)} layer(s) were re-widened across a LayerNorm/GroupNorm (e.g. "
+                f"{', '.join(c.widened_across_norm[:3])}): the new channels enter its statistics, so a pretrained "
+                f"model's outputs shift slightly; grid='rect' keeps them exactly"
             )
         if c.skipped:
             lines.append(f"not converted (functional convs): {', '.join(c.skipped)}")

@@ -5,9 +5,12 @@ tensor's channel axis (dim 1) belongs to a *channel group*: a conv/linear output
 channel-wise layers (BatchNorm), activations, pools and depthwise/grouped convs with equal in and
 out channels pass it on (widening adds whole groups, so the width stays a multiple of the group width); a residual add
 or a multiply (squeeze-excitation) merges the groups of its operands; a concat along dim 1 gives a
-tensor made of several groups' segments. A group touching anything else (reshape, permute, matmul,
-a parameter used directly, a layer without a channel handler, the model's input or output) is
-*fixed*: its width cannot change, and the reason names the node.
+tensor made of several groups' segments. The channel axis is followed through permutes, transposes
+and reshapes (ConvNeXt's channels-last blocks: LayerNorm and Linear on the last dim), and a
+parameter with one channel-sized dim (LayerScale's gamma) joins the group it is multiplied with.
+A group touching anything else (a reshape that splits channels, matmul, a parameter used directly,
+a layer without a channel handler, the model's input or output) is *fixed*: its width cannot
+change, and the reason names the node.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ Layout = Tuple[int, ...]  # the channel axis of a tensor: segments, each one gro
 
 _ELEMENTWISE = {
     operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.isub, operator.truediv,
-    torch.add, torch.mul, torch.sub, torch.div, torch.relu, torch.sigmoid, torch.tanh, torch.clamp,
+    torch.add, torch.mul, torch.sub, torch.div, torch.addcmul, torch.relu, torch.sigmoid, torch.tanh, torch.clamp,
     F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.leaky_relu, F.elu, F.mish,
     F.dropout, F.dropout2d, F.hardtanh,
 }
@@ -41,7 +44,7 @@ try:  # torchvision's per-sample drop path (EfficientNet, ConvNeXt, ...) scales 
 except ImportError:  # pragma: no cover - torchvision is a dependency
     pass
 _ELEMENTWISE_METHODS = {"add", "add_", "mul", "mul_", "sub", "div", "relu", "relu_", "sigmoid", "sigmoid_", "tanh",
-                        "clamp", "clamp_", "contiguous", "float", "to", "type_as", "hardswish", "exp", "neg"}
+                        "clamp", "clamp_", "contiguous", "float", "to", "type_as", "hardswish", "exp", "neg", "addcmul"}
 _SPATIAL = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, F.interpolate,
             F.adaptive_avg_pool1d, F.avg_pool1d, F.max_pool1d}
 
@@ -54,7 +57,7 @@ class ChannelGroup:
     width: int
     producers: List[str] = field(default_factory=list)   # conv/linear modules whose outputs are these channels
     consumers: List[str] = field(default_factory=list)   # conv/linear modules reading them as inputs
-    channelwise: List[str] = field(default_factory=list)  # BatchNorm, depthwise convs, ...
+    channelwise: List[str] = field(default_factory=list)  # BatchNorm, LayerNorm, depthwise convs, LayerScale parameters
     divisor: int = 1                                        # grouped convs: the width must stay divisible by this
     fixed: Optional[str] = None                             # why the width cannot change (None: free)
     normalised: bool = False                                # a member normalises across channels (GroupNorm)
@@ -68,6 +71,7 @@ class ChannelGraph:
     inputs: Dict[str, Layout]   # conv/linear -> layout of its input channels (segments: concat)
     outputs: Dict[str, int]     # conv/linear -> group of its output channels
     channelwise: Dict[str, Layout]  # BatchNorm, depthwise conv, ... -> layout of its channels
+    parameters: Dict[str, Tuple[int, Layout]] = field(default_factory=dict)  # parameter used directly (LayerScale) -> (dim, layout)
 
     def group_of(self, module_name: str) -> Optional[ChannelGroup]:
         """The group a conv's output channels belong to (a depthwise conv's: its input's)."""
@@ -132,56 +136,70 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
     with eval_mode(gm), torch.no_grad():
         ShapeProp(gm).propagate(x)
     uf = _UnionFind()
-    layout: Dict[fx.Node, Optional[Layout]] = {}
+    layout: Dict[fx.Node, Optional[_Located]] = {}
     inputs: Dict[str, Layout] = {}
     outputs: Dict[str, int] = {}
     roles: Dict[str, List[Tuple[str, Layout]]] = {}
+    parameters: Dict[str, Tuple[int, int]] = {}  # parameter path -> (its channel dim, its group)
 
-    def lay(arg: Any) -> Optional[Layout]:
+    def lay(arg: Any) -> Optional[_Located]:
         return layout.get(arg) if isinstance(arg, fx.Node) else None
 
-    def fix_all(layouts: Iterable[Optional[Layout]], why: str) -> None:
-        for lo in layouts:
-            for g in lo or ():
+    def fix_all(located: Iterable[Optional[_Located]], why: str) -> None:
+        for lo in located:
+            for g in lo[1] if lo else ():
                 uf.fix(g, why)
 
-    def fresh(node: fx.Node, why: str) -> Optional[Layout]:
+    def fresh(node: fx.Node, why: str) -> Optional[_Located]:
         shape = _shape(node)
-        return (uf.new(int(shape[1]), why),) if shape is not None and len(shape) >= 2 else None
+        return (1, (uf.new(int(shape[1]), why),)) if shape is not None and len(shape) >= 2 else None
 
-    def merge(layouts: List[Layout], node: fx.Node) -> Optional[Layout]:
-        wide = [lo for lo in layouts if lo is not None]
-        if not wide:
+    def merge(operands: List[Tuple[fx.Node, _Located]], node: fx.Node) -> Optional[_Located]:
+        """Broadcasting ops: channel dims must line up counted from the right, segments must match."""
+        offsets = {len(_shape(a)) - lo[0] for a, lo in operands}
+        if len(offsets) > 1 or len({len(lo[1]) for _, lo in operands}) > 1:
+            fix_all([lo for _, lo in operands], f"operands of {node.name} are laid out differently")
+            return fresh(node, f"output of {node.name}")
+        merged = list(operands[0][1][1])
+        for _, lo in operands[1:]:
+            merged = [uf.union(a, b) for a, b in zip(merged, lo[1])]
+        return len(_shape(node)) - offsets.pop(), tuple(merged)
+
+    def moved(node: fx.Node, src: Optional[_Located], axis: Optional[int], what: str) -> Optional[_Located]:
+        """The channels moved to ``axis`` (None: they did not survive the op: their groups become fixed)."""
+        if src is None:
             return None
-        if len({len(lo) for lo in wide}) > 1:
-            fix_all(wide, f"operands of {node.name} are laid out differently")
-            return wide[0]
-        merged = list(wide[0])
-        for lo in wide[1:]:
-            merged = [uf.union(a, b) for a, b in zip(merged, lo)]
-        return tuple(merged)
+        if axis is None:
+            fix_all([src], f"{what} ({_name(node.target)}) changes the channel axis")
+            return fresh(node, f"output of {what}")
+        return axis, src[1]
 
     for node in gm.graph.nodes:
         tensor_args: List[fx.Node] = []
         fx.node.map_arg((node.args, node.kwargs), tensor_args.append)  # nodes inside lists too (torch.cat([a, b]))
         shape = _shape(node)
+        src = lay(tensor_args[0]) if tensor_args else None
+        src_shape = _shape(tensor_args[0]) if tensor_args else None
         if node.op == "placeholder":
             layout[node] = fresh(node, "model input")
-        elif node.op == "get_attr":
+        elif node.op == "get_attr":  # a parameter with one channel-sized dim (LayerScale gamma) joins whatever it meets
+            big = [d for d, size in enumerate(shape or ()) if size > 1]
             layout[node] = None
-            node.meta["kapify_param"] = True
+            if len(big) == 1:
+                gid = uf.new(int(shape[big[0]]))
+                layout[node] = (big[0], (gid,))
+                parameters[node.target] = (big[0], gid)
         elif node.op == "output":
             fix_all(_flat_layouts(node.args, layout), "model output")
         elif node.op == "call_module":
             module = gm.get_submodule(node.target)
             handler = channel_handler(module)
-            src = lay(node.args[0]) if node.args else None
             if handler is None:
                 has_state = any(t.dim() > 0 for t in list(module.parameters(recurse=True)) + list(module.buffers(recurse=True)))
-                in_shape = _shape(node.args[0]) if node.args else None
-                keeps = shape is not None and in_shape is not None and len(shape) >= 2 and shape[1] == in_shape[1]
-                if not has_state and keeps and src is not None:
-                    layout[node] = src
+                if isinstance(module, _Permute) and src is not None:
+                    layout[node] = moved(node, src, _permuted_axis(src[0], module.dims, len(src_shape)), node.name)
+                elif not has_state and src is not None and shape is not None and src_shape is not None:
+                    layout[node] = moved(node, src, _follow_axis(src_shape, shape, src[0]), node.name)
                 else:
                     fix_all([lay(a) for a in tensor_args], f"{type(module).__name__} '{node.target}' has no channel handler")
                     layout[node] = fresh(node, f"output of {type(module).__name__} '{node.target}'")
@@ -189,28 +207,34 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
             if src is None:
                 layout[node] = fresh(node, f"input of '{node.target}' has no traced channel layout")
                 continue
+            axis = handler.axis % len(src_shape)
+            multi = [a for a in (handler.in_attr, handler.out_attr) if isinstance(getattr(module, a), (tuple, list)) and len(getattr(module, a)) != 1]
+            if multi:  # e.g. LayerNorm over (C, H, W): not one channel dim
+                fix_all([src], f"{type(module).__name__} '{node.target}' has a multi-dim {multi[0]}")
+                layout[node] = fresh(node, f"output of {type(module).__name__} '{node.target}'")
+                continue
+            if src[0] != axis:  # e.g. a Linear applied to a (N, tokens, C) tensor whose channels are on dim 1
+                fix_all([src], f"{type(module).__name__} '{node.target}' reads dim {axis}, the channels are on dim {src[0]}")
+                layout[node] = fresh(node, f"output of {type(module).__name__} '{node.target}'")
+                continue
             if handler.kind == "channelwise":
-                roles.setdefault(node.target, []).append(("channelwise", src))
-                if handler.channels_normalised:  # GroupNorm: widths stay multiples of its groups; statistics mix channels
-                    for g in src:
+                roles.setdefault(node.target, []).append(("channelwise", src[1]))
+                if handler.channels_normalised:  # GroupNorm/LayerNorm: statistics mix channels; widths stay multiples of its groups
+                    for g in src[1]:
                         root = uf.find(g)
                         uf.divisor[root] = math.lcm(uf.divisor.get(root, 1), getattr(module, "num_groups", 1))
                         uf.normalised.add(root)
                 layout[node] = src
                 continue
             groups = getattr(module, "groups", 1)
-            c_in, c_out = getattr(module, handler.in_attr), getattr(module, handler.out_attr)
-            if handler.kind == "linear" and (shape is None or len(shape) != 2):
-                fix_all([src], f"Linear '{node.target}' applied to a tensor of rank {len(shape or ())}")
-                layout[node] = fresh(node, f"output of Linear '{node.target}'")
-                continue
+            c_in, c_out = handler.count(module, handler.in_attr), handler.count(module, handler.out_attr)
             if groups > 1 and c_in == c_out:  # depthwise / grouped: channel i in feeds group of channel i out
-                if len(src) != 1:
+                if len(src[1]) != 1:
                     fix_all([src], f"grouped conv '{node.target}' reads a concatenation")
                 else:  # widening adds whole groups: the width stays a multiple of the group width
-                    root = uf.find(src[0])
+                    root = uf.find(src[1][0])
                     uf.divisor[root] = math.lcm(uf.divisor.get(root, 1), c_in // groups)
-                roles.setdefault(node.target, []).append(("grouped", src))
+                roles.setdefault(node.target, []).append(("grouped", src[1]))
                 layout[node] = src
                 continue
             if groups > 1:
@@ -218,48 +242,123 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
                 layout[node] = fresh(node, f"output of grouped conv '{node.target}' ({c_in} -> {c_out} channels)")
                 continue
             if handler.channels_normalised:  # weight standardisation over the input channels
-                for g in src:
+                for g in src[1]:
                     uf.normalised.add(uf.find(g))
-            inputs[node.target] = src
+            inputs[node.target] = src[1]
             out = uf.new(c_out)
             outputs[node.target] = out
-            roles.setdefault(node.target, []).append(("conv", src))
-            layout[node] = (out,)
+            roles.setdefault(node.target, []).append(("conv", src[1]))
+            layout[node] = (axis, (out,))
         else:  # call_function / call_method
-            target = node.target
-            layouts = [lay(a) for a in tensor_args]
-            params = [a for a in tensor_args if a.op == "get_attr" and (_shape(a) is None or math.prod(_shape(a)) > 1)]
+            target, method = node.target, node.op == "call_method"
+            located = [(a, lay(a)) for a in tensor_args if lay(a) is not None]
+            params = [a for a in tensor_args if a.op == "get_attr" and lay(a) is None and math.prod(_shape(a) or (2,)) > 1]
             if params:
-                fix_all(layouts, f"{node.name} uses parameter '{params[0].target}' directly")
+                fix_all([lo for _, lo in located], f"{node.name} uses parameter '{params[0].target}' directly")
                 layout[node] = fresh(node, f"output of {node.name}")
-            elif target in _ELEMENTWISE or (node.op == "call_method" and target in _ELEMENTWISE_METHODS):
-                wide = [lo for a, lo in zip(tensor_args, layouts) if lo is not None and (_shape(a) or (0, 0))[1] > 1]
-                layout[node] = merge(wide, node) if wide else (layouts[0] if layouts else None)
-            elif target in _SPATIAL or (node.op == "call_method" and target in ("mean", "amax", "sum", "flatten")) \
-                    or target in (torch.flatten, torch.mean):
-                src_shape = _shape(tensor_args[0]) if tensor_args else None
-                keeps = shape is not None and src_shape is not None and len(shape) >= 2 and shape[1] == src_shape[1]
-                if target in (torch.flatten, "flatten") and src_shape is not None and len(src_shape) > 2:
-                    keeps = keeps and math.prod(src_shape[2:]) == 1
-                if keeps and layouts and layouts[0] is not None:
-                    layout[node] = layouts[0]
+            elif target in _ELEMENTWISE or (method and target in _ELEMENTWISE_METHODS):
+                wide = [(a, lo) for a, lo in located if _shape(a)[lo[0]] > 1]  # size-1 channel dims broadcast
+                layout[node] = merge(wide, node) if wide else (located[0][1] if located else None)
+            elif target in (torch.permute, "permute", torch.transpose, "transpose", torch.swapaxes, "swapaxes"):
+                dims = _permutation(node, len(src_shape)) if src is not None else None
+                layout[node] = moved(node, src, None if dims is None else _permuted_axis(src[0], dims, len(src_shape)), node.name)
+            elif target in (torch.flatten, torch.reshape) or (method and target in ("view", "reshape", "flatten")):
+                axis = _follow_axis(src_shape, shape, src[0]) if src and shape else None
+                if axis is not None and _stored_width(node, axis):  # e.g. gamma.view(self.shape): breaks when widened
+                    fix_all([src], f"{node.name} ({_name(target)}) hard-codes {shape[axis]} channels")
+                layout[node] = moved(node, src, axis, node.name)
+            elif target in _SPATIAL and src is not None and src[0] == 1:  # pools act on spatial dims only
+                layout[node] = moved(node, src, 1 if shape is not None and shape[1] == src_shape[1] else None, node.name)
+            elif _name(target) in _REDUCTIONS and (method or target in _REDUCTIONS.values()):
+                reduced = _reduced_dims(node, len(src_shape)) if src is not None else None
+                if src is not None and reduced is not None and src[0] in reduced[0]:  # statistics over the channels (GRN, CBAM)
+                    for g in src[1]:
+                        uf.normalised.add(uf.find(g))
+                    layout[node] = None
                 else:
-                    fix_all(layouts, f"{node.name} ({_name(target)}) changes the channel axis")
-                    layout[node] = fresh(node, f"output of {node.name}")
-            elif target in (torch.cat, torch.concat) and _cat_dim(node) == 1 and layouts and all(lo is not None for lo in layouts):
-                layout[node] = tuple(g for lo in layouts for g in lo)
+                    axis = None if reduced is None else src[0] if reduced[1] else src[0] - sum(d < src[0] for d in reduced[0])
+                    layout[node] = moved(node, src, axis, node.name)
+            elif target in (torch.cat, torch.concat) and located and len(located) == len(tensor_args):
+                dim = _cat_dim(node)
+                if all(lo[0] == dim for _, lo in located):  # along the channels: the result is made of segments
+                    layout[node] = (dim, tuple(g for _, lo in located for g in lo[1]))
+                else:  # along another dim: the channels must match
+                    layout[node] = merge(located, node)
             elif target in (getattr, operator.getitem) and shape is None:
                 layout[node] = None
-            elif node.op == "call_method" and target in ("size", "dim"):
+            elif method and target in ("size", "dim"):
                 layout[node] = None
             else:
-                fix_all(layouts, f"{node.name} ({_name(target)}) is not channel-aware")
+                fix_all([lo for _, lo in located], f"{node.name} ({_name(target)}) is not channel-aware")
                 layout[node] = fresh(node, f"output of {node.name} ({_name(target)})")
         lo = layout.get(node)
-        if lo is not None and shape is not None and len(shape) >= 2 and sum(uf.width[uf.find(g)] for g in lo) != shape[1]:
-            fix_all([lo], f"{node.name}: traced channel layout does not add up to {shape[1]} channels")
+        if lo is not None and shape is not None and len(shape) > lo[0] and sum(uf.width[uf.find(g)] for g in lo[1]) != shape[lo[0]]:
+            fix_all([lo], f"{node.name}: traced channel layout does not add up to {shape[lo[0]]} channels")
 
-    return _collect(uf, inputs, outputs, roles)
+    return _collect(uf, inputs, outputs, roles, parameters)
+
+
+_Located = Tuple[int, Layout]  # (the tensor dim holding the channels, its segments)
+try:  # torchvision's ConvNeXt moves channels last with a Permute module
+    from torchvision.ops.misc import Permute as _Permute
+except ImportError:  # pragma: no cover - torchvision is a dependency
+    class _Permute(nn.Module):  # type: ignore[no-redef]
+        dims: List[int] = []
+
+
+def _follow_axis(before: Sequence[int], after: Sequence[int], axis: int) -> Optional[int]:
+    """Where a reshape (view, flatten, ...) puts dim ``axis``: the output dim of the same size with
+    as many elements before it (exact for row-major reshapes), else None."""
+    outer = math.prod(before[:axis])
+    for d, size in enumerate(after):
+        if size == before[axis] and math.prod(after[:d]) == outer:
+            return d
+    return None
+
+
+def _permutation(node: fx.Node, ndim: int) -> Optional[List[int]]:
+    """The dim order of a permute / transpose node."""
+    args = list(node.args[1:]) + [v for k, v in node.kwargs.items() if k in ("dims", "dim0", "dim1", "axis0", "axis1")]
+    if len(args) == 1 and isinstance(args[0], (list, tuple)):
+        args = list(args[0])
+    if not all(isinstance(a, int) for a in args):
+        return None
+    if _name(node.target) in ("transpose", "swapaxes"):
+        order = list(range(ndim))
+        a, b = (d % ndim for d in args)
+        order[a], order[b] = order[b], order[a]
+        return order
+    return [d % ndim for d in args]
+
+
+def _permuted_axis(axis: int, dims: Sequence[int], ndim: int) -> int:
+    return [d % ndim for d in dims].index(axis)
+
+
+_REDUCTIONS = {"mean": torch.mean, "sum": torch.sum, "amax": torch.amax, "amin": torch.amin, "norm": torch.norm}
+
+
+def _reduced_dims(node: fx.Node, ndim: int) -> Optional[Tuple[set, bool]]:
+    """(the dims a mean/sum/amax/amin/norm reduces, keepdim), None if not known from the graph."""
+    first = 2 if _name(node.target) == "norm" else 1  # norm(input, p, dim, keepdim)
+    dim = node.kwargs.get("dim", node.args[first] if len(node.args) > first else None)
+    keepdim = node.kwargs.get("keepdim", node.args[first + 1] if len(node.args) > first + 1 else False)
+    dims = dim if isinstance(dim, (list, tuple)) else [dim]
+    if dim is None or not isinstance(keepdim, bool) or not all(isinstance(d, int) for d in dims):
+        return None
+    return {d % ndim for d in dims}, keepdim
+
+
+def _stored_width(node: fx.Node, axis: int) -> bool:
+    """Whether a view/reshape writes the channel count at ``axis`` as a literal (from a stored
+    attribute, not -1 or a size read off the tensor): widening would break it at run time."""
+    if _name(node.target) not in ("view", "reshape"):
+        return False
+    sizes = list(node.args[2:] if node.op == "call_function" else node.args[1:])
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+        sizes = list(sizes[0])
+    sizes = sizes or list(node.kwargs.get("shape", node.kwargs.get("size", ())))
+    return axis < len(sizes) and isinstance(sizes[axis], int) and sizes[axis] > 1
 
 
 def _flat_layouts(args: Any, layout: Dict[fx.Node, Optional[Layout]]) -> List[Optional[Layout]]:
@@ -279,7 +378,7 @@ def _name(target: Any) -> str:
 
 
 def _collect(uf: _UnionFind, inputs: Dict[str, Layout], outputs: Dict[str, int],
-             roles: Dict[str, List[Tuple[str, Layout]]]) -> ChannelGraph:
+             roles: Dict[str, List[Tuple[str, Layout]]], parameters: Dict[str, Tuple[int, int]]) -> ChannelGraph:
     roots = sorted({uf.find(g) for g in range(len(uf.parent))})
     index = {r: i for i, r in enumerate(roots)}
     groups = [ChannelGroup(id=i, width=uf.width[r], divisor=uf.divisor.get(r, 1), fixed=uf.fixed.get(r), normalised=r in uf.normalised)
@@ -295,11 +394,14 @@ def _collect(uf: _UnionFind, inputs: Dict[str, Layout], outputs: Dict[str, int],
                     target.consumers.append(name)
                 elif name not in target.channelwise:
                     target.channelwise.append(name)
+    for name, (_, gid) in parameters.items():
+        groups[renum(gid)].channelwise.append(name)
     return ChannelGraph(
         groups=groups,
         inputs={n: tuple(renum(g) for g in lo) for n, lo in inputs.items()},
         outputs={n: renum(g) for n, g in outputs.items()},
         channelwise={n: tuple(renum(g) for g in lo) for n, entries in roles.items() for role, lo in entries if role != "conv"},
+        parameters={n: (dim, (renum(g),)) for n, (dim, g) in parameters.items()},
     )
 
 

@@ -52,6 +52,7 @@ class KapConfig:
     source: Optional[Dict[str, Any]] = None
     folded: bool = False
     fixed_widths: Dict[str, str] = field(default_factory=dict)  # grid="square": conv -> why its width stayed
+    widened_across_norm: List[str] = field(default_factory=list)  # grid="square": convs widened across a LayerNorm/GroupNorm
     version: int = 1
 
     def convert_kwargs(self) -> Dict[str, Any]:

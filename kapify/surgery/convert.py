@@ -109,7 +109,8 @@ def convert(
             to C channels, so downstream layers keep their shapes (grouped convs keep stride 1).
         grid: channel layout: "rect" (most nearly square rows x cols, e.g. 128 -> 8x16; keeps
             pretrained shapes), "square" (first :func:`kapify.rewiden` every free channel group to
-            a perfect square, 128 -> 144 = 12x12, preserving the function; fixed groups stay rect)
+            a perfect square, 128 -> 144 = 12x12; new channels start with zero outgoing weights, so
+            the function is kept, exactly unless a LayerNorm/GroupNorm sees them; fixed groups stay rect)
             or "line" (1-D KAP).
         input_noise: also add the noise to the model's input (training only).
         impl: where an average pool runs: "weight" pools the conv's filters (Eq. 3, the cost of the
@@ -140,9 +141,9 @@ def convert(
         )
     params_before = sum(p.numel() for p in model.parameters())
     unwidened = None
-    if grid == "square" and pool is not None:  # widen every free channel group to a perfect square; the function is preserved
+    if grid == "square" and pool is not None:  # widen every free channel group to a perfect square, new channels silent
         try:
-            new, graph = _rewiden(model, "square", True, example_input, leaf_modules, strict=False)
+            new, graph = _rewiden(model, "square", True, example_input, leaf_modules, strict=False, widen_normalised=True)
         except RewidenError as err:
             warnings.warn(f"grid='square' falls back to rectangular grids with the original widths: {err}", stacklevel=2)
             new, graph = copy.deepcopy(model), None
@@ -162,13 +163,15 @@ def convert(
             f"include={include_p} / exclude={exclude_p} leave none of the {len(sites.modules)} convolutions "
             f"to convert (e.g. {', '.join(list(sites.modules)[:3])}); loosen the patterns"
         )
-    records, fixed_widths = [], {}
+    records, fixed_widths, across_norm = [], {}, []
     for name, route in chosen.items():
         conv = new.get_submodule(name)
+        group = graph.group_of(name) if graph is not None else None
+        if group is not None and group.normalised and conv.out_channels != group.width:
+            across_norm.append(name)
         if unwidened is not None and math.isqrt(conv.out_channels) ** 2 != conv.out_channels:
             fixed_widths[name] = "re-widening failed for this model: " + unwidened[:120]
         elif graph is not None and math.isqrt(conv.out_channels) ** 2 != conv.out_channels:
-            group = graph.group_of(name)
             fixed_widths[name] = (group.fixed if group is not None and group.fixed else
                                   f"no square within 4x is divisible by the {group.divisor} groups" if group is not None else
                                   "not in the traced graph")
@@ -204,6 +207,7 @@ def convert(
         k=k, stride=stride, sigma=sigma, pool=pool, grid=grid, input_noise=bool(input_noise and sigma > 0), impl=impl,
         include=include_p, exclude=exclude_p, layers=records, skipped=sites.functional,
         params_before=params_before, source=describe_source(model), fixed_widths=fixed_widths,
+        widened_across_norm=across_norm,
     )
     setattr(new, CONFIG_ATTR, config)
     return new

@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional, Type
 import torch
 from torch import nn
 
-__all__ = ["ChannelHandler", "register_channel_handler", "channel_handler", "resize_layer", "CHANNEL_HANDLERS"]
+__all__ = ["ChannelHandler", "register_channel_handler", "channel_handler", "resize_layer", "resize_parameter", "CHANNEL_HANDLERS"]
 
 
 @dataclass
@@ -24,13 +24,26 @@ class ChannelHandler:
     ``kind``: "conv"/"linear" (in and out channels are independent, except depthwise convs),
     "channelwise" (one channel count, e.g. BatchNorm: output channels = input channels).
     ``channels_normalised``: the layer mixes statistics across its input channels (GroupNorm,
-    weight-standardised convs), so adding channels changes its outputs for the old ones.
+    LayerNorm, weight-standardised convs), so adding channels changes its outputs for the old ones.
+    ``axis``: the input dim that holds the channels (1 for NCHW layers, -1 for Linear and
+    channels-last LayerNorm). An attribute holding a shape (``normalized_shape``) counts its last entry.
     """
 
     kind: str
     in_attr: str
     out_attr: str
     channels_normalised: bool = False
+    axis: int = 1
+
+    @staticmethod
+    def count(module: nn.Module, attr: str) -> int:
+        value = getattr(module, attr)
+        return int(value[-1]) if isinstance(value, (tuple, list)) else int(value)
+
+    @staticmethod
+    def set_count(module: nn.Module, attr: str, channels: int) -> None:
+        value = getattr(module, attr)
+        setattr(module, attr, (*value[:-1], channels) if isinstance(value, (tuple, list)) else channels)
 
 
 CHANNEL_HANDLERS: Dict[Type[nn.Module], ChannelHandler] = {}
@@ -42,15 +55,25 @@ def register_channel_handler(module_type: Type[nn.Module], handler: ChannelHandl
 
 
 register_channel_handler(nn.modules.conv._ConvNd, ChannelHandler("conv", "in_channels", "out_channels"))  # Conv1d/2d/3d and subclasses
-register_channel_handler(nn.Linear, ChannelHandler("linear", "in_features", "out_features"))  # classifiers, MLP heads
+register_channel_handler(nn.Linear, ChannelHandler("linear", "in_features", "out_features", axis=-1))  # heads, channels-last MLPs
 register_channel_handler(nn.modules.batchnorm._NormBase, ChannelHandler("channelwise", "num_features", "num_features"))  # BatchNorm*, InstanceNorm*
 register_channel_handler(nn.GroupNorm, ChannelHandler("channelwise", "num_channels", "num_channels", channels_normalised=True))  # stats over channel groups
+register_channel_handler(nn.LayerNorm, ChannelHandler(  # channels-last LayerNorm (ConvNeXt blocks); 1-D normalized_shape
+    "channelwise", "normalized_shape", "normalized_shape", channels_normalised=True, axis=-1))
 try:  # timm's weight-standardised convs normalise each filter over its input channels
-    from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+    from timm.layers import LayerNorm2d, LayerNorm2dFp32, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 
     for _std_conv in (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame):
         register_channel_handler(_std_conv, ChannelHandler("conv", "in_channels", "out_channels", channels_normalised=True))
+    for _norm2d in (LayerNorm2d, LayerNorm2dFp32):  # LayerNorm over dim 1 of NCHW (ConvNeXt stem and downsampling)
+        register_channel_handler(_norm2d, ChannelHandler("channelwise", "normalized_shape", "normalized_shape", True, axis=1))
 except ImportError:  # pragma: no cover - timm is a dependency
+    pass
+try:  # torchvision's ConvNeXt LayerNorm2d, also over dim 1
+    from torchvision.models.convnext import LayerNorm2d as _TvLayerNorm2d
+
+    register_channel_handler(_TvLayerNorm2d, ChannelHandler("channelwise", "normalized_shape", "normalized_shape", True, axis=1))
+except ImportError:  # pragma: no cover - torchvision is a dependency
     pass
 
 
@@ -86,7 +109,7 @@ def resize_layer(
     handler = channel_handler(module)
     if handler is None:
         raise TypeError(f"no channel handler for {type(module).__name__}; register one with kapify.register_channel_handler")
-    old_in, old_out = getattr(module, handler.in_attr), getattr(module, handler.out_attr)
+    old_in, old_out = handler.count(module, handler.in_attr), handler.count(module, handler.out_attr)
     if handler.kind == "channelwise":
         new_in = new_out = new_out or new_in
         in_index = out_index = out_index if out_index is not None else in_index
@@ -96,8 +119,8 @@ def resize_layer(
     groups = getattr(module, "groups", 1)
     grouped = handler.kind == "conv" and groups > 1 and old_in == old_out  # widening adds whole groups
     fresh = copy.deepcopy(module)
-    setattr(fresh, handler.in_attr, new_in)
-    setattr(fresh, handler.out_attr, new_out)
+    handler.set_count(fresh, handler.in_attr, new_in)
+    handler.set_count(fresh, handler.out_attr, new_out)
     if grouped:
         fresh.groups = new_in // (old_in // groups)
     shapes: Dict[str, tuple] = {}
@@ -136,9 +159,18 @@ def resize_layer(
             setattr(module, name, nn.Parameter(value, requires_grad=old.requires_grad))
         else:
             setattr(module, name, value)
-    setattr(module, handler.in_attr, new_in)
-    setattr(module, handler.out_attr, new_out)
+    handler.set_count(module, handler.in_attr, new_in)
+    handler.set_count(module, handler.out_attr, new_out)
     if grouped:
         module.groups = fresh.groups
-    if hasattr(module, "normalized_shape"):
-        module.normalized_shape = (new_out,)
+
+
+def resize_parameter(owner: nn.Module, name: str, dim: int, size: int, index: torch.Tensor) -> None:
+    """Give parameter ``owner.<name>`` ``size`` entries along ``dim``; old entry i goes to ``index[i]``
+    and new entries start at the mean of the old ones (LayerScale's gamma: its init value)."""
+    old = getattr(owner, name)
+    shape = list(old.shape)
+    shape[dim] = size
+    value = torch.full(shape, old.detach().mean().item(), dtype=old.dtype, device=old.device)
+    value.index_copy_(dim, index.to(old.device), old.detach())
+    setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value)

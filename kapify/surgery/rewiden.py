@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .channel_groups import ChannelGraph, analyze_channels
-from .resize import resize_layer
+from .resize import resize_layer, resize_parameter
 from .tracing import eval_mode, example_input as default_input
 
 __all__ = ["RewidenError", "rewiden", "square_width", "width_mult", "WIDTH_RULES", "resolve_width_rule"]
@@ -69,10 +69,10 @@ def resolve_width_rule(rule: Union[str, Dict, WidthFn]) -> WidthFn:
     return WIDTH_RULES[rule["name"]](**options)
 
 
-def _plan(graph: ChannelGraph, width_fn: WidthFn, function_preserving: bool) -> Dict[int, int]:
+def _plan(graph: ChannelGraph, width_fn: WidthFn, function_preserving: bool, widen_normalised: bool) -> Dict[int, int]:
     widths: Dict[int, int] = {}
     for g in graph.groups:
-        if function_preserving and g.normalised and g.fixed is None:
+        if function_preserving and not widen_normalised and g.normalised and g.fixed is None:
             g.fixed = "a GroupNorm/LayerNorm normalises across these channels: new ones would change the function"
         if g.fixed is not None or not g.producers:
             widths[g.id] = g.width
@@ -117,8 +117,11 @@ def rewiden(
 
 
 def _rewiden(model: nn.Module, width_fn: Union[str, Dict, WidthFn], function_preserving: bool,
-             example_input: Optional[torch.Tensor], leaf_modules: Iterable[type], strict: bool) -> tuple[nn.Module, ChannelGraph]:
-    """:func:`rewiden`, also returning the channel graph (for reports)."""
+             example_input: Optional[torch.Tensor], leaf_modules: Iterable[type], strict: bool,
+             widen_normalised: bool = False) -> tuple[nn.Module, ChannelGraph]:
+    """:func:`rewiden`, also returning the channel graph (for reports). ``widen_normalised``: with
+    ``function_preserving``, widen channel-normalised groups too (new channels get zero outgoing
+    weights but enter the LayerNorm/GroupNorm statistics, so the function is only nearly kept)."""
     fn = resolve_width_rule(width_fn)
     new = copy.deepcopy(model)
     graph = analyze_channels(new, example_input, leaf_modules)
@@ -129,7 +132,7 @@ def _rewiden(model: nn.Module, width_fn: Union[str, Dict, WidthFn], function_pre
             + "; ".join(f"{', '.join(g.producers[:3])}: {g.fixed}" for g in stuck[:5])
             + ". Register a channel handler (kapify.register_channel_handler) or a leaf module for these layers, or pass strict=False"
         )
-    widths = _plan(graph, fn, function_preserving)
+    widths = _plan(graph, fn, function_preserving, widen_normalised)
     index = {g.id: torch.arange(g.width) for g in graph.groups}  # old channels first; grouped convs gain whole groups
 
     def layout_map(layout) -> tuple[int, torch.Tensor]:
@@ -154,6 +157,12 @@ def _rewiden(model: nn.Module, width_fn: Union[str, Dict, WidthFn], function_pre
             gid = graph.outputs[name]
             kwargs.update(new_out=widths[gid], out_index=index[gid])
         resize_layer(module, **kwargs)
+    for path, (dim, layout) in graph.parameters.items():
+        size, idx = layout_map(layout)
+        owner_name, _, attr = path.rpartition(".")
+        owner = new.get_submodule(owner_name)
+        if getattr(owner, attr).shape[dim] != size:  # e.g. LayerScale's gamma
+            resize_parameter(owner, attr, dim, size, idx)
     _sync_head_width(model, new)
     _check_forward(new, example_input)
     return new, graph
