@@ -1,6 +1,7 @@
 """Re-widening: channel groups, function-preserving widening on the coverage list, square grids,
 the kernel-size multiplier, width rules, bad input."""
 import math
+import warnings
 
 import pytest
 import timm
@@ -244,3 +245,24 @@ def test_convert_squares_convnext_across_layernorm_and_says_so():
     block = kap.stages[0].blocks[0]
     assert block.gamma.shape[0] == block.conv_dw.out_channels == block.norm.normalized_shape[0] == 49
     assert kap.eval()(torch.rand(2, 3, 64, 64)).shape == (2, 10)
+
+
+def test_convert_keeps_normalised_widths_when_widening_them_breaks_the_model():
+    class ReadsNormalisedWidth(nn.Module):  # like MaxViT's attention: reshapes to a LayerNorm'd width read at run time
+        def __init__(self):
+            super().__init__()
+            self.a, self.norm, self.c = nn.Conv2d(3, 8, 1), nn.GroupNorm(1, 8), nn.Conv2d(3, 4, 1)
+            self.b, self.d, self.e, self.f = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1), nn.Conv2d(3, 20, 1), nn.Conv2d(20, 4, 1)
+
+        def forward(self, x):
+            y, v = self.norm(self.a(x)), self.c(x)
+            v = v.reshape(v.shape[0], y.shape[1], v.shape[2], -1)
+            return self.b(y).mean((2, 3)) + self.d(v).mean((2, 3)) + self.f(self.e(x)).mean((2, 3))
+
+    model = ReadsNormalisedWidth()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall-back to rect: only the normalised group keeps its width
+        kap = kapify.convert(model, example_input=torch.rand(1, 3, 4, 4))
+    config = kapify.get_config(kap)
+    assert kap.a.out_channels == 8 and "normalises across these channels" in config.fixed_widths["a"]
+    assert kap.e.out_channels == 25 and not config.widened_across_norm

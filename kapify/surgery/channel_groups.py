@@ -44,7 +44,8 @@ try:  # torchvision's per-sample drop path (EfficientNet, ConvNeXt, ...) scales 
 except ImportError:  # pragma: no cover - torchvision is a dependency
     pass
 _ELEMENTWISE_METHODS = {"add", "add_", "mul", "mul_", "sub", "div", "relu", "relu_", "sigmoid", "sigmoid_", "tanh",
-                        "clamp", "clamp_", "contiguous", "float", "to", "type_as", "hardswish", "exp", "neg", "addcmul"}
+                        "clamp", "clamp_", "hardswish", "exp", "neg", "addcmul"}
+_CAST_METHODS = {"contiguous", "float", "half", "bfloat16", "to", "type_as", "clone", "detach"}  # the first operand, recast
 _SPATIAL = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, F.interpolate,
             F.adaptive_avg_pool1d, F.avg_pool1d, F.max_pool1d}
 
@@ -157,7 +158,7 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
     def merge(operands: List[Tuple[fx.Node, _Located]], node: fx.Node) -> Optional[_Located]:
         """Broadcasting ops: channel dims must line up counted from the right, segments must match."""
         offsets = {len(_shape(a)) - lo[0] for a, lo in operands}
-        if len(offsets) > 1 or len({len(lo[1]) for _, lo in operands}) > 1:
+        if len(offsets) > 1 or len({len(lo[1]) for _, lo in operands}) > 1 or len(_shape(node) or ()) < max(offsets):
             fix_all([lo for _, lo in operands], f"operands of {node.name} are laid out differently")
             return fresh(node, f"output of {node.name}")
         merged = list(operands[0][1][1])
@@ -256,6 +257,8 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
             if params:
                 fix_all([lo for _, lo in located], f"{node.name} uses parameter '{params[0].target}' directly")
                 layout[node] = fresh(node, f"output of {node.name}")
+            elif method and target in _CAST_METHODS:
+                layout[node] = src if shape is not None and shape == src_shape else moved(node, src, None, node.name)
             elif target in _ELEMENTWISE or (method and target in _ELEMENTWISE_METHODS):
                 wide = [(a, lo) for a, lo in located if _shape(a)[lo[0]] > 1]  # size-1 channel dims broadcast
                 layout[node] = merge(wide, node) if wide else (located[0][1] if located else None)

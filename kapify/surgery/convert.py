@@ -5,7 +5,7 @@ import copy
 import math
 import fnmatch
 import warnings
-from typing import Callable, Dict, Iterable, List, Literal, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from .conv_sites import find_conv_sites
 from .conv_types import conv_types
 from .kap_conv import attach_kap, original_class, weight_poolable
 from .resize import resize_layer
+from .channel_groups import ChannelGraph
 from .rewiden import RewidenError, _rewiden
 
 __all__ = ["convert", "GRID_RULES", "POOLS", "IMPLS", "INPUT_NOISE_ATTR"]
@@ -54,6 +55,22 @@ def _selected(name: str, include: Optional[List[str]], exclude: Optional[List[st
     if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
         return False
     return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
+
+
+def _widen_to_squares(model: nn.Module, example_input: Optional[torch.Tensor],
+                      leaf_modules: Iterable[type]) -> Tuple[nn.Module, Optional[ChannelGraph], Optional[str]]:
+    """Re-widen for grid="square": every free group, channel-normalised ones too; if the widened model
+    no longer runs, without the channel-normalised groups (a stream width read at run time, e.g. MaxViT's
+    attention); if that fails too, nothing (rectangular grids, with a warning)."""
+    try:
+        return (*_rewiden(model, "square", True, example_input, leaf_modules, strict=False, widen_normalised=True), None)
+    except RewidenError:
+        pass
+    try:
+        return (*_rewiden(model, "square", True, example_input, leaf_modules, strict=False), None)
+    except RewidenError as err:
+        warnings.warn(f"grid='square' falls back to rectangular grids with the original widths: {err}", stacklevel=3)
+        return copy.deepcopy(model), None, str(err)
 
 
 def _multiply_filters(conv: nn.Module, layout: ChannelGrid, stride: int) -> ChannelGrid:
@@ -140,16 +157,9 @@ def convert(
             f"If it has a custom conv layer, register it with kapify.register_conv_type(MyConv)"
         )
     params_before = sum(p.numel() for p in model.parameters())
-    unwidened = None
+    new, graph, unwidened = copy.deepcopy(model), None, None
     if grid == "square" and pool is not None:  # widen every free channel group to a perfect square, new channels silent
-        try:
-            new, graph = _rewiden(model, "square", True, example_input, leaf_modules, strict=False, widen_normalised=True)
-        except RewidenError as err:
-            warnings.warn(f"grid='square' falls back to rectangular grids with the original widths: {err}", stacklevel=2)
-            new, graph = copy.deepcopy(model), None
-            unwidened = str(err)
-    else:
-        new, graph = copy.deepcopy(model), None
+        new, graph, unwidened = _widen_to_squares(model, example_input, leaf_modules)
     sites = find_conv_sites(new, tuple(leaf_modules), None if example_input is None else [example_input])
     if sites.functional:
         warnings.warn(
