@@ -79,6 +79,7 @@ def check_model(build, timeout: int, grid: str = "square") -> dict:
                     want, got = model(x), wide(x)
                 scale = max(1.0, want.abs().max().item())
                 extra["preserved"] = bool(torch.allclose(got, want, rtol=1e-3, atol=1e-3 * scale))
+                extra["preserve_err"] = float((got - want).abs().max().item() / scale)
             except RewidenError:  # convert fell back to rect widths (warned); nothing was widened
                 extra["preserved"] = True
             extra["square_layers"] = sum(1 for r in cfg.layers if math.isqrt(r.out_channels) ** 2 == r.out_channels)
@@ -162,6 +163,9 @@ def write_report(rows: dict, path: str, grid: str = "square", limit=None) -> Non
                       f"({100 * square / max(layers, 1):.1f}%) got a square grid; models with every grid square: "
                       f"{sum(r['square_layers'] == r['convs'] for r in done)}/{len(done)}, with at least 90% square: "
                       f"{sum(r['square_layers'] >= 0.9 * r['convs'] for r in done)}/{len(done)}",
+                      "- largest output error of the models not preserved (relative to max(1, |logit|)): "
+                      + (", ".join(f"{n} {r['preserve_err']:.1e}" for n, r in sub.items() if r in done and not r["preserved"]
+                                   and "preserve_err" in r) or "-"),
                       "- why widths stayed non-square (models): " + "; ".join(f"{w} ({c})" for w, c in why.most_common(8))]
         lines.append("")
         reasons = collections.defaultdict(list)
