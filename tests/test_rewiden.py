@@ -266,3 +266,13 @@ def test_convert_keeps_normalised_widths_when_widening_them_breaks_the_model():
     config = kapify.get_config(kap)
     assert kap.a.out_channels == 8 and "normalises across these channels" in config.fixed_widths["a"]
     assert kap.e.out_channels == 25 and not config.widened_across_norm
+
+
+def test_a_conv_sliding_along_the_channels_lets_them_widen():
+    model = timm.create_model("ecaresnet26t", num_classes=10)  # ECA: Conv1d over the pooled channel sequence
+    x = torch.rand(1, 3, 64, 64)
+    stage1 = next(g for g in kapify.channel_groups(model, x) if "layer1.0.conv3" in g.producers)
+    assert stage1.fixed is None and stage1.normalised and "layer1.0.se.conv" not in stage1.producers
+    kap = kapify.convert(model, example_input=x)
+    assert kap.layer1[0].conv3.out_channels == 256 and kap.layer2[0].conv3.out_channels == 576
+    assert "layer2.0.conv3" in kapify.get_config(kap).widened_across_norm and kap.eval()(x).shape == (1, 10)

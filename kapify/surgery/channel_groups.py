@@ -44,7 +44,8 @@ try:  # torchvision's per-sample drop path (EfficientNet, ConvNeXt, ...) scales 
 except ImportError:  # pragma: no cover - torchvision is a dependency
     pass
 _ELEMENTWISE_METHODS = {"add", "add_", "mul", "mul_", "sub", "div", "relu", "relu_", "sigmoid", "sigmoid_", "tanh",
-                        "clamp", "clamp_", "hardswish", "exp", "neg", "addcmul"}
+                        "clamp", "clamp_", "hardswish", "exp", "neg", "addcmul",
+                        "expand", "expand_as"}  # broadcasting
 _CAST_METHODS = {"contiguous", "float", "half", "bfloat16", "to", "type_as", "clone", "detach"}  # the first operand, recast
 _SPATIAL = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, F.interpolate,
             F.adaptive_avg_pool1d, F.avg_pool1d, F.max_pool1d}
@@ -175,6 +176,11 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
             return fresh(node, f"output of {what}")
         return axis, src[1]
 
+    def pinned(node: fx.Node) -> None:
+        """A layer that produces channels the analysis cannot widen: its fixed group still names it."""
+        if layout.get(node) is not None and len(layout[node][1]) == 1:
+            outputs[node.target] = layout[node][1][0]
+
     for node in gm.graph.nodes:
         tensor_args: List[fx.Node] = []
         fx.node.map_arg((node.args, node.kwargs), tensor_args.append)  # nodes inside lists too (torch.cat([a, b]))
@@ -207,6 +213,7 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
                 continue
             if src is None:
                 layout[node] = fresh(node, f"input of '{node.target}' has no traced channel layout")
+                pinned(node)
                 continue
             axis = handler.axis % len(src_shape)
             multi = [a for a in (handler.in_attr, handler.out_attr) if isinstance(getattr(module, a), (tuple, list)) and len(getattr(module, a)) != 1]
@@ -214,9 +221,15 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
                 fix_all([src], f"{type(module).__name__} '{node.target}' has a multi-dim {multi[0]}")
                 layout[node] = fresh(node, f"output of {type(module).__name__} '{node.target}'")
                 continue
+            if handler.kind == "conv" and src[0] >= 2 and shape is not None and shape[src[0]] == src_shape[src[0]]:
+                for g in src[1]:  # a conv sliding along the channels (ECA's Conv1d): any width runs, but the
+                    uf.normalised.add(uf.find(g))  # last old channels see new neighbours instead of zero padding
+                layout[node] = src
+                continue
             if src[0] != axis:  # e.g. a Linear applied to a (N, tokens, C) tensor whose channels are on dim 1
                 fix_all([src], f"{type(module).__name__} '{node.target}' reads dim {axis}, the channels are on dim {src[0]}")
-                layout[node] = fresh(node, f"output of {type(module).__name__} '{node.target}'")
+                layout[node] = fresh(node, f"output of {type(module).__name__} '{node.target}', which reads dim {axis}")
+                pinned(node)
                 continue
             if handler.kind == "channelwise":
                 roles.setdefault(node.target, []).append(("channelwise", src[1]))
@@ -241,6 +254,7 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
             if groups > 1:
                 fix_all([src], f"grouped conv '{node.target}' with {c_in} in and {c_out} out channels")
                 layout[node] = fresh(node, f"output of grouped conv '{node.target}' ({c_in} -> {c_out} channels)")
+                pinned(node)
                 continue
             if handler.channels_normalised:  # weight standardisation over the input channels
                 for g in src[1]:

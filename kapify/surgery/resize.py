@@ -114,6 +114,8 @@ def resize_layer(
         new_in = new_out = new_out or new_in
         in_index = out_index = out_index if out_index is not None else in_index
     new_in, new_out = new_in or old_in, new_out or old_out
+    if (new_in, new_out) == (old_in, old_out):  # no new channels: old ones stay where they are
+        return
     in_index = torch.arange(old_in) if in_index is None else in_index
     out_index = torch.arange(old_out) if out_index is None else out_index
     groups = getattr(module, "groups", 1)
