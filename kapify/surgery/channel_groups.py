@@ -8,6 +8,8 @@ or a multiply (squeeze-excitation) merges the groups of its operands; a concat a
 tensor made of several groups' segments. The channel axis is followed through permutes, transposes
 and reshapes (ConvNeXt's channels-last blocks: LayerNorm and Linear on the last dim), and a
 parameter with one channel-sized dim (LayerScale's gamma) joins the group it is multiplied with.
+Statistics over the channels (LayerNorm, GroupNorm, a mean over dim 1, ECA's Conv1d sliding along
+them) mark the group *normalised*: it can widen, but new channels change the old ones' outputs.
 A group touching anything else (a reshape that splits channels, matmul, a parameter used directly,
 a layer without a channel handler, the model's input or output) is *fixed*: its width cannot
 change, and the reason names the node.
