@@ -236,6 +236,21 @@ def test_linear_over_another_dim_and_channel_statistics():
     assert conv.normalised and "'proj' reads dim 2, the channels are on dim 1" in conv.fixed
 
 
+def test_a_token_mixing_linear_keeps_its_own_width():
+    class TokenMixer(nn.Module):  # MLP-Mixer / ViT rel-pos: a Linear over the 4 positions of (N, 6, 4) tokens
+        def __init__(self):
+            super().__init__()
+            self.conv, self.mix, self.head = nn.Conv2d(3, 6, 1), nn.Linear(4, 5), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(self.mix(self.conv(x).flatten(2)).mean(2))
+
+    model, x = TokenMixer().eval(), torch.rand(2, 3, 2, 2)
+    wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x)
+    assert wide.mix.weight.shape == (5, 4) and wide.conv.out_channels == 6
+    torch.testing.assert_close(wide.eval()(x), model(x))
+
+
 def test_convert_squares_convnext_across_layernorm_and_says_so():
     model = timm.create_model("convnext_atto", num_classes=10)
     kap = kapify.convert(model, example_input=torch.rand(1, 3, 64, 64))

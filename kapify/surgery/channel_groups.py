@@ -178,10 +178,13 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
             return fresh(node, f"output of {what}")
         return axis, src[1]
 
-    def pinned(node: fx.Node) -> None:
-        """A layer that produces channels the analysis cannot widen: its fixed group still names it."""
-        if layout.get(node) is not None and len(layout[node][1]) == 1:
-            outputs[node.target] = layout[node][1][0]
+    def pinned(node: fx.Node, module: nn.Module, handler: ChannelHandler) -> None:
+        """A layer that produces channels the analysis cannot widen: its fixed group still names it, when
+        that group is the layer's own output axis (not the tokens of a Linear's (N, tokens, C) output)."""
+        lo, shape = layout.get(node), _shape(node)
+        if lo is not None and len(lo[1]) == 1 and shape is not None and lo[0] == handler.axis % len(shape) \
+                and uf.width[uf.find(lo[1][0])] == handler.count(module, handler.out_attr):
+            outputs[node.target] = lo[1][0]
 
     for node in gm.graph.nodes:
         tensor_args: List[fx.Node] = []
@@ -215,7 +218,7 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
                 continue
             if src is None:
                 layout[node] = fresh(node, f"input of '{node.target}' has no traced channel layout")
-                pinned(node)
+                pinned(node, module, handler)
                 continue
             axis = handler.axis % len(src_shape)
             multi = [a for a in (handler.in_attr, handler.out_attr) if isinstance(getattr(module, a), (tuple, list)) and len(getattr(module, a)) != 1]
@@ -231,7 +234,7 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
             if src[0] != axis:  # e.g. a Linear applied to a (N, tokens, C) tensor whose channels are on dim 1
                 fix_all([src], f"{type(module).__name__} '{node.target}' reads dim {axis}, the channels are on dim {src[0]}")
                 layout[node] = fresh(node, f"output of {type(module).__name__} '{node.target}', which reads dim {axis}")
-                pinned(node)
+                pinned(node, module, handler)
                 continue
             if handler.kind == "channelwise":
                 roles.setdefault(node.target, []).append(("channelwise", src[1]))
@@ -256,7 +259,7 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
             if groups > 1:
                 fix_all([src], f"grouped conv '{node.target}' with {c_in} in and {c_out} out channels")
                 layout[node] = fresh(node, f"output of grouped conv '{node.target}' ({c_in} -> {c_out} channels)")
-                pinned(node)
+                pinned(node, module, handler)
                 continue
             if handler.channels_normalised:  # weight standardisation over the input channels
                 for g in src[1]:
