@@ -251,6 +251,60 @@ def test_a_token_mixing_linear_keeps_its_own_width():
     torch.testing.assert_close(wide.eval()(x), model(x))
 
 
+def test_a_vit_stream_widens_with_its_tokens_and_position_embedding():
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, reg_tokens=2, num_classes=10).eval()
+    x = torch.rand(2, 3, 32, 32)  # cls/reg tokens are expanded and concatenated, pos_embed added, x[:, 0] pooled
+    stream = next(g for g in kapify.channel_groups(model, x) if "patch_embed.proj" in g.producers)
+    assert stream.fixed is None and stream.normalised and {"cls_token", "reg_token", "pos_embed"} <= set(stream.channelwise)
+    kap = kapify.convert(model, example_input=x)
+    assert kap.patch_embed.proj.out_channels == 256 and not kapify.get_config(kap).fixed_widths
+    assert kap.pos_embed.shape == (1, model.pos_embed.shape[1], 256) and kap.reg_token.shape == (1, 2, 256) and kap.cls_token.shape == (1, 1, 256)
+    assert kap.blocks[0].attn.qkv.weight.shape == (576, 256) and kap(x).shape == (2, 10)
+
+
+@pytest.mark.parametrize("index,axis,expected", [
+    ((slice(None), 0), 2, 1), ((slice(None), 0), 1, None), ((Ellipsis, 0), 1, 1), ((slice(None), slice(1, None)), 2, 2),
+    ((slice(None), None, slice(None)), 1, 2), (0, 1, 0), ((slice(None), slice(0, 5)), 1, None), ((slice(None), [0, 1]), 2, None),
+])
+def test_indexing_follows_the_channel_axis(index, axis, expected):
+    from kapify.surgery.channel_groups import _indexed_axis
+
+    assert _indexed_axis(index, 3, axis) == expected
+
+
+class ShiftedWindows(nn.Module):  # Swin: pad H and W of an NHWC map, roll it, and put the windows back
+    def __init__(self, pad_channels: bool = False):
+        super().__init__()
+        self.conv, self.fc, self.out = nn.Conv2d(3, 8, 1), nn.Linear(10 if pad_channels else 8, 8), nn.Conv2d(8, 4, 1)
+        self.pad = (1, 1) if pad_channels else (0, 0, 0, 1, 0, 1)
+
+    def forward(self, x):
+        y = torch.nn.functional.pad(self.conv(x).permute(0, 2, 3, 1), self.pad)
+        y = self.fc(torch.roll(y, shifts=(1, 1), dims=(1, 2)))
+        return self.out(y[:, :4, :4].permute(0, 3, 1, 2)).mean((2, 3))
+
+
+def test_padding_and_rolling_pixels_keep_the_channels_free():
+    x = torch.rand(2, 3, 4, 4)
+    stream = next(g for g in kapify.channel_groups(ShiftedWindows(), x) if "conv" in g.producers)
+    assert stream.fixed is None and "fc" in stream.consumers
+    model = ShiftedWindows().eval()
+    wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x)
+    assert wide.conv.out_channels == wide.fc.in_features == 9
+    torch.testing.assert_close(wide.eval()(x), model(x))
+    padded = next(g for g in kapify.channel_groups(ShiftedWindows(pad_channels=True), x) if "conv" in g.producers)
+    assert "pad" in padded.fixed
+
+
+@pytest.mark.parametrize("norm", ["LayerNormAct2d", "RmsNorm2d", "SimpleNorm2d"])
+def test_timm_norms_over_dim_1_widen_with_their_conv(norm):
+    layer = getattr(timm.layers, norm)(8)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), layer, nn.Conv2d(8, 4, 1))
+    kap = kapify.convert(model, example_input=torch.rand(1, 3, 4, 4))
+    assert kap[0].out_channels == 9 and kap[1].normalized_shape == (9,) and kap[1].weight.shape == (9,)
+    assert "0" in kapify.get_config(kap).widened_across_norm
+
+
 def test_convert_squares_convnext_across_layernorm_and_says_so():
     model = timm.create_model("convnext_atto", num_classes=10)
     kap = kapify.convert(model, example_input=torch.rand(1, 3, 64, 64))

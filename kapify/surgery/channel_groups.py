@@ -48,6 +48,14 @@ except ImportError:  # pragma: no cover - torchvision is a dependency
 _ELEMENTWISE_METHODS = {"add", "add_", "mul", "mul_", "sub", "div", "relu", "relu_", "sigmoid", "sigmoid_", "tanh",
                         "clamp", "clamp_", "hardswish", "exp", "neg", "addcmul",
                         "expand", "expand_as"}  # broadcasting
+_FLOATING_METHODS = {"expand", "expand_as", "contiguous", "to", "type_as", "float", "half", "bfloat16"}  # keep trailing dims
+_PIXEL_SHUFFLING_FUNCTIONS = {  # timm's untraced functions that move pixels, never channels (same dim from the right)
+    "window_reverse": "Swin, MaxViT, DaViT: windows back to an NHWC image",
+    "window_reverse_nchw": "MaxViT: windows back to an NCHW image",
+    "grid_reverse": "MaxViT: grid attention cells back to an NHWC image",
+    "grid_reverse_nchw": "MaxViT: grid attention cells back to an NCHW image",
+    "deblockify": "NesT: blocks back to an NHWC image",
+}
 _CAST_METHODS = {"contiguous", "float", "half", "bfloat16", "to", "type_as", "clone", "detach"}  # the first operand, recast
 _SPATIAL = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, F.interpolate,
             F.adaptive_avg_pool1d, F.avg_pool1d, F.max_pool1d}
@@ -145,6 +153,7 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
     outputs: Dict[str, int] = {}
     roles: Dict[str, List[Tuple[str, Layout]]] = {}
     parameters: Dict[str, Tuple[int, int]] = {}  # parameter path -> (its channel dim, its group)
+    floating: Dict[fx.Node, fx.Node] = {}  # an expanded/cast parameter whose channel dim is not known yet -> its get_attr
 
     def lay(arg: Any) -> Optional[_Located]:
         return layout.get(arg) if isinstance(arg, fx.Node) else None
@@ -185,6 +194,23 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
         if lo is not None and len(lo[1]) == 1 and shape is not None and lo[0] == handler.axis % len(shape) \
                 and uf.width[uf.find(lo[1][0])] == handler.count(module, handler.out_attr):
             outputs[node.target] = lo[1][0]
+
+    def lined_up(param: fx.Node, other: Tuple[fx.Node, _Located]) -> Optional[_Located]:
+        """A parameter with several dims > 1 (ViT's pos_embed: tokens x C) meeting a laid-out operand
+        of a broadcasting op takes the dim lined up with its channels (counted from the right)."""
+        (node, (axis, segments)), pshape = other, _shape(param)
+        root = floating.get(param, param)  # the get_attr node a cls/reg token expand comes from
+        dim = len(pshape) - (len(_shape(node)) - axis)
+        root_dim = dim - (len(pshape) - len(_shape(root)))
+        if len(segments) != 1 or not 0 <= root_dim < len(_shape(root)) or _shape(root)[root_dim] != _shape(node)[axis]:
+            return None
+        known = parameters.get(root.target)
+        if known is not None and known[0] != root_dim:
+            return None
+        gid = known[1] if known is not None else uf.new(int(_shape(root)[root_dim]))
+        parameters[root.target] = (root_dim, gid)
+        layout[param] = (dim, (gid,))
+        return layout[param]
 
     for node in gm.graph.nodes:
         tensor_args: List[fx.Node] = []
@@ -231,6 +257,8 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
                     uf.normalised.add(uf.find(g))  # last old channels see new neighbours instead of zero padding
                 layout[node] = src
                 continue
+            if src[0] != axis and all(uf.find(g) in uf.fixed for g in src[1]):  # the traced axis was only a guess
+                src = (axis, (uf.new(int(src_shape[axis]), f"input of '{node.target}' has no traced channel layout"),))
             if src[0] != axis:  # e.g. a Linear applied to a (N, tokens, C) tensor whose channels are on dim 1
                 fix_all([src], f"{type(module).__name__} '{node.target}' reads dim {axis}, the channels are on dim {src[0]}")
                 layout[node] = fresh(node, f"output of {type(module).__name__} '{node.target}', which reads dim {axis}")
@@ -272,7 +300,20 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
         else:  # call_function / call_method
             target, method = node.target, node.op == "call_method"
             located = [(a, lay(a)) for a in tensor_args if lay(a) is not None]
-            params = [a for a in tensor_args if a.op == "get_attr" and lay(a) is None and math.prod(_shape(a) or (2,)) > 1]
+            params = [a for a in tensor_args if (a.op == "get_attr" or a in floating) and lay(a) is None
+                      and math.prod(_shape(a) or (2,)) > 1]
+            if params and not located and method and target in _FLOATING_METHODS:  # cls_token.expand(N, -1, -1)
+                floating[node] = floating.get(params[0], params[0])
+                layout[node] = None
+                continue
+            joins = target in _ELEMENTWISE or (method and target in _ELEMENTWISE_METHODS) or (
+                target in (torch.cat, torch.concat) and located and located[0][1][0] != _cat_dim(node))
+            if params and located and joins:
+                for param in params:
+                    placed = lined_up(param, located[0])
+                    if placed is not None:
+                        located.append((param, placed))
+                params = [a for a in params if lay(a) is None]
             if params:
                 fix_all([lo for _, lo in located], f"{node.name} uses parameter '{params[0].target}' directly")
                 layout[node] = fresh(node, f"output of {node.name}")
@@ -308,6 +349,18 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
                     layout[node] = merge(located, node)
             elif target in (getattr, operator.getitem) and shape is None:
                 layout[node] = None
+            elif target is operator.getitem and src is not None and src_shape is not None:  # x[:, 0]: the cls token
+                layout[node] = moved(node, src, _indexed_axis(node.args[1], len(src_shape), src[0]), node.name)
+            elif _name(target) in _PIXEL_SHUFFLING_FUNCTIONS and src is not None and shape is not None:
+                axis = len(shape) - (len(src_shape) - src[0])
+                layout[node] = moved(node, src, axis if 0 <= axis < len(shape) and shape[axis] == src_shape[src[0]] else None, node.name)
+            elif _name(target) == "roll" and src is not None and src_shape is not None:  # Swin's shifted windows
+                dims = node.kwargs.get("dims", node.args[2] if len(node.args) > 2 else None)
+                dims = dims if isinstance(dims, (list, tuple)) else [dims]
+                keeps = all(isinstance(d, int) for d in dims) and src[0] not in {d % len(src_shape) for d in dims}
+                layout[node] = moved(node, src, src[0] if keeps else None, node.name)
+            elif _name(target) == "pad" and src is not None and src_shape is not None:  # Swin pads H and W of NHWC
+                layout[node] = moved(node, src, src[0] if _pads_only_other_dims(node, len(src_shape), src[0]) else None, node.name)
             elif method and target in ("size", "dim"):
                 layout[node] = None
             else:
@@ -336,6 +389,38 @@ def _follow_axis(before: Sequence[int], after: Sequence[int], axis: int) -> Opti
         if size == before[axis] and math.prod(after[:d]) == outer:
             return d
     return None
+
+
+def _indexed_axis(index: Any, ndim: int, axis: int) -> Optional[int]:
+    """Where ``x[index]`` puts dim ``axis`` of ``x``: None if it indexes or slices the channels, or
+    uses anything but ints, full-or-partial slices of other dims, None and one Ellipsis."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    if sum(i is Ellipsis for i in items) > 1 or not all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in items):
+        return None
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        used = sum(i is not None for i in items) - 1
+        items[at:at + 1] = [slice(None)] * (ndim - used)
+    items += [slice(None)] * (ndim - sum(i is not None for i in items))
+    dim = out = 0
+    for item in items:
+        if item is None:
+            out += 1
+            continue
+        if dim == axis:
+            return out if item == slice(None) else None
+        dim, out = dim + 1, out + (not isinstance(item, int))
+    return None
+
+
+def _pads_only_other_dims(node: fx.Node, ndim: int, axis: int) -> bool:
+    """Whether ``F.pad(x, pad)`` leaves dim ``axis`` alone: its pair (counted from the last dim) is
+    absent or literally (0, 0); the other pairs may be computed at run time."""
+    pad = node.kwargs.get("pad", node.args[1] if len(node.args) > 1 else None)
+    if not isinstance(pad, (list, tuple)):
+        return False
+    at = 2 * (ndim - 1 - axis)
+    return at >= len(pad) or (pad[at] == 0 and pad[at + 1] == 0 and not isinstance(pad[at], fx.Node))
 
 
 def _permutation(node: fx.Node, ndim: int) -> Optional[List[int]]:

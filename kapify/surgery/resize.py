@@ -67,6 +67,14 @@ try:  # timm's weight-standardised convs normalise each filter over its input ch
         register_channel_handler(_std_conv, ChannelHandler("conv", "in_channels", "out_channels", channels_normalised=True))
     for _norm2d in (LayerNorm2d, LayerNorm2dFp32):  # LayerNorm over dim 1 of NCHW (ConvNeXt stem and downsampling)
         register_channel_handler(_norm2d, ChannelHandler("channelwise", "normalized_shape", "normalized_shape", True, axis=1))
+    from timm.layers import LayerNormAct2d, LayerNormAct2dFp32, RmsNorm, RmsNorm2d, RmsNorm2dFp32, RmsNormFp32, SimpleNorm, \
+        SimpleNorm2d, SimpleNorm2dFp32, SimpleNormFp32
+
+    for _norm2d in (LayerNormAct2d, LayerNormAct2dFp32):  # subclass nn.LayerNorm but normalise dim 1 (MaxxViT)
+        register_channel_handler(_norm2d, ChannelHandler("channelwise", "normalized_shape", "normalized_shape", True, axis=1))
+    for _rms, _axis in ((RmsNorm, -1), (RmsNormFp32, -1), (SimpleNorm, -1), (SimpleNormFp32, -1),  # RMS norms: plain nn.Modules
+                        (RmsNorm2d, 1), (RmsNorm2dFp32, 1), (SimpleNorm2d, 1), (SimpleNorm2dFp32, 1)):
+        register_channel_handler(_rms, ChannelHandler("channelwise", "normalized_shape", "normalized_shape", True, axis=_axis))
 except ImportError:  # pragma: no cover - timm is a dependency
     pass
 try:  # torchvision's ConvNeXt LayerNorm2d, also over dim 1
