@@ -6,8 +6,10 @@ channel-wise layers (BatchNorm), activations, pools and depthwise/grouped convs 
 out channels pass it on (widening adds whole groups, so the width stays a multiple of the group width); a residual add
 or a multiply (squeeze-excitation) merges the groups of its operands; a concat along dim 1 gives a
 tensor made of several groups' segments. The channel axis is followed through permutes, transposes
-and reshapes (ConvNeXt's channels-last blocks: LayerNorm and Linear on the last dim), and a
-parameter with one channel-sized dim (LayerScale's gamma) joins the group it is multiplied with.
+and reshapes (ConvNeXt's channels-last blocks: LayerNorm and Linear on the last dim), indexing of
+other dims (a ViT's ``x[:, 0]``), padding and rolling of pixels (Swin) and timm's window/grid
+reverse functions. A parameter joins the group it meets on the dim lined up with the channels
+(LayerScale's gamma; a ViT's pos_embed and its expanded cls/register tokens).
 Statistics over the channels (LayerNorm, GroupNorm, a mean over dim 1, ECA's Conv1d sliding along
 them) mark the group *normalised*: it can widen, but new channels change the old ones' outputs.
 A group touching anything else (a reshape that splits channels, matmul, a parameter used directly,
