@@ -18,7 +18,6 @@ from tests.test_convert_zoo import CASES, build
 # where channel groups legitimately stay fixed (rectangular grids), and the reason the report gives
 PARTLY_FIXED = {
     ("torchvision", "shufflenet_v2_x1_0"): "view",  # channel shuffle permutes channels across groups
-    ("torchvision", "vgg11_bn"): "flatten",  # the classifier reads 512 x 7 x 7 flattened features
 }
 
 
@@ -303,6 +302,38 @@ def test_timm_norms_over_dim_1_widen_with_their_conv(norm):
     kap = kapify.convert(model, example_input=torch.rand(1, 3, 4, 4))
     assert kap[0].out_channels == 9 and kap[1].normalized_shape == (9,) and kap[1].weight.shape == (9,)
     assert "0" in kapify.get_config(kap).widened_across_norm
+
+
+def test_the_analysis_looks_inside_blocks_timm_keeps_whole():
+    model = timm.create_model("nf_regnet_b0", num_classes=10)  # NormFreeBlock: a leaf for timm's FX (in-place ops)
+    x = torch.rand(1, 3, 64, 64)
+    block_conv = next(g for g in kapify.channel_groups(model, x) if "stages.0.0.conv1" in g.producers)
+    assert block_conv.fixed is None
+    kap = kapify.convert(model, example_input=x)
+    config = kapify.get_config(kap)
+    assert not config.fixed_widths and all(math.isqrt(r.out_channels) ** 2 == r.out_channels for r in config.layers)
+    assert kap.eval()(x).shape == (1, 10)
+
+
+class FlattenedClassifier(nn.Module):  # VGG / AlexNet: the classifier reads C x H x W flattened features
+    def __init__(self, slice_features: bool = False):
+        super().__init__()
+        self.conv, self.drop, self.fc = nn.Conv2d(3, 8, 1), nn.Dropout(0.5), nn.Linear(10 if slice_features else 32, 5)
+        self.slice_features = slice_features
+
+    def forward(self, x):
+        y = self.drop(torch.flatten(torch.relu(self.conv(x)), 1))
+        return self.fc(y[:, :10] if self.slice_features else y)
+
+
+def test_a_classifier_over_flattened_channels_widens_with_them():
+    model, x = FlattenedClassifier().eval(), torch.rand(2, 3, 2, 2)
+    wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x)
+    assert wide.conv.out_channels == 9 and wide.fc.in_features == 36
+    torch.testing.assert_close(wide.eval()(x), model(x))
+    torch.testing.assert_close(wide.fc.weight[:, :32], model.fc.weight)  # channel 8's four entries come last
+    sliced = next(g for g in kapify.channel_groups(FlattenedClassifier(slice_features=True), x) if "conv" in g.producers)
+    assert "flattened over 4 entries" in sliced.fixed
 
 
 def test_convert_squares_convnext_across_layernorm_and_says_so():

@@ -29,7 +29,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .resize import channel_handler
-from .tracing import eval_mode, example_input as default_input, trace
+from .tracing import _timm_settings, check_graph, eval_mode, example_input as default_input, trace
 
 __all__ = ["ChannelGroup", "ChannelGraph", "channel_groups", "analyze_channels"]
 
@@ -86,6 +86,7 @@ class ChannelGraph:
     outputs: Dict[str, int]     # conv/linear -> group of its output channels
     channelwise: Dict[str, Layout]  # BatchNorm, depthwise conv, ... -> layout of its channels
     parameters: Dict[str, Tuple[int, Layout]] = field(default_factory=dict)  # parameter used directly (LayerScale) -> (dim, layout)
+    spread: Dict[str, int] = field(default_factory=dict)  # linear reading flattened C x H x W features -> H*W entries per channel
 
     def group_of(self, module_name: str) -> Optional[ChannelGroup]:
         """The group a conv's output channels belong to (a depthwise conv's: its input's)."""
@@ -145,10 +146,8 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
                      leaf_modules: Iterable[type] = ()) -> ChannelGraph:
     """Trace ``model`` and return its :class:`ChannelGraph` (see the module docstring)."""
     handled = {type(m) for m in model.modules() if channel_handler(m) is not None}  # e.g. timm's Linear: a leaf, not F.linear
-    gm = trace(model, tuple(leaf_modules) + tuple(handled))
     x = example_input if example_input is not None else default_input(model)
-    with eval_mode(gm), torch.no_grad():
-        ShapeProp(gm).propagate(x)
+    gm = _shaped_graph(model, tuple(leaf_modules) + tuple(handled), x)
     uf = _UnionFind()
     layout: Dict[fx.Node, Optional[_Located]] = {}
     inputs: Dict[str, Layout] = {}
@@ -156,6 +155,8 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
     roles: Dict[str, List[Tuple[str, Layout]]] = {}
     parameters: Dict[str, Tuple[int, int]] = {}  # parameter path -> (its channel dim, its group)
     floating: Dict[fx.Node, fx.Node] = {}  # an expanded/cast parameter whose channel dim is not known yet -> its get_attr
+    spread: Dict[fx.Node, int] = {}  # a flattened tensor whose channels span k consecutive entries each
+    spreads: Dict[str, int] = {}  # the linear layers reading such tensors
 
     def lay(arg: Any) -> Optional[_Located]:
         return layout.get(arg) if isinstance(arg, fx.Node) else None
@@ -220,6 +221,18 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
         shape = _shape(node)
         src = lay(tensor_args[0]) if tensor_args else None
         src_shape = _shape(tensor_args[0]) if tensor_args else None
+        spread_src = next((a for a in tensor_args if a in spread), None)
+        if spread_src is not None and shape is not None and node.op != "output":  # VGG: flatten, dropout, classifier
+            handler = channel_handler(gm.get_submodule(node.target)) if node.op == "call_module" else None
+            if handler is not None and handler.kind == "linear" and len(tensor_args) == 1:
+                spreads[node.target] = spread[spread_src]  # then read as usual, below
+            elif len(tensor_args) == 1 and shape == src_shape and _keeps_every_entry(node, gm):
+                layout[node], spread[node] = src, spread[spread_src]
+                continue
+            else:
+                fix_all([src], f"{node.name} reads channels flattened over {spread[spread_src]} entries each")
+                layout[node] = fresh(node, f"output of {node.name}")
+                continue
         if node.op == "placeholder":
             layout[node] = fresh(node, "model input")
         elif node.op == "get_attr":  # a parameter with one channel-sized dim (LayerScale gamma) joins whatever it meets
@@ -329,6 +342,9 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
                 layout[node] = moved(node, src, None if dims is None else _permuted_axis(src[0], dims, len(src_shape)), node.name)
             elif target in (torch.flatten, torch.reshape) or (method and target in ("view", "reshape", "flatten")):
                 axis = _follow_axis(src_shape, shape, src[0]) if src and shape else None
+                flat = _flattened_axis(src_shape, shape, src[0]) if src and shape and axis is None else None
+                if flat is not None:  # (N, C, H, W) -> (N, C*H*W): each channel spans H*W consecutive entries
+                    axis, spread[node] = flat
                 if axis is not None and _stored_width(node, axis):  # e.g. gamma.view(self.shape): breaks when widened
                     fix_all([src], f"{node.name} ({_name(target)}) hard-codes {shape[axis]} channels")
                 layout[node] = moved(node, src, axis, node.name)
@@ -369,10 +385,31 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
                 fix_all([lo for _, lo in located], f"{node.name} ({_name(target)}) is not channel-aware")
                 layout[node] = fresh(node, f"output of {node.name} ({_name(target)})")
         lo = layout.get(node)
-        if lo is not None and shape is not None and len(shape) > lo[0] and sum(uf.width[uf.find(g)] for g in lo[1]) != shape[lo[0]]:
+        if lo is not None and shape is not None and len(shape) > lo[0] and \
+                sum(uf.width[uf.find(g)] for g in lo[1]) * spread.get(node, 1) != shape[lo[0]]:
             fix_all([lo], f"{node.name}: traced channel layout does not add up to {shape[lo[0]]} channels")
 
-    return _collect(uf, inputs, outputs, roles, parameters)
+    return _collect(uf, inputs, outputs, roles, parameters, spreads)
+
+
+def _shaped_graph(model: nn.Module, leaves: Tuple[type, ...], x: torch.Tensor) -> fx.GraphModule:
+    """The traced graph with shapes. It first looks inside the blocks timm keeps whole for FX
+    (NormFreeBlock: in-place ops), trusted only if it runs and matches eager; else timm's leaves."""
+    timm_blocks = tuple(_timm_settings()[0])
+    try:
+        if not timm_blocks or not any(isinstance(m, timm_blocks) and not isinstance(m, leaves) for m in model.modules()):
+            raise LookupError("no timm block to look into")
+        gm = trace(model, leaves, timm_leaves=False)
+        with eval_mode(gm), torch.no_grad():
+            ShapeProp(gm).propagate(x)
+        if check_graph(gm, model, [x]) is None:
+            return gm
+    except Exception:  # noqa: BLE001 - any failure: use timm's own tracing settings
+        pass
+    gm = trace(model, leaves)
+    with eval_mode(gm), torch.no_grad():
+        ShapeProp(gm).propagate(x)
+    return gm
 
 
 _Located = Tuple[int, Layout]  # (the tensor dim holding the channels, its segments)
@@ -391,6 +428,26 @@ def _follow_axis(before: Sequence[int], after: Sequence[int], axis: int) -> Opti
         if size == before[axis] and math.prod(after[:d]) == outer:
             return d
     return None
+
+
+def _flattened_axis(before: Sequence[int], after: Sequence[int], axis: int) -> Optional[Tuple[int, int]]:
+    """(output dim, entries per channel) when a reshape merges dim ``axis`` with the dims after it
+    (channels outermost, as ``torch.flatten(x, 1)`` before a classifier), else None."""
+    outer, size = math.prod(before[:axis]), before[axis]
+    for d, merged in enumerate(after):
+        if math.prod(after[:d]) == outer:
+            for end in range(axis + 2, len(before) + 1):
+                if math.prod(before[axis:end]) == merged and merged > size:
+                    return d, merged // size
+    return None
+
+
+def _keeps_every_entry(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """An op that maps each entry to itself: dropout, activations, casts (safe on flattened channels)."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return not any(True for _ in module.parameters()) and isinstance(module, (nn.Dropout, nn.Identity, nn.ReLU, nn.GELU, nn.SiLU, nn.Hardswish))
+    return node.target in _ELEMENTWISE or (node.op == "call_method" and node.target in _ELEMENTWISE_METHODS | _CAST_METHODS)
 
 
 def _indexed_axis(index: Any, ndim: int, axis: int) -> Optional[int]:
@@ -486,8 +543,8 @@ def _name(target: Any) -> str:
     return target if isinstance(target, str) else getattr(target, "__name__", str(target))
 
 
-def _collect(uf: _UnionFind, inputs: Dict[str, Layout], outputs: Dict[str, int],
-             roles: Dict[str, List[Tuple[str, Layout]]], parameters: Dict[str, Tuple[int, int]]) -> ChannelGraph:
+def _collect(uf: _UnionFind, inputs: Dict[str, Layout], outputs: Dict[str, int], roles: Dict[str, List[Tuple[str, Layout]]],
+             parameters: Dict[str, Tuple[int, int]], spreads: Dict[str, int]) -> ChannelGraph:
     roots = sorted({uf.find(g) for g in range(len(uf.parent))})
     index = {r: i for i, r in enumerate(roots)}
     groups = [ChannelGroup(id=i, width=uf.width[r], divisor=uf.divisor.get(r, 1), fixed=uf.fixed.get(r), normalised=r in uf.normalised)
@@ -511,6 +568,7 @@ def _collect(uf: _UnionFind, inputs: Dict[str, Layout], outputs: Dict[str, int],
         outputs={n: renum(g) for n, g in outputs.items()},
         channelwise={n: tuple(renum(g) for g in lo) for n, entries in roles.items() for role, lo in entries if role != "conv"},
         parameters={n: (dim, (renum(g),)) for n, (dim, g) in parameters.items()},
+        spread=spreads,
     )
 
 

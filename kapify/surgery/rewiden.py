@@ -152,6 +152,9 @@ def _rewiden(model: nn.Module, width_fn: Union[str, Dict, WidthFn], function_pre
         kwargs = {}
         if name in graph.inputs:
             size, idx = layout_map(graph.inputs[name])
+            if name in graph.spread:  # a classifier reading flattened (C, H, W): channel c owns entries c*k .. c*k+k-1
+                k = graph.spread[name]
+                size, idx = size * k, (idx[:, None] * k + torch.arange(k)).flatten()
             kwargs.update(new_in=size, in_index=idx, zero_new_inputs=function_preserving)
         if name in graph.outputs:
             gid = graph.outputs[name]

@@ -55,10 +55,10 @@ def _timm_settings() -> Tuple[List[type], List[Callable]]:
 class KapifyTracer(fx.Tracer):
     """``torch.fx.Tracer`` with timm's leaf settings, conv types as leaves, and the module path of a failure."""
 
-    def __init__(self, leaf_modules: Sequence[type] = ()) -> None:
-        timm_leaves, timm_functions = _timm_settings()
+    def __init__(self, leaf_modules: Sequence[type] = (), timm_leaves: bool = True) -> None:
+        timm_modules, timm_functions = _timm_settings()
         super().__init__(autowrap_functions=tuple(f for f in timm_functions if callable(f)))
-        self.leaf_types = tuple({*timm_leaves, *_LEAF_MODULES, *leaf_modules})
+        self.leaf_types = tuple({*(timm_modules if timm_leaves else ()), *_LEAF_MODULES, *leaf_modules})
         self._stack: List[Tuple[str, type]] = []
         self.failed_in: Optional[Tuple[str, type]] = None
 
@@ -79,15 +79,16 @@ class KapifyTracer(fx.Tracer):
             self._stack.pop()
 
 
-def trace(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.GraphModule:
+def trace(model: nn.Module, leaf_modules: Sequence[type] = (), timm_leaves: bool = True) -> fx.GraphModule:
     """Symbolically trace ``model``; raise :class:`TracingError` naming the failing module.
+    ``timm_leaves=False`` traces into the blocks timm keeps whole (for analyses that only need shapes).
 
     Example:
         >>> gm = trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
         >>> [n.op for n in gm.graph.nodes]
         ['placeholder', 'call_module', 'call_module', 'output']
     """
-    tracer = KapifyTracer(leaf_modules)
+    tracer = KapifyTracer(leaf_modules, timm_leaves)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
