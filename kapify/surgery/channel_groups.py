@@ -224,7 +224,7 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
         spread_src = next((a for a in tensor_args if a in spread), None)
         if spread_src is not None and shape is not None and node.op != "output":  # VGG: flatten, dropout, classifier
             handler = channel_handler(gm.get_submodule(node.target)) if node.op == "call_module" else None
-            if handler is not None and handler.kind == "linear" and len(tensor_args) == 1:
+            if handler is not None and handler.kind == "linear" and len(tensor_args) == 1 and handler.axis % len(src_shape) == src[0]:
                 spreads[node.target] = spread[spread_src]  # then read as usual, below
             elif len(tensor_args) == 1 and shape == src_shape and _keeps_every_entry(node, gm):
                 layout[node], spread[node] = src, spread[spread_src]
