@@ -230,7 +230,7 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
                 layout[node], spread[node] = src, spread[spread_src]
                 continue
             else:
-                fix_all([src], f"{node.name} reads channels flattened over {spread[spread_src]} entries each")
+                fix_all([layout[a] for a in tensor_args if a in spread], f"{node.name} reads channels flattened over {spread[spread_src]} entries each")
                 layout[node] = fresh(node, f"output of {node.name}")
                 continue
         if node.op == "placeholder":
