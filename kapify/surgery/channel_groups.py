@@ -224,13 +224,15 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
         spread_src = next((a for a in tensor_args if a in spread), None)
         if spread_src is not None and shape is not None and node.op != "output":  # VGG: flatten, dropout, classifier
             handler = channel_handler(gm.get_submodule(node.target)) if node.op == "call_module" else None
-            if handler is not None and handler.kind == "linear" and len(tensor_args) == 1 and handler.axis % len(src_shape) == src[0]:
+            single = len(tensor_args) == 1  # then src is the flattened tensor
+            if single and handler is not None and handler.kind == "linear" and handler.axis % len(src_shape) == src[0]:
                 spreads[node.target] = spread[spread_src]  # then read as usual, below
-            elif len(tensor_args) == 1 and shape == src_shape and _keeps_every_entry(node, gm):
+            elif single and shape == src_shape and _keeps_every_entry(node, gm):
                 layout[node], spread[node] = src, spread[spread_src]
                 continue
             else:
-                fix_all([layout[a] for a in tensor_args if a in spread], f"{node.name} reads channels flattened over {spread[spread_src]} entries each")
+                flat = [layout[a] for a in tensor_args if a in spread]
+                fix_all(flat, f"{node.name} reads channels flattened over {spread[spread_src]} entries each")
                 layout[node] = fresh(node, f"output of {node.name}")
                 continue
         if node.op == "placeholder":
@@ -371,14 +373,16 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
                 layout[node] = moved(node, src, _indexed_axis(node.args[1], len(src_shape), src[0]), node.name)
             elif _name(target) in _PIXEL_SHUFFLING_FUNCTIONS and src is not None and shape is not None:
                 axis = len(shape) - (len(src_shape) - src[0])
-                layout[node] = moved(node, src, axis if 0 <= axis < len(shape) and shape[axis] == src_shape[src[0]] else None, node.name)
+                kept = 0 <= axis < len(shape) and shape[axis] == src_shape[src[0]]
+                layout[node] = moved(node, src, axis if kept else None, node.name)
             elif _name(target) == "roll" and src is not None and src_shape is not None:  # Swin's shifted windows
                 dims = node.kwargs.get("dims", node.args[2] if len(node.args) > 2 else None)
                 dims = dims if isinstance(dims, (list, tuple)) else [dims]
                 keeps = all(isinstance(d, int) for d in dims) and src[0] not in {d % len(src_shape) for d in dims}
                 layout[node] = moved(node, src, src[0] if keeps else None, node.name)
             elif _name(target) == "pad" and src is not None and src_shape is not None:  # Swin pads H and W of NHWC
-                layout[node] = moved(node, src, src[0] if _pads_only_other_dims(node, len(src_shape), src[0]) else None, node.name)
+                kept = _pads_only_other_dims(node, len(src_shape), src[0])
+                layout[node] = moved(node, src, src[0] if kept else None, node.name)
             elif method and target in ("size", "dim"):
                 layout[node] = None
             else:
@@ -446,7 +450,8 @@ def _keeps_every_entry(node: fx.Node, gm: fx.GraphModule) -> bool:
     """An op that maps each entry to itself: dropout, activations, casts (safe on flattened channels)."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        return not any(True for _ in module.parameters()) and isinstance(module, (nn.Dropout, nn.Identity, nn.ReLU, nn.GELU, nn.SiLU, nn.Hardswish))
+        pointwise = (nn.Dropout, nn.Identity, nn.ReLU, nn.GELU, nn.SiLU, nn.Hardswish)
+        return isinstance(module, pointwise) and not any(True for _ in module.parameters())
     return node.target in _ELEMENTWISE or (node.op == "call_method" and node.target in _ELEMENTWISE_METHODS | _CAST_METHODS)
 
 
