@@ -336,6 +336,24 @@ def test_a_classifier_over_flattened_channels_widens_with_them():
     assert "flattened over 4 entries" in sliced.fixed
 
 
+def test_a_conv_after_heads_merged_back_into_channels_produces_free_channels():
+    class HeadsBack(nn.Module):  # CoAtNet / LeViT attention: (N, heads, dim, HW) viewed back to (N, C, H, W)
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj, self.out = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 6, 1), nn.Conv2d(6, 4, 1)
+
+        def forward(self, x):
+            n, _, h, w = x.shape
+            heads = torch.relu(self.qkv(x).reshape(n, 2, 4, h * w))
+            return self.out(self.proj(heads.reshape(n, 8, h, w))).mean((2, 3))
+
+    model, x = HeadsBack().eval(), torch.rand(2, 3, 2, 2)
+    assert next(g for g in kapify.channel_groups(model, x) if "proj" in g.producers).fixed is None
+    wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x)
+    assert wide.qkv.out_channels == 8 and wide.proj.out_channels == 9
+    torch.testing.assert_close(wide.eval()(x), model(x))
+
+
 def test_convert_squares_convnext_across_layernorm_and_says_so():
     model = timm.create_model("convnext_atto", num_classes=10)
     kap = kapify.convert(model, example_input=torch.rand(1, 3, 64, 64))

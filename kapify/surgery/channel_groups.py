@@ -230,11 +230,13 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
             elif single and shape == src_shape and _keeps_every_entry(node, gm):
                 layout[node], spread[node] = src, spread[spread_src]
                 continue
-            else:
-                flat = [layout[a] for a in tensor_args if a in spread]
-                fix_all(flat, f"{node.name} reads channels flattened over {spread[spread_src]} entries each")
-                layout[node] = fresh(node, f"output of {node.name}")
-                continue
+            else:  # anything else sees an untracked, fixed axis (a conv after it still produces free channels)
+                why = f"{node.name} reads channels flattened over {spread[spread_src]} entries each"
+                for flat in [a for a in tensor_args if a in spread]:
+                    fix_all([layout[flat]], why)
+                    layout[flat] = (layout[flat][0], (uf.new(int(_shape(flat)[layout[flat][0]]), why),))
+                    del spread[flat]
+                src = lay(tensor_args[0])
         if node.op == "placeholder":
             layout[node] = fresh(node, "model input")
         elif node.op == "get_attr":  # a parameter with one channel-sized dim (LayerScale gamma) joins whatever it meets
