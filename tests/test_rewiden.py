@@ -95,6 +95,16 @@ def test_resize_layer_places_old_channels_and_zeroes_new_inputs():
     assert bn.running_mean.tolist() == [5, 5, 5, 0, 0] and bn.weight.tolist() == [1] * 5
 
 
+def test_a_transposed_conv_keeps_its_filters_and_computes_the_same():
+    model = nn.Sequential(nn.Conv2d(3, 5, 1), nn.ConvTranspose2d(5, 6, 4, stride=2, padding=1), nn.ReLU(), nn.Conv2d(6, 2, 1)).eval()
+    x = torch.rand(2, 3, 4, 4)
+    wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x)
+    assert wide[1].weight.shape == (9, 9, 4, 4) and (wide[1].in_channels, wide[1].out_channels) == (9, 9)
+    torch.testing.assert_close(wide[1].weight[:5, :6], model[1].weight)  # (in, out, kh, kw): old filters in place
+    assert (wide[1].weight[5:] == 0).all()  # outgoing weights of the new input channels
+    torch.testing.assert_close(wide.eval()(x), model(x))
+
+
 def test_square_width_rule():
     assert [kapify.square_width(c) for c in (1, 9, 10, 63, 64, 65, 144, 145)] == [1, 9, 16, 64, 64, 144, 144, 256]
     assert kapify.square_width(128, divisor=3) == 144  # 144 = 12^2 is a multiple of 16 and of 3

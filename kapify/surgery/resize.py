@@ -128,6 +128,7 @@ def resize_layer(
     out_index = torch.arange(old_out) if out_index is None else out_index
     groups = getattr(module, "groups", 1)
     grouped = handler.kind == "conv" and groups > 1 and old_in == old_out  # widening adds whole groups
+    transposed = handler.kind == "conv" and getattr(module, "transposed", False)  # weight is (in, out / groups, ...)
     fresh = copy.deepcopy(module)
     handler.set_count(fresh, handler.in_attr, new_in)
     handler.set_count(fresh, handler.out_attr, new_out)
@@ -138,7 +139,9 @@ def resize_layer(
         if tensor is None or tensor.dim() == 0:
             continue
         shape = list(tensor.shape)
-        if handler.kind in ("conv", "linear") and name == "weight":
+        if handler.kind in ("conv", "linear") and name == "weight" and transposed:
+            shape[0], shape[1] = new_in, new_out // fresh.groups
+        elif handler.kind in ("conv", "linear") and name == "weight":
             shape[0] = new_out
             shape[1] = new_in // fresh.groups if handler.kind == "conv" else new_in
         else:  # bias, norm weight/bias/running stats: one entry per output channel
@@ -156,13 +159,15 @@ def resize_layer(
     for name in shapes:
         old, new = getattr(module, name), getattr(fresh, name).detach()
         if handler.kind in ("conv", "linear") and name == "weight" and not grouped:
-            columns = in_index if handler.kind == "linear" or groups == 1 else torch.arange(old.shape[1])
+            rows, inputs = (in_index, out_index) if transposed else (out_index, in_index)
+            columns = inputs if handler.kind == "linear" or groups == 1 else torch.arange(old.shape[1])
             if zero_new_inputs:  # outgoing weights of new input channels start at 0 (Net2Net)
-                keep = torch.zeros(new.shape[1], dtype=torch.bool)
-                keep[columns] = True
+                dim = 0 if transposed else 1
+                keep = torch.zeros(new.shape[dim], dtype=torch.bool)
+                keep[in_index if transposed else columns] = True
                 new = new.clone()
-                new[:, ~keep] = 0
-            value = _place(old.detach(), new, out_index, columns)
+                new[(slice(None),) * dim + (~keep,)] = 0
+            value = _place(old.detach(), new, rows, columns)
         else:
             value = _place(old.detach(), new, out_index)
         if isinstance(old, nn.Parameter):
