@@ -401,21 +401,21 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
 def _shaped_graph(model: nn.Module, leaves: Tuple[type, ...], x: torch.Tensor) -> fx.GraphModule:
     """The traced graph with shapes. It first looks inside the blocks timm keeps whole for FX
     (NormFreeBlock: in-place ops), trusted only if it runs and matches eager; else timm's leaves."""
-    timm_blocks = tuple(_timm_settings()[0])
-    try:
-        if not timm_blocks or not any(isinstance(m, timm_blocks) and not isinstance(m, leaves) for m in model.modules()):
-            raise LookupError("no timm block to look into")
-        gm = trace(model, leaves, timm_leaves=False)
+    def shaped(timm_leaves: bool) -> fx.GraphModule:
+        gm = trace(model, leaves, timm_leaves=timm_leaves)
         with eval_mode(gm), torch.no_grad():
             ShapeProp(gm).propagate(x)
-        if check_graph(gm, model, [x]) is None:
-            return gm
-    except Exception:  # noqa: BLE001 - any failure: use timm's own tracing settings
-        pass
-    gm = trace(model, leaves)
-    with eval_mode(gm), torch.no_grad():
-        ShapeProp(gm).propagate(x)
-    return gm
+        return gm
+
+    timm_blocks = tuple(_timm_settings()[0])
+    if any(isinstance(m, timm_blocks) and not isinstance(m, leaves) for m in model.modules()):
+        try:
+            gm = shaped(timm_leaves=False)
+            if check_graph(gm, model, [x]) is None:
+                return gm
+        except Exception:  # noqa: BLE001 - any failure: use timm's own tracing settings
+            pass
+    return shaped(timm_leaves=True)
 
 
 _Located = Tuple[int, Layout]  # (the tensor dim holding the channels, its segments)

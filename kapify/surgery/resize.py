@@ -139,7 +139,7 @@ def resize_layer(
         if tensor is None or tensor.dim() == 0:
             continue
         shape = list(tensor.shape)
-        if handler.kind in ("conv", "linear") and name == "weight" and transposed:
+        if name == "weight" and transposed:
             shape[0], shape[1] = new_in, new_out // fresh.groups
         elif handler.kind in ("conv", "linear") and name == "weight":
             shape[0] = new_out
@@ -162,11 +162,11 @@ def resize_layer(
             rows, inputs = (in_index, out_index) if transposed else (out_index, in_index)
             columns = inputs if handler.kind == "linear" or groups == 1 else torch.arange(old.shape[1])
             if zero_new_inputs:  # outgoing weights of new input channels start at 0 (Net2Net)
-                dim = 0 if transposed else 1
-                keep = torch.zeros(new.shape[dim], dtype=torch.bool)
-                keep[in_index if transposed else columns] = True
+                input_dim, input_index = (0, rows) if transposed else (1, columns)
+                keep = torch.zeros(new.shape[input_dim], dtype=torch.bool)
+                keep[input_index] = True
                 new = new.clone()
-                new[(slice(None),) * dim + (~keep,)] = 0
+                new[(slice(None),) * input_dim + (~keep,)] = 0
             value = _place(old.detach(), new, rows, columns)
         else:
             value = _place(old.detach(), new, out_index)
