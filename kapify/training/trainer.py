@@ -13,7 +13,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -26,15 +26,20 @@ from .. import serialization
 from ..attacks import pgd
 from ..data import build_dataset, build_loader, dataset_info
 from ..data.loader import default_transform
+from ..data.tensor_loader import TensorLoader, tensor_arrays
 from ..distributed import DistEnv, all_reduce_sum, init_distributed
 from .checkpoint import load_state, rng_state, save_state, set_rng_state
 from .config import TrainConfig, parse_args
 from .model import build_model
 from .objectives import OBJECTIVES
+from .precision import resolve_precision
 
 __all__ = ["train", "main"]
 
-LOG_FIELDS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_acc", "val_robust_acc", "epoch_time_s", "images_per_s"]
+Loader = Union[DataLoader, TensorLoader]
+
+LOG_FIELDS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_acc", "val_robust_acc", "epoch_time_s", "images_per_s",
+              "precision", "memory_format"]
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -54,6 +59,8 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError(f"epochs and batch_size must be >= 1, got {cfg.epochs} and {cfg.batch_size}")
     if cfg.amp not in ("auto", "bf16", "fp16", "none"):
         raise ValueError(f"amp must be auto, bf16, fp16 or none, got {cfg.amp!r}")
+    if cfg.loader not in ("auto", "tensor", "torch"):
+        raise ValueError(f"loader must be auto, tensor or torch, got {cfg.loader!r}")
 
 
 def _seed_all(seed: int) -> None:
@@ -62,31 +69,42 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _autocast(cfg: TrainConfig, device: torch.device) -> Tuple[Optional[torch.dtype], bool]:
-    amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp], amp == "fp16"
-
-
-def _datasets(cfg: TrainConfig, env: DistEnv) -> Tuple[DataLoader, Optional[DataLoader], DataLoader]:
-    """Train loader (minus a held-out validation part of the training set), validation loader, test loader."""
+def _datasets(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Tuple[Loader, Optional[Loader], Loader, str]:
+    """Train loader (minus a held-out validation part of the training set), validation loader, test
+    loader, and which kind of loader they are (``tensor``: in-memory uint8 images augmented per
+    batch on ``device``; ``torch``: a ``DataLoader`` with per-image transforms)."""
+    kind = cfg.loader if cfg.loader != "auto" else ("tensor" if dataset_info(cfg.dataset).image_size <= 32 else "torch")
     train_full = build_dataset(cfg.dataset, True, cfg.data_dir, default_transform(cfg.dataset, True), download=cfg.download)
-    held_out = copy.copy(train_full)  # same images, evaluation transform
-    held_out.transform = default_transform(cfg.dataset, False)
     order = torch.randperm(len(train_full), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     val_index, train_index = order[: cfg.val_samples], order[cfg.val_samples:]
     if cfg.train_samples is not None:
         train_index = train_index[: cfg.train_samples]
-    common = dict(batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.workers, rank=env.rank, world_size=env.world_size)
-    train = build_loader(cfg.dataset, True, dataset=Subset(train_full, train_index), **common)
-    val = build_loader(cfg.dataset, False, dataset=Subset(held_out, val_index), **common) if val_index else None
-    test = build_loader(cfg.dataset, False, data_dir=cfg.data_dir, num_samples=cfg.test_samples, download=cfg.download, **common)
+    test_set = build_dataset(cfg.dataset, False, cfg.data_dir, download=cfg.download, num_samples=cfg.test_samples, seed=cfg.seed)
+    if kind == "tensor":
+        try:
+            images, labels = tensor_arrays(train_full)
+            test_images, test_labels = tensor_arrays(test_set)
+        except TypeError as err:
+            raise ValueError(f"--loader tensor: {err}; use --loader torch") from None
+        common = dict(batch_size=cfg.batch_size, seed=cfg.seed, device=device, rank=env.rank, world_size=env.world_size)
+        train_index_t, val_index_t = torch.tensor(train_index, dtype=torch.int64), torch.tensor(val_index, dtype=torch.int64)
+        train: Loader = TensorLoader(images[train_index_t], labels[train_index_t], train=True, **common)
+        val: Optional[Loader] = TensorLoader(images[val_index_t], labels[val_index_t], train=False, **common) if val_index else None
+        test: Loader = TensorLoader(test_images, test_labels, train=False, **common)
+    else:
+        held_out = copy.copy(train_full)  # same images, evaluation transform
+        held_out.transform = default_transform(cfg.dataset, False)
+        common = dict(batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.workers, rank=env.rank, world_size=env.world_size)
+        train = build_loader(cfg.dataset, True, dataset=Subset(train_full, train_index), **common)
+        val = build_loader(cfg.dataset, False, dataset=Subset(held_out, val_index), **common) if val_index else None
+        test = build_loader(cfg.dataset, False, dataset=test_set, **common)
     if len(train) == 0:
         raise ValueError(f"{len(train_index)} training images make no full batch of {cfg.batch_size}: lower batch_size")
-    return train, val, test
+    return train, val, test, kind
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, loader: DataLoader, device: torch.device, cfg: TrainConfig, attack: bool) -> float:
+def _accuracy(model: nn.Module, loader: Loader, device: torch.device, cfg: TrainConfig, attack: bool) -> float:
     """Clean (or PGD, when ``attack``) accuracy over the loader, summed over processes."""
     was_training = model.training
     model.eval()
@@ -115,7 +133,7 @@ class _CsvLog:
                 csv.writer(f).writerow([row.get(k, "") for k in LOG_FIELDS])
 
 
-def _batches(loader: DataLoader, epoch: int, skip: int, rng: Optional[Dict[str, Any]]) -> Iterator:
+def _batches(loader: Loader, epoch: int, skip: int, rng: Optional[Dict[str, Any]]) -> Iterator:
     """The epoch's batches from ``skip`` on. A resumed run restores the RNG where the interrupted
     run stood: before the loader starts (at an epoch boundary) or after (mid-epoch)."""
     loader.sampler.set_epoch(epoch)
@@ -137,7 +155,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     _seed_all(cfg.seed)
     model = build_model(cfg, info).to(device)
-    train_loader, val_loader, test_loader = _datasets(cfg, env)
+    train_loader, val_loader, test_loader, loader_kind = _datasets(cfg, env, device)
+    precision = resolve_precision(cfg.amp, cfg.channels_last, device)
 
     import timm.optim
     import timm.scheduler
@@ -151,10 +170,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         step_on_epochs=not cfg.sched_on_updates, updates_per_epoch=updates_per_epoch,
     )
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
-    amp_dtype, use_scaler = _autocast(cfg, device)
-    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    amp_dtype, channels_last = precision.dtype, precision.channels_last
+    scaler = torch.amp.GradScaler(device.type) if precision.grad_scaler else None
 
-    start_epoch, skip, step, best, pending_rng = 0, 0, 0, -1.0, None
+    start_epoch, skip, step, best, pending_rng, train_time = 0, 0, 0, -1.0, None, 0.0
     resume_path = run_dir / "last.pth" if cfg.resume == "auto" else (None if cfg.resume == "none" else Path(cfg.resume))
     state = load_state(resume_path) if resume_path is not None else None
     if cfg.resume not in ("auto", "none") and state is None:
@@ -174,10 +193,12 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
         start_epoch, skip, step, best, pending_rng = state["epoch"], state["batch"], state["step"], state["best"], state["rng"]
+        train_time = state.get("train_time", 0.0)
         if env.is_main:
             print(f"resuming {run_dir} at epoch {start_epoch}, batch {skip} (update {step})", file=sys.stderr)
 
-    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    if env.is_main:
+        print(f"training in {precision.describe()} on {device}, {loader_kind} data loader", file=sys.stderr)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if env.distributed and cfg.sync_bn:
@@ -195,7 +216,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             save_state(run_dir / "last.pth", {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict() if scaler else None,
-                "epoch": epoch, "batch": batch, "step": step, "best": best, "rng": rng_state(), "config": dataclasses.asdict(cfg),
+                "epoch": epoch, "batch": batch, "step": step, "best": best, "rng": rng_state(), "train_time": train_time, "config": dataclasses.asdict(cfg),
             })
 
     extra = {"args": dataclasses.asdict(cfg), "dataset": dataclasses.asdict(info)}
@@ -256,11 +277,14 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         if not cfg.sched_on_updates:
             scheduler.step(epoch + 1)
         elapsed = time.perf_counter() - t0
+        train_time += elapsed
         loss_sum, correct, seen = all_reduce_sum([loss_sum.item(), correct.item(), float(seen)], device)
         eval_model = ema.module if ema is not None else model
         row: Dict[str, Any] = {
             "epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss_sum / max(seen, 1),
             "train_acc": correct / max(seen, 1), "epoch_time_s": elapsed, "images_per_s": seen / max(elapsed, 1e-9),
+            "precision": precision.amp if precision.amp != "none" else "fp32",
+            "memory_format": "channels_last" if channels_last else "contiguous",
         }
         if val_loader is not None:
             row["val_acc"] = _accuracy(eval_model, val_loader, device, cfg, attack=False)
@@ -279,7 +303,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             stopped = epoch + 1 < cfg.epochs
             break
 
-    metrics: Dict[str, Any] = {"run_dir": str(run_dir), "steps": step, "finished": not stopped}
+    metrics: Dict[str, Any] = {
+        "run_dir": str(run_dir), "steps": step, "finished": not stopped, "precision": precision.describe(), "loader": loader_kind,
+        "train_time_s": train_time,
+    }
     if stopped:
         if env.is_main:
             print(f"stopped after {step} updates (max_steps); rerun the same command to resume", file=sys.stderr)
