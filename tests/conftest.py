@@ -1,5 +1,11 @@
+import os
+import tempfile
+
 import pytest
 import torch
+
+# decoded-dataset cache of this test session only (inherited by subprocesses): tests never read a user's cache
+os.environ["KAPIFY_CACHE_DIR"] = tempfile.mkdtemp(prefix="kapify-test-cache-")
 
 from kapify.surgery.conv_types import is_conv
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import kapify
 from conftest import free_port
-from kapify.evaluation import ATTACKS, AdversarialExampleError, certify, evaluate, masking_flags, register_attack
+from kapify.evaluation import ATTACKS, AdversarialExampleError, attack_mode, certify, evaluate, masking_flags, register_attack
 from kapify.evaluation.diagnostics import activation_change, topography_score
 from kapify.evaluation.harness import main
 from kapify.layers import ChannelGrid
@@ -214,3 +214,29 @@ def test_torchrun_shards_examples_over_two_gloo_processes(tiny_checkpoint, cifar
     one = json.loads((tmp_path / "one" / "results.json").read_text())["results"][0]
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["world_size"] == 2 and two["results"][0]["n"] == 30 and two["results"][0]["accuracy"] == one["accuracy"]
+
+
+def test_test_time_noise_stays_on_only_when_asked():
+    model = kapify.convert(kapify.models.SmallConvNet(depth=1, width=9, num_classes=4), sigma=0.5)
+    kapify.set_noise(model, True)
+    noise = [m for m in model.modules() if isinstance(m, kapify.GaussianNoise)]
+    x = torch.rand(4, 3, 8, 8)
+    with attack_mode(model, test_noise=True), torch.no_grad():
+        assert not model.training and all(m.test_time for m in noise)
+        assert not torch.equal(model(x), model(x))  # a random defence
+    with attack_mode(model), torch.no_grad():
+        assert not any(m.test_time for m in noise) and torch.equal(model(x), model(x))
+    assert all(m.test_time for m in noise)
+
+
+def test_adaptive_autoattack_rand_and_the_non_adaptive_label(tiny_checkpoint, cifar_dir, tmp_path):
+    out = tmp_path / "rand"
+    argv = ["--checkpoint", str(tiny_checkpoint), "--data-dir", cifar_dir, "--no-download", "--n-examples", "4",
+            "--attacks", "clean,autoattack-rand", "--eps", "0.5", "--test-noise", "--noise-sensitivity", "--out", str(out),
+            "--no-progress", "--batch-size", "4"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["test_noise"] and [r["attack"] for r in results["results"]] == ["clean", "autoattack-rand"]
+    assert results["noise_sensitivity"]["protocol"].startswith("non-adaptive")
+    text = (out / "results.md").read_text()
+    assert "Test-time noise ON" in text and "Protocol: non-adaptive" in text

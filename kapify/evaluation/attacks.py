@@ -83,14 +83,14 @@ def _autoattack_messages() -> Iterator[List[str]]:
 
 
 def _run_pyautoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, seed: int,
-                      attacks: Optional[List[str]]) -> Tuple[torch.Tensor, List[str]]:
+                      attacks: Optional[List[str]], version: str = "standard") -> Tuple[torch.Tensor, List[str]]:
     from pyautoattack import AutoAttack
 
     notes: List[str] = []
-    if attacks is None and spec.num_classes < 4:  # its targeted attacks need >= 4 classes
+    if attacks is None and version == "standard" and spec.num_classes < 4:  # its targeted attacks need >= 4 classes
         attacks = ["apgd-ce", "square"]
         notes.append(f"standard AutoAttack needs >= 4 classes; ran apgd-ce + square on {spec.num_classes} classes")
-    version = "standard" if attacks is None else "custom"
+    version = version if attacks is None else "custom"
     adversary = AutoAttack(model, attacks=attacks, device=x.device, eps=spec.eps, norm=spec.norm, seed=seed, version=version)
     adversary.square.n_queries = spec.square_queries
     for targeted in (adversary.apgd_targeted, adversary.fab):
@@ -104,6 +104,11 @@ def _run_pyautoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: 
 @register_attack("autoattack")  # Croce & Hein standard: APGD-CE, APGD-T, FAB-T, Square (pyautoattack)
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, seed: int) -> Tuple[torch.Tensor, List[str]]:
     return _run_pyautoattack(model, x, y, spec, seed, None)
+
+
+@register_attack("autoattack-rand")  # AutoAttack's version for randomised defences: APGD-CE + APGD-DLR, EOT over 20 draws
+def autoattack_rand(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, seed: int) -> Tuple[torch.Tensor, List[str]]:
+    return _run_pyautoattack(model, x, y, spec, seed, None, version="rand")
 
 
 @register_attack("square")  # black-box Square attack alone (Andriushchenko et al.), 5000 queries

@@ -24,13 +24,14 @@ __all__ = ["evaluate", "attack_mode", "predict"]
 
 
 @contextlib.contextmanager
-def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode with every kapify noise layer off (paper §4.1: attacks run noise-free); restored after."""
+def attack_mode(model: nn.Module, test_noise: bool = False) -> Iterator[nn.Module]:
+    """Eval mode with every kapify noise layer off (paper §4.1: attacks run noise-free); restored after.
+    ``test_noise=True`` leaves test-time noise as :func:`kapify.set_noise` set it (a randomised defence)."""
     noise = [m for m in list(model.modules()) + input_stages(model) if isinstance(m, GaussianNoise)]
     flags = [m.test_time for m in noise]
     with eval_mode(model):
         for m in noise:
-            m.test_time = False
+            m.test_time = m.test_time and test_noise
         try:
             yield model
         finally:
@@ -65,6 +66,7 @@ def evaluate(
     return_examples: bool = False,
     cache_dir: Optional[Union[str, Path]] = None,
     progress: bool = True,
+    test_noise: bool = False,
 ) -> Dict[str, Any]:
     """Accuracy of ``model`` on ``images`` (N,C,H,W in [0,1]) under each attack and each eps.
 
@@ -72,6 +74,9 @@ def evaluate(
     correctly. Every adversarial example is checked (budget, [0,1] box, shape) before it counts;
     a violation raises :class:`~kapify.evaluation.checks.AdversarialExampleError`. Under torchrun
     each process attacks its share of the examples and the counts are summed.
+
+    With ``test_noise=True`` the noise switched on by :func:`kapify.set_noise` stays on while attacking
+    and scoring: use an attack that averages over it (``autoattack-rand``: EOT) to be adaptive.
 
     Returns ``{"results": [{attack, norm, eps, seed, accuracy, n, time_s, notes}], "examples":
     {(attack, eps): x_adv}}`` (examples only with ``return_examples``).
@@ -91,14 +96,14 @@ def evaluate(
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
     device = next(model.parameters()).device
-    with attack_mode(model), torch.no_grad():
+    with attack_mode(model, test_noise), torch.no_grad():
         num_classes = model(images[:1].float().to(device)).shape[1]
     base = dataclasses.replace(spec or AttackSpec(), num_classes=num_classes)
     rank, world, index = _shard(images.shape[0])
     x_all, y_all = images[index].float().contiguous(), labels[index]
     results: List[Dict[str, Any]] = []
     examples: Dict[Any, torch.Tensor] = {}
-    with attack_mode(model):
+    with attack_mode(model, test_noise):
         clean_correct = torch.cat([predict(model, x_all[i:i + batch_size].to(device)).cpu() == y_all[i:i + batch_size]
                                    for i in range(0, len(y_all), batch_size)]) if len(y_all) else torch.zeros(0, dtype=torch.bool)
         for attack in attacks:

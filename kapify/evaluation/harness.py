@@ -20,6 +20,7 @@ from ..data import build_dataset, dataset_info
 from ..distributed import init_distributed
 from ..layers import set_noise
 from ..options import option, parse_options
+from ..surgery.config import get_config
 from .attacks import ATTACKS, AttackSpec
 from .certify import certified_accuracy, certify
 from .checks import masking_flags
@@ -29,6 +30,8 @@ from .evaluate import attack_mode, evaluate, predict
 __all__ = ["EvalConfig", "run_evaluation", "load_model", "main", "SCHEMA"]
 
 SCHEMA = "kapify-eval/1"
+NON_ADAPTIVE = ("non-adaptive: examples crafted noise-free, then re-scored with noise (the paper's Table 2); an attacker "
+                "who knows about the noise does better: --test-noise --attacks autoattack-rand")
 
 
 @dataclass
@@ -54,7 +57,8 @@ class EvalConfig:
     pgd_step_size: Optional[float] = option(None, "PGD step size (default 2.5*eps/steps; Table A1 used 4/255)")
     square_queries: int = option(5000, "Square attack queries (Table A1: 5000)")
     batch_size: int = option(250, "attack batch size")
-    noise_sensitivity: bool = option(False, "re-score adversarial examples with noise on input/activations (Table 2)")
+    noise_sensitivity: bool = option(False, "re-score adversarial examples with noise on input/activations (Table 2's protocol: NOT adaptive)")
+    test_noise: bool = option(False, "keep the model's noise on while attacking and scoring (randomised defence); attack it with autoattack-rand (EOT)")
     noise_sigma: Optional[float] = option(None, "test-time noise std (default: the model's training sigma, else 0.1)")
     transfer_from: Optional[str] = option(None, "checkpoint of a reference model: its adversarial examples are scored here (Table A3)")
     certify_sigma: Optional[float] = option(None, "randomized-smoothing certification with this sigma (Fig. 6)")
@@ -184,6 +188,11 @@ def run_evaluation(cfg: EvalConfig) -> Dict[str, Any]:
         raise ValueError(f"n_examples and repeats must be >= 1, got {cfg.n_examples} and {cfg.repeats}")
     env, device = init_distributed(cfg.device)
     model = load_model(cfg, info.num_classes, device)
+    if cfg.test_noise:
+        trained = get_config(model)
+        sigma = cfg.noise_sigma if cfg.noise_sigma is not None else (trained.sigma if trained and trained.sigma > 0 else 0.1)
+        if set_noise(model, True, sigma=sigma) == 0:
+            raise ValueError("--test-noise: the model has no kapify noise layers (convert it with sigma > 0)")
     dataset = build_dataset(cfg.dataset, train=False, data_dir=cfg.data_dir, download=cfg.download)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -197,7 +206,8 @@ def run_evaluation(cfg: EvalConfig) -> Dict[str, Any]:
         images, labels = _examples(cfg, dataset, seed)
         want_examples = r == 0 and (cfg.noise_sensitivity or cfg.diagnostics)
         done = evaluate(model, images, labels, attacks, cfg.norm, eps_values, seed, cfg.batch_size, spec,
-                        return_examples=want_examples, cache_dir=cache, progress=cfg.progress and env.is_main)
+                        return_examples=want_examples, cache_dir=cache, progress=cfg.progress and env.is_main,
+                        test_noise=cfg.test_noise)
         runs.extend(done["results"])
         if r == 0:
             first_examples, first_labels, first_images = done["examples"], labels, images
@@ -206,8 +216,6 @@ def run_evaluation(cfg: EvalConfig) -> Dict[str, Any]:
         "world_size": env.world_size, "dataset": dataclasses.asdict(info), "n_examples": cfg.n_examples,
         "seeds": [cfg.seed + r for r in range(cfg.repeats)], "results": _aggregate(runs),
     }
-    from ..surgery.config import get_config
-
     config = get_config(model)
     results["model"] = {"checkpoint": cfg.checkpoint, "name": cfg.model, "kapify": config.to_dict() if config else None}
     adversarial = [a for a in attacks if a != "clean"]
@@ -215,7 +223,7 @@ def run_evaluation(cfg: EvalConfig) -> Dict[str, Any]:
     chosen = next(((a, nominal) for a in ("autoattack", "pgd", "square") if (a, nominal) in first_examples), None)
     if cfg.noise_sensitivity and chosen:
         sigma = cfg.noise_sigma if cfg.noise_sigma is not None else (config.sigma if config and config.sigma > 0 else 0.1)
-        results["noise_sensitivity"] = {"attack": chosen[0], "eps": chosen[1], "rows": _noise_sensitivity(
+        results["noise_sensitivity"] = {"attack": chosen[0], "eps": chosen[1], "protocol": NON_ADAPTIVE, "rows": _noise_sensitivity(
             model, first_examples[chosen], first_labels, sigma, cfg.seed, cfg.batch_size)}
     if cfg.transfer_from:
         from .. import serialization

@@ -23,7 +23,8 @@ def markdown_table(results: Dict[str, Any]) -> str:
     model = results.get("model") or {}
     lines = [f"# kapify-eval: {model.get('checkpoint') or model.get('name')}", "",
              f"{results['dataset']['name']}, {results['n_examples']} examples x {len(results['seeds'])} seed(s) "
-             f"{results['seeds']}, {results['device']}; accuracy in % (mean ± std over seeds).", "",
+             f"{results['seeds']}, {results['device']}; accuracy in % (mean ± std over seeds)."
+             + (" Test-time noise ON while attacking and scoring (randomised defence)." if results["config"].get("test_noise") else ""), "",
              "| norm | eps | " + " | ".join(attacks) + " |", "|---|---|" + "---|" * len(attacks)]
     norm = rows[0]["norm"] if rows else ""
     for e in eps_values:
@@ -33,6 +34,7 @@ def markdown_table(results: Dict[str, Any]) -> str:
     if "noise_sensitivity" in results:
         ns = results["noise_sensitivity"]
         lines += ["", f"## Noise sensitivity ({ns['attack']} examples, eps={ns['eps']:g}; Table 2)", "",
+                  f"Protocol: {ns.get('protocol', 'non-adaptive')}.", "",
                   "| input noise | activation noise | accuracy |", "|---|---|---|"]
         lines += [f"| {'✓' if r['input_noise'] else '×'} | {'✓' if r['activation_noise'] else '×'} | {100 * r['accuracy']:.2f} |"
                   for r in ns["rows"]]

@@ -11,6 +11,7 @@ all runs, and one evaluation spec::
     evaluation:
       n_examples: 500
       attacks: [{attack: autoattack, eps: [0.25, 0.5, 1.0]}, {attack: square, eps: [0.5]}]
+      options: {square_queries: 5000}   # any other kapify-eval option (EvalConfig field)
 
 Each run trains with :func:`kapify.training.train` (a finished run is skipped, an interrupted one
 resumes) and is evaluated through :func:`kapify.evaluation.run_evaluation` on the same test images
@@ -83,7 +84,7 @@ def _evaluate(checkpoint: Path, out: Path, evaluation: Dict[str, Any], common: D
     for group in evaluation.get("attacks") or []:
         eps = ",".join(f"{e:g}" for e in group["eps"])
         cfg = EvalConfig(checkpoint=str(checkpoint), attacks=f"clean,{group['attack']}", eps=eps,
-                         out=str(out / group["attack"]), **common)
+                         out=str(out / group["attack"]), **common, **(evaluation.get("options") or {}))
         results = run_evaluation(cfg)
         for r in results["results"]:
             if r["attack"] == "clean":

@@ -1,0 +1,65 @@
+"""recipes/study.py end to end on a tiny subset, and benchmarks/gpu_table1.py --smoke (so the one GPU run cannot fail for a trivial reason)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from kapify.training.study import main as study_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+STUDY = """
+description: tiny two-run study
+train: {model_kwargs: {depth: 1, width: 9}, train_samples: 64, val_samples: 0, test_samples: 40, batch_size: 32, epochs: 1}
+runs:
+  - {name: nt, label: NT, config: %(root)s/recipes/configs/cifar10_convnet3_nt.yaml, overrides: {sigma: 0.1}}
+  - {name: kap, label: KAP, config: %(root)s/recipes/configs/cifar10_convnet3_kap.yaml, overrides: {sigma: 0.1}}
+evaluation:
+  n_examples: 8
+  attacks: [{attack: pgd, eps: [0.25, 1.0]}, {attack: square, eps: [0.5]}]
+  options: {pgd_steps: 3, square_queries: 20}
+"""
+
+
+def test_two_run_study_end_to_end_and_rerun_skips_finished_runs(cifar_dir, tmp_path, capsys):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(STUDY % {"root": ROOT})
+    argv = ["--config", str(spec), "--out", str(tmp_path / "out"), "--data-dir", cifar_dir, "--no-download", "--no-progress"]
+    assert study_main(argv) == 0
+    study = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert [r["name"] for r in study["rows"]] == ["nt", "kap"]
+    kap = study["rows"][1]
+    assert kap["pool"] == "avg" and set(kap["robust"]) == {"pgd@0.25", "pgd@1", "square@0.5"}
+    assert all(0 <= v <= kap["clean"] for v in kap["robust"].values()) and kap["train_time_s"] > 0
+    table = (tmp_path / "out" / "study.md").read_text()
+    assert "| KAP | KAP | 0.1 | 3 |" in table and "pgd@0.25" in table
+    assert (tmp_path / "out" / "pareto.png").stat().st_size > 10_000
+    model = tmp_path / "out" / "runs" / "kap" / "model.safetensors"
+    stamp = model.stat().st_mtime_ns
+    assert study_main(argv + ["--only", "kap"]) == 0
+    assert model.stat().st_mtime_ns == stamp  # finished runs are not trained again
+    assert study_main(argv + ["--only", "nope"]) == 2 and "unknown run" in capsys.readouterr().err
+
+
+def test_study_file_errors_are_specific(tmp_path, capsys):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("runs: [{name: a}]\n")
+    assert study_main(["--config", str(spec)]) == 2
+    assert "'runs' must be a list" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_gpu_table1_smoke_runs_every_stage(cifar_dir, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_table1
+
+    out = tmp_path / "t1"
+    assert gpu_table1.main(["--out", str(out), "--data-dir", cifar_dir, "--smoke"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["smoke"] and not results["errors"] and "overhead" in results
+    for model in results["models"].values():
+        assert set(model["eval"]) == {"pgd", "aa", "square"} and model["epoch_time_s"]
+    assert "SMOKE RUN" in (out / "results.md").read_text()
+    assert gpu_table1.main(["--out", str(out), "--data-dir", cifar_dir, "--smoke"]) == 0  # rerun resumes: nothing left to do
+    assert len(json.loads((out / "results.json").read_text())["stage_time_s"]) == 2
