@@ -220,7 +220,7 @@ def run_evaluation(cfg: EvalConfig) -> Dict[str, Any]:
     results["model"] = {"checkpoint": cfg.checkpoint, "name": cfg.model, "kapify": config.to_dict() if config else None}
     adversarial = [a for a in attacks if a != "clean"]
     nominal = eps_values[len(eps_values) // 2] if 1.0 not in eps_values else 1.0
-    chosen = next(((a, nominal) for a in ("autoattack", "pgd", "square") if (a, nominal) in first_examples), None)
+    chosen = next(((a, nominal) for a in ("autoattack", "autoattack-rand", "pgd", "square") if (a, nominal) in first_examples), None)
     if cfg.noise_sensitivity and chosen:
         sigma = cfg.noise_sigma if cfg.noise_sigma is not None else (config.sigma if config and config.sigma > 0 else 0.1)
         results["noise_sensitivity"] = {"attack": chosen[0], "eps": chosen[1], "protocol": NON_ADAPTIVE, "rows": _noise_sensitivity(
