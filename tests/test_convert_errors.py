@@ -1,4 +1,6 @@
 """Bad input gets a clear, specific error and leaves the caller's model untouched."""
+import warnings
+
 import pytest
 import timm
 import torch
@@ -116,3 +118,12 @@ def test_functional_conv_is_reported():
         kap = kapify.convert(Functional(), example_input=torch.randn(1, 3, 8, 8))
     assert len(kapify.get_config(kap).skipped) == 1
     assert "functional" in str(kapify.summary(kap))
+
+
+def test_k_larger_than_the_grid_warns_and_names_the_layer():
+    model = kapify.models.SmallConvNet(depth=2, width=[64, 9], num_classes=4)
+    with pytest.warns(UserWarning, match=r"k=5 is larger than the channel grid of 1 conv\(s\), e.g. features.1.0 \(3x3\)"):
+        kapify.convert(model, k=5, grid="rect")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kapify.convert(model, k=3, grid="rect")

@@ -173,7 +173,7 @@ def convert(
             f"include={include_p} / exclude={exclude_p} leave none of the {len(sites.modules)} convolutions "
             f"to convert (e.g. {', '.join(list(sites.modules)[:3])}); loosen the patterns"
         )
-    records, fixed_widths, across_norm = [], {}, []
+    records, fixed_widths, across_norm, oversized = [], {}, [], []
     for name, route in chosen.items():
         conv = new.get_submodule(name)
         group = graph.group_of(name) if graph is not None else None
@@ -190,6 +190,8 @@ def convert(
         if layer_stride > 1:  # kernel-size multiplier (§4.2): S*S x the filters, pooled back to C channels
             layout = _multiply_filters(conv, layout, layer_stride)
         pool_module = None if pool is None else POOLS[pool](k, layer_stride, None if grid == "line" else layout)
+        if pool_module is not None and k > layout.rows and k > layout.cols:
+            oversized.append(f"{name} ({layout})")
         noise = GaussianNoise(sigma) if sigma > 0 else None
         layer_impl = "weight" if impl == "weight" or (impl == "auto" and weight_poolable(conv, pool_module)) else "activation"
         records.append(
@@ -210,6 +212,9 @@ def convert(
         )
         if pool_module is not None or noise is not None:
             attach_kap(conv, pool_module, noise, layer_impl)
+    if oversized:
+        warnings.warn(f"k={k} is larger than the channel grid of {len(oversized)} conv(s), e.g. {', '.join(oversized[:3])}: "
+                      f"each pool averages (nearly) every channel of the layer; pick k <= the grid's side", stacklevel=2)
     if input_noise and sigma > 0:
         # first: the noise lives in pixel space, before any input normalisation
         add_input_stage(new, INPUT_NOISE_ATTR, GaussianNoise(sigma, site="input"), first=True)
