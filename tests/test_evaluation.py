@@ -240,3 +240,16 @@ def test_adaptive_autoattack_rand_and_the_non_adaptive_label(tiny_checkpoint, ci
     assert results["noise_sensitivity"]["protocol"].startswith("non-adaptive")
     text = (out / "results.md").read_text()
     assert "Test-time noise ON" in text and "Protocol: non-adaptive" in text
+
+
+def test_kernel_picture_is_readable_and_shows_the_reference_beside(tiny_checkpoint, cifar_dir, tmp_path):
+    import matplotlib.image
+
+    out = tmp_path / "pic"
+    argv = ["--checkpoint", str(tiny_checkpoint), "--data-dir", cifar_dir, "--no-download", "--n-examples", "4", "--attacks",
+            "clean,pgd", "--pgd-steps", "2", "--diagnostics", "--transfer-from", str(tiny_checkpoint), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    picture = matplotlib.image.imread(out / "first_layer_kernels.png")
+    assert picture.shape[1] >= 600 and picture.shape[0] >= 350  # two panels, each a 16-kernel grid drawn large
+    results = json.loads((out / "results.json").read_text())
+    assert results["diagnostics"]["reference"]["topography"]["score"] == results["diagnostics"]["topography"]["score"]

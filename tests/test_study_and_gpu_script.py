@@ -34,11 +34,12 @@ def test_two_run_study_end_to_end_and_rerun_skips_finished_runs(cifar_dir, tmp_p
     assert all(0 <= v <= kap["clean"] for v in kap["robust"].values()) and kap["train_time_s"] > 0
     table = (tmp_path / "out" / "study.md").read_text()
     assert "| KAP | KAP | 0.1 | 3 |" in table and "pgd@0.25" in table
-    assert (tmp_path / "out" / "pareto.png").stat().st_size > 10_000
+    assert (tmp_path / "out" / "pareto.png").stat().st_size > 10_000 and (tmp_path / "out" / "kernels.png").is_file()
     model = tmp_path / "out" / "runs" / "kap" / "model.safetensors"
     stamp = model.stat().st_mtime_ns
     assert study_main(argv + ["--only", "kap"]) == 0
     assert model.stat().st_mtime_ns == stamp  # finished runs are not trained again
+    assert [r["name"] for r in json.loads((tmp_path / "out" / "study.json").read_text())["rows"]] == ["nt", "kap"]
     assert study_main(argv + ["--only", "nope"]) == 2 and "unknown run" in capsys.readouterr().err
 
 

@@ -256,6 +256,13 @@ def run_evaluation(cfg: EvalConfig) -> Dict[str, Any]:
         name, conv, grid = first_conv(model)
         results["diagnostics"] = {"first_conv": name, "grid": str(grid), "topography": topography_score(conv.weight, grid)}
         results["_mosaic"] = kernel_mosaic(conv.weight, grid)
+        if cfg.transfer_from:  # the reference model's kernels beside this one's (NT beside KAP)
+            from .. import serialization
+
+            ref_name, ref_conv, ref_grid = first_conv(serialization.load(cfg.transfer_from, device="cpu"))
+            results["diagnostics"]["reference"] = {"checkpoint": cfg.transfer_from, "first_conv": ref_name, "grid": str(ref_grid),
+                                                   "topography": topography_score(ref_conv.weight, ref_grid)}
+            results["_reference_mosaic"] = kernel_mosaic(ref_conv.weight, ref_grid)
         if chosen:
             with attack_mode(model):
                 results["diagnostics"]["activation_change"] = {"attack": chosen[0], "eps": chosen[1], "layers": activation_change(
@@ -268,6 +275,7 @@ def run_evaluation(cfg: EvalConfig) -> Dict[str, Any]:
     if env.is_main:
         write_report(results, out)
     results.pop("_mosaic", None)
+    results.pop("_reference_mosaic", None)
     return results
 
 

@@ -84,13 +84,28 @@ def _plots(results: Dict[str, Any], out: Path) -> List[str]:
         plt.close(fig)
         written.append("certified_accuracy.png")
     if "_mosaic" in results:
-        plt.imsave(out / "first_layer_kernels.png", results["_mosaic"].numpy())
+        from .figures import plot_kernel_mosaics
+
+        def short(path: Any) -> str:  # run folder + file name: what tells two checkpoints apart
+            return "/".join(Path(str(path)).parts[-2:]) if path else "model"
+
+        d = results["diagnostics"]
+        panels = [(f"{short((results.get('model') or {}).get('checkpoint'))}\n{d['first_conv']}, grid {d['grid']}, "
+                   f"topography {d['topography']['score']:.3f}", results["_mosaic"])]
+        if "_reference_mosaic" in results:
+            ref = d["reference"]
+            panels.append((f"reference {short(ref['checkpoint'])}\n{ref['first_conv']}, grid {ref['grid']}, "
+                           f"topography {ref['topography']['score']:.3f}", results["_reference_mosaic"]))
+        plot_kernel_mosaics(panels, out / "first_layer_kernels.png")
         written.append("first_layer_kernels.png")
     change = (results.get("diagnostics") or {}).get("activation_change")
     if change:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(range(len(change["layers"])), list(change["layers"].values()), marker="o")
-        ax.set(xlabel="conv layer (forward order)", ylabel="||f(x_adv) - f(x)|| / ||f(x)||", title=f"Activation change ({change['attack']})")
+        names = list(change["layers"])
+        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 4))
+        ax.plot(range(len(names)), list(change["layers"].values()), marker="o")
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.set(xlabel="conv layer (forward order)", ylabel="||f(x_adv) - f(x)|| / ||f(x)||",
+               title=f"Activation change ({change['attack']}, eps={change['eps']:g})")
         fig.tight_layout()
         fig.savefig(out / "activation_change.png", dpi=120)
         plt.close(fig)

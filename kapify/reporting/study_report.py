@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 __all__ = ["write_study_report", "study_markdown", "robust_columns"]
 
@@ -78,11 +78,18 @@ def _pareto_plot(study: Dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_study_report(study: Dict[str, Any], out: Path) -> None:
-    """Write study.json, study.md and pareto.png under ``out`` (each atomically)."""
+def write_study_report(study: Dict[str, Any], out: Path, mosaics: Optional[Dict[str, Any]] = None) -> None:
+    """Write study.json, study.md, pareto.png and (given ``mosaics``: label -> kernel mosaic) kernels.png under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("study.json", json.dumps(study, indent=2)), ("study.md", study_markdown(study))):
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)
         os.replace(tmp, out / name)
     _pareto_plot(study, out / "pareto.png")
+    if mosaics:
+        from .figures import plot_kernel_mosaics
+
+        rows = {r["label"]: r for r in study["rows"]}
+        panels = [(f"{label}\ngrid {rows[label]['grid']}, topography {rows[label]['topography']:.3f}", m)
+                  for label, m in mosaics.items() if label in rows]
+        plot_kernel_mosaics(panels, out / "kernels.png", title=f"{Path(study['study']).stem}: first-layer kernels on the channel grid")

@@ -15,8 +15,9 @@ all runs, and one evaluation spec::
 
 Each run trains with :func:`kapify.training.train` (a finished run is skipped, an interrupted one
 resumes) and is evaluated through :func:`kapify.evaluation.run_evaluation` on the same test images
-with the same seed (its batch cache resumes too). ``study.json``, ``study.md`` and
-``pareto.png`` are rewritten after every run, so a crash loses at most the run in flight.
+with the same seed (its batch cache resumes too). ``study.json``, ``study.md``, ``pareto.png`` and
+``kernels.png`` (first-layer kernels of every run on its grid) are rewritten after every run, so a
+crash loses at most the run in flight.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -46,7 +47,7 @@ class StudyConfig:
     train_samples: Optional[int] = option(None, "train every run on a subset of this size")
     n_examples: Optional[int] = option(None, "override the evaluation's number of test examples")
     device: Optional[str] = option(None, "auto, cuda or cpu")
-    only: Optional[str] = option(None, "comma-separated run names to do (default: all)")
+    only: Optional[str] = option(None, "comma-separated run names to train and evaluate now (the table keeps the others' earlier rows)")
     progress: bool = option(True, "progress bars")
 
 
@@ -74,10 +75,10 @@ def _train_config(run: Dict[str, Any], shared: Dict[str, Any], runs_dir: Path) -
     return dataclasses.replace(cfg, **values)
 
 
-def _evaluate(checkpoint: Path, out: Path, evaluation: Dict[str, Any], common: Dict[str, Any]) -> Dict[str, Any]:
-    """Clean accuracy, each attack at its eps list, and the first layer's topography score."""
+def _evaluate(checkpoint: Path, out: Path, evaluation: Dict[str, Any], common: Dict[str, Any]) -> Tuple[Dict[str, Any], Any]:
+    """Clean accuracy, each attack at its eps list, the first layer's topography score; and its kernel mosaic."""
     from ..evaluation import EvalConfig, run_evaluation
-    from ..evaluation.diagnostics import first_conv, topography_score
+    from ..evaluation.diagnostics import first_conv, kernel_mosaic, topography_score
     from .. import serialization
 
     row: Dict[str, Any] = {"robust": {}, "notes": []}
@@ -95,7 +96,8 @@ def _evaluate(checkpoint: Path, out: Path, evaluation: Dict[str, Any], common: D
     model = serialization.load(checkpoint, device="cpu")
     name, conv, grid = first_conv(model)
     row["topography"] = topography_score(conv.weight, grid)["score"]
-    return row
+    row["grid"] = str(grid)
+    return row, kernel_mosaic(conv.weight, grid)
 
 
 def run_study(path: str, cfg: Optional[StudyConfig] = None) -> Dict[str, Any]:
@@ -115,12 +117,15 @@ def run_study(path: str, cfg: Optional[StudyConfig] = None) -> Dict[str, Any]:
               "batch_size": evaluation.get("batch_size", 250), "progress": cfg.progress,
               "data_dir": shared.get("data_dir"), "download": shared.get("download", True), "device": shared.get("device", "auto")}
     only = set(cfg.only.split(",")) if cfg.only else None
+    mosaics: Dict[str, Any] = {}
     if only and not only <= {r["name"] for r in spec["runs"]}:
         raise ValueError(f"--only names unknown run(s) {sorted(only - {r['name'] for r in spec['runs']})}")
     study: Dict[str, Any] = {"study": str(path), "description": spec.get("description", ""), "evaluation": {**evaluation, **common},
                              "train_overrides": shared, "rows": []}
+    earlier = json.loads((out / "study.json").read_text())["rows"] if (out / "study.json").is_file() else []
     for run in spec["runs"]:
-        if only and run["name"] not in only:
+        if only and run["name"] not in only:  # keep what an earlier invocation measured for it
+            study["rows"] += [r for r in earlier if r["name"] == run["name"]]
             continue
         train_cfg = _train_config(run, shared, out / "runs")
         run_dir = out / "runs" / run["name"]
@@ -132,13 +137,13 @@ def run_study(path: str, cfg: Optional[StudyConfig] = None) -> Dict[str, Any]:
             if not metrics.get("finished"):
                 raise RuntimeError(f"run {run['name']} stopped before its last epoch; rerun the study to resume it")
         print(f"study: evaluating {run['name']}", file=sys.stderr)
-        row = _evaluate(run_dir / "model.safetensors", out / "eval" / run["name"], evaluation, common)
+        row, mosaics[run.get("label", run["name"])] = _evaluate(run_dir / "model.safetensors", out / "eval" / run["name"], evaluation, common)
         row.update({"name": run["name"], "label": run.get("label", run["name"]), "pool": train_cfg.pool, "sigma": train_cfg.sigma,
                     "k": train_cfg.kap_k, "kap_stride": train_cfg.kap_stride, "objective": train_cfg.objective,
                     "epochs": train_cfg.epochs, "test_acc": metrics.get("test_acc"), "train_time_s": metrics.get("train_time_s"),
                     "precision": metrics.get("precision")})
         study["rows"].append(row)
-        write_study_report(study, out)
+        write_study_report(study, out, mosaics)
     return study
 
 
