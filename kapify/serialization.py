@@ -26,7 +26,9 @@ PathLike = Union[str, "os.PathLike[str]"]
 def save(model: nn.Module, path: PathLike, extra: Optional[Dict[str, Any]] = None) -> None:
     """Save a converted model's weights and conversion config to one ``.safetensors`` file.
 
-    ``extra`` is any JSON-serialisable dict (training args, metrics) stored beside the config.
+    ``extra`` is any JSON-serialisable dict (training args, metrics) stored beside the config. Any
+    converted model can be saved; one whose architecture kapify cannot name (not timm, torchvision
+    or :func:`kapify.create_model`) is loaded back with ``kapify.load(path, model=plain_model)``.
     The file is written to a temporary name first, so a crash never leaves a truncated checkpoint.
 
     Example:
@@ -39,11 +41,6 @@ def save(model: nn.Module, path: PathLike, extra: Optional[Dict[str, Any]] = Non
     config = get_config(model)
     if config is None:
         raise ValueError(f"{type(model).__name__} was not converted by kapify.convert; save it with torch.save instead")
-    if config.source is None:
-        raise ValueError(
-            "this model does not record how to rebuild it (torchvision models do not store their builder "
-            "name); build it with kapify.create_model('torchvision/<name>', ...) before converting"
-        )
     metadata = {_CONFIG_KEY: json.dumps(config.to_dict())}
     if extra is not None:
         metadata[_EXTRA_KEY] = json.dumps(extra)
@@ -86,7 +83,8 @@ def load(path: PathLike, model: Optional[nn.Module] = None, device: Union[str, t
     config = load_config(path)
     if model is None:
         if config.source is None:
-            raise ValueError(f"{os.fspath(path)!r} records no model source; pass the unconverted model as model=")
+            raise ValueError(f"{os.fspath(path)!r} holds a model kapify cannot rebuild by name (not a timm, torchvision or "
+                             f"kapify.create_model model): pass the unconverted model, kapify.load(path, model=plain_model)")
         model = build_from_source(config.source)
     converted = convert(model, **config.convert_kwargs())
     if config.folded:

@@ -36,11 +36,40 @@ def test_save_plain_timm_model_infers_source(tmp_path):
     assert kapify.load(tmp_path / "m.safetensors").num_classes == 7
 
 
+@pytest.mark.parametrize("name,size", [("resnet18", 32), ("regnet_x_400mf", 32), ("mobilenet_v3_small", 32),
+                                       ("efficientnet_b0", 32), ("inception_v3", 299), ("squeezenet1_1", 48)])
+def test_plain_torchvision_models_save_and_load_with_identical_outputs(tmp_path, name, size):
+    plain = torchvision.models.get_model(name, weights=None, num_classes=7)  # built as users do, not by kapify.create_model
+    kap = kapify.convert(plain, example_input=torch.rand(1, 3, size, size)).eval()
+    assert kapify.get_config(kap).source == {"library": "torchvision", "name": name, "kwargs": {"num_classes": 7}}
+    kapify.save(kap, tmp_path / "m.safetensors")
+    loaded = kapify.load(tmp_path / "m.safetensors").eval()
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(kap(x), loaded(x))
+
+
+def test_a_model_kapify_cannot_name_saves_and_loads_with_model_argument(tmp_path):
+    class Custom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                            torch.nn.Flatten(), torch.nn.Linear(16, 3))
+
+        def forward(self, x):
+            return self.body(x)
+
+    kap = kapify.convert(Custom(), grid="rect").eval()
+    kapify.save(kap, tmp_path / "c.safetensors")
+    with pytest.raises(ValueError, match=r"kapify.load\(path, model=plain_model\)"):
+        kapify.load(tmp_path / "c.safetensors")
+    loaded = kapify.load(tmp_path / "c.safetensors", model=Custom()).eval()
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(kap(x), loaded(x))
+
+
 def test_save_load_errors(tmp_path):
-    kap = kapify.convert(torchvision.models.resnet18(weights=None))
-    with pytest.raises(ValueError, match="kapify.create_model\\('torchvision/"):
-        kapify.save(kap, tmp_path / "x.safetensors")
-    assert not (tmp_path / "x.safetensors").exists()
     with pytest.raises(ValueError, match="not converted"):
         kapify.save(torchvision.models.resnet18(weights=None), tmp_path / "y.safetensors")
     with pytest.raises(FileNotFoundError, match="no kapify checkpoint"):

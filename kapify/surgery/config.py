@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
+import torch
 from torch import nn
 
 __all__ = ["LayerRecord", "KapConfig", "get_config", "is_converted", "unwrap", "CONFIG_ATTR"]
@@ -53,6 +54,7 @@ class KapConfig:
     folded: bool = False
     fixed_widths: Dict[str, str] = field(default_factory=dict)  # grid="square": conv -> why its width stayed
     widened_across_norm: List[str] = field(default_factory=list)  # grid="square": convs widened across a LayerNorm/GroupNorm
+    input_shape: Optional[List[int]] = None  # the example input's shape, when one was given (load repeats the analysis on it)
     version: int = 1
 
     def convert_kwargs(self) -> Dict[str, Any]:
@@ -60,6 +62,7 @@ class KapConfig:
         return dict(
             k=self.k, stride=self.stride, sigma=self.sigma, pool=self.pool, grid=self.grid,
             input_noise=self.input_noise, impl=self.impl, include=self.include, exclude=self.exclude,
+            example_input=None if self.input_shape is None else torch.rand(self.input_shape),
         )
 
     def to_dict(self) -> Dict[str, Any]:

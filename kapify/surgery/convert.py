@@ -222,7 +222,7 @@ def convert(
         k=k, stride=stride, sigma=sigma, pool=pool, grid=grid, input_noise=bool(input_noise and sigma > 0), impl=impl,
         include=include_p, exclude=exclude_p, layers=records, skipped=sites.functional,
         params_before=params_before, source=describe_source(model), fixed_widths=fixed_widths,
-        widened_across_norm=across_norm,
+        widened_across_norm=across_norm, input_shape=None if example_input is None else [1, *example_input.shape[1:]],
     )
     setattr(new, CONFIG_ATTR, config)
     return new
