@@ -112,3 +112,34 @@ def test_torch_compile(timm_pair):
     compiled = torch.compile(kap)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), kap(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnetv2_50", "efficientnet_b0"])
+def test_fx_feature_extractors_keep_kap_convs_as_leaves(name):
+    """timm's FX feature extractor (timm's test-suite check) traces a converted model, runs the pools, and backpropagates."""
+    from timm.models import FeatureGraphNet
+
+    model = kapify.convert(timm.create_model(name, pretrained=False, num_classes=10), grid="rect").eval()
+    features = FeatureGraphNet(model, out_indices=(1, 2)).eval()
+    x = torch.rand(2, 3, 64, 64, requires_grad=True)
+    stages, hooks = {}, []
+    for info in model.feature_info[1:3]:
+        hooks.append(model.get_submodule(info["module"]).register_forward_hook(
+            lambda m, i, o, key=info["module"]: stages.__setitem__(key, o)))
+    model(x)
+    for h in hooks:
+        h.remove()
+    out = features(x)
+    assert all(torch.allclose(a, b) for a, b in zip(out, stages.values()))
+    sum(o.sum() for o in out).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_torchvision_feature_extractor_on_a_converted_model():
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = kapify.convert(torchvision.models.resnet18(num_classes=10), grid="rect").eval()
+    graph = create_feature_extractor(model, {"layer2": "mid", "fc": "logits"})
+    assert isinstance(graph.get_submodule("layer2.0.conv1"), kapify.surgery.kap_conv.KapConvMixin)  # a leaf, not traced through
+    x = torch.rand(1, 3, 64, 64)
+    assert torch.allclose(graph(x)["logits"], model(x), atol=1e-6)

@@ -64,8 +64,18 @@ def _restore(cls: Type[nn.Module], state: Dict[str, Any]) -> nn.Module:
 
 
 def _kap_class(cls: Type[nn.Module]) -> Type[nn.Module]:
+    """The cached ``Kap<cls>`` subclass. It is a leaf for FX feature extractors, as its conv is: it
+    keeps the conv's ``__module__`` (torch.fx and torchvision's tracer do not trace into ``torch.nn``
+    modules) and is registered with timm's not-traced modules (timm's own conv types)."""
     if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Kap{cls.__name__}", (KapConvMixin, cls), {"__module__": __name__})
+        kap = type(f"Kap{cls.__name__}", (KapConvMixin, cls), {"__module__": cls.__module__, "__qualname__": f"Kap{cls.__qualname__}"})
+        try:
+            from timm.layers import register_notrace_module
+
+            register_notrace_module(kap)
+        except ImportError:  # timm is optional here
+            pass
+        _CLASSES[cls] = kap
     return _CLASSES[cls]
 
 
