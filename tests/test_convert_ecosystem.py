@@ -143,3 +143,31 @@ def test_torchvision_feature_extractor_on_a_converted_model():
     assert isinstance(graph.get_submodule("layer2.0.conv1"), kapify.surgery.kap_conv.KapConvMixin)  # a leaf, not traced through
     x = torch.rand(1, 3, 64, 64)
     assert torch.allclose(graph(x)["logits"], model(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["resnet34", "dla34", "resnetv2_50", "convnext_atto", "vit_tiny_patch16_224"])
+def test_widened_timm_models_report_their_new_widths(name):
+    """timm's test-suite reads feature_info / num_features back and resets heads: after re-widening
+    those agree with the tensors the model now produces."""
+    model = kapify.convert(timm.create_model(name, pretrained=False, num_classes=10)).eval()
+    x = torch.rand(1, 3, 224, 224)
+    shapes = {}
+
+    def record(key):
+        def hook(module, inputs, output):  # returns None, so the output is kept
+            shapes.setdefault(key, output.shape)
+        return hook
+
+    hooks = [model.get_submodule(i["module"]).register_forward_hook(record(i["module"])) for i in model.feature_info]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    for info in model.feature_info:
+        assert info["num_chs"] in (shapes[info["module"]][1], shapes[info["module"]][-1]), (info, shapes[info["module"]])
+    model.reset_classifier(0)
+    with torch.no_grad():
+        assert model(x).shape == (1, model.num_features)
+    model.reset_classifier(5)
+    with torch.no_grad():
+        assert model(x).shape == (1, 5)

@@ -168,6 +168,7 @@ def _rewiden(model: nn.Module, width_fn: Union[str, Dict, WidthFn], function_pre
             resize_parameter(owner, attr, dim, size, idx)
     _sync_head_width(model, new)
     _check_forward(new, example_input)
+    _sync_feature_info(model, new, example_input)
     return new, graph
 
 
@@ -188,13 +189,62 @@ def _check_forward(model: nn.Module, example_input: Optional[torch.Tensor]) -> N
         ) from err
 
 
+def _reads(classifier: nn.Module) -> Optional[int]:
+    """The input width of a classifier: a Linear or a 1x1 conv head (DLA, ResNetV2)."""
+    if isinstance(classifier, nn.Linear):
+        return classifier.in_features
+    return getattr(classifier, "in_channels", None) if isinstance(classifier, nn.modules.conv._ConvNd) else None
+
+
 def _sync_head_width(old: nn.Module, new: nn.Module) -> None:
     """timm models remember their feature width (``num_features``, ``head_hidden_size``) for
     ``reset_classifier`` and ``forward_head``: keep it equal to what the classifier now reads."""
     if not hasattr(new, "get_classifier") or not hasattr(new, "num_features"):
         return
-    before, after = old.get_classifier(), new.get_classifier()
-    if isinstance(before, nn.Linear) and isinstance(after, nn.Linear) and before.in_features != after.in_features:
-        for attr in ("num_features", "head_hidden_size"):
-            if getattr(new, attr, None) == before.in_features:
-                setattr(new, attr, after.in_features)
+    before, after = _reads(old.get_classifier()), _reads(new.get_classifier())
+    if before is not None and after is not None and before != after:
+        for attr in ("num_features", "head_hidden_size", "embed_dim"):  # ViTs rebuild their head from embed_dim
+            if getattr(new, attr, None) == before:
+                setattr(new, attr, after)
+        for module in new.modules():  # timm's head modules (ClassifierHead, NormMlpClassifierHead) store it too
+            if type(module).__name__.endswith("Head"):
+                for attr in ("in_features", "num_features"):
+                    if getattr(module, attr, None) == before:
+                        setattr(module, attr, after)
+
+
+def _sync_feature_info(old: nn.Module, new: nn.Module, example_input: Optional[torch.Tensor]) -> None:
+    """timm's ``feature_info`` lists each feature stage's width (``num_chs``): after widening, read
+    the new width off the stage's output, on the dim where the old output had the old width."""
+    info = getattr(new, "feature_info", None)
+    if not isinstance(info, list) or not all(isinstance(i, dict) and "module" in i and "num_chs" in i for i in info):
+        return
+    x = example_input if example_input is not None else default_input(new)
+    shapes = []
+    for model in (old, new):
+        seen: Dict[str, torch.Size] = {}
+        hooks = []
+        for entry in info:
+            try:
+                module = model.get_submodule(entry["module"])
+            except AttributeError:
+                continue
+            def record(m: nn.Module, i: object, o: object, key: str = entry["module"]) -> None:  # returns None: keeps the output
+                if isinstance(o, torch.Tensor):
+                    seen.setdefault(key, o.shape)
+
+            hooks.append(module.register_forward_hook(record))
+        try:
+            with eval_mode(model), torch.no_grad():
+                model(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        shapes.append(seen)
+    for entry in info:
+        before, after = shapes[0].get(entry["module"]), shapes[1].get(entry["module"])
+        if before is None or after is None or len(before) != len(after):
+            continue
+        dims = [d for d in (1, len(before) - 1) if before[d] == entry["num_chs"]]
+        if dims:
+            entry["num_chs"] = int(after[dims[0]])
