@@ -190,7 +190,8 @@ def convert(
         if layer_stride > 1:  # kernel-size multiplier (§4.2): S*S x the filters, pooled back to C channels
             layout = _multiply_filters(conv, layout, layer_stride)
         pool_module = None if pool is None else POOLS[pool](k, layer_stride, None if grid == "line" else layout)
-        if pool_module is not None and k > layout.rows and k > layout.cols:
+        side = max(layout.rows, layout.cols)
+        if pool_module is not None and side >= 3 and k >= 2 * side - 1:  # every window covers the whole grid
             oversized.append(f"{name} ({layout})")
         noise = GaussianNoise(sigma) if sigma > 0 else None
         layer_impl = "weight" if impl == "weight" or (impl == "auto" and weight_poolable(conv, pool_module)) else "activation"
@@ -214,7 +215,7 @@ def convert(
             attach_kap(conv, pool_module, noise, layer_impl)
     if oversized:
         warnings.warn(f"k={k} is larger than the channel grid of {len(oversized)} conv(s), e.g. {', '.join(oversized[:3])}: "
-                      f"each pool averages (nearly) every channel of the layer; pick k <= the grid's side", stacklevel=2)
+                      f"each pool averages every channel of the layer; pick k <= the grid's side", stacklevel=2)
     if input_noise and sigma > 0:
         # first: the noise lives in pixel space, before any input normalisation
         add_input_stage(new, INPUT_NOISE_ATTR, GaussianNoise(sigma, site="input"), first=True)
