@@ -11,6 +11,7 @@ from .model_source import create_model
 from .reporting import summary
 from .serialization import load, load_config, load_extra, save
 from .surgery import (
+    arrange_channels,
     ChannelHandler,
     channel_groups,
     register_channel_handler,
@@ -30,6 +31,7 @@ from .surgery import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "arrange_channels",
     "ChannelGrid",
     "ChannelHandler",
     "channel_groups",

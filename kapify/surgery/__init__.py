@@ -1,4 +1,5 @@
 """Model surgery: find every convolution through torch.fx and attach KAP and noise after it."""
+from .arrange import arrange_channels
 from .config import KapConfig, LayerRecord, get_config, is_converted
 from .conv_sites import ConvSites, find_conv_sites
 from .conv_types import is_conv, register_conv_type
@@ -11,6 +12,7 @@ from .rewiden import rewiden, square_width, width_mult
 from .tracing import TracingError, register_leaf_module, trace
 
 __all__ = [
+    "arrange_channels",
     "ChannelGroup",
     "ChannelHandler",
     "analyze_channels",

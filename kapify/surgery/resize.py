@@ -113,7 +113,8 @@ def resize_layer(
     init_fn: Optional[Callable[[nn.Module], None]] = None,
 ) -> None:
     """Give ``module`` ``new_in`` input / ``new_out`` output channels in place (same object, class,
-    hooks). ``in_index[i]`` / ``out_index[i]`` = new position of old channel i (default: 0..C-1)."""
+    hooks). ``in_index[i]`` / ``out_index[i]`` = new position of old channel i (default: 0..C-1); with
+    unchanged counts, indices that are a permutation reorder the channels."""
     handler = channel_handler(module)
     if handler is None:
         raise TypeError(f"no channel handler for {type(module).__name__}; register one with kapify.register_channel_handler")
@@ -122,10 +123,11 @@ def resize_layer(
         new_in = new_out = new_out or new_in
         in_index = out_index = out_index if out_index is not None else in_index
     new_in, new_out = new_in or old_in, new_out or old_out
-    if (new_in, new_out) == (old_in, old_out):  # no new channels: old ones stay where they are
-        return
     in_index = torch.arange(old_in) if in_index is None else in_index
     out_index = torch.arange(old_out) if out_index is None else out_index
+    if (new_in, new_out) == (old_in, old_out) and torch.equal(in_index, torch.arange(old_in)) \
+            and torch.equal(out_index, torch.arange(old_out)):  # no new channels, none moved
+        return
     groups = getattr(module, "groups", 1)
     grouped = handler.kind == "conv" and groups > 1 and old_in == old_out  # widening adds whole groups
     transposed = handler.kind == "conv" and getattr(module, "transposed", False)  # weight is (in, out / groups, ...)

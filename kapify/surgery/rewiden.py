@@ -12,7 +12,7 @@ from .channel_groups import ChannelGraph, analyze_channels
 from .resize import resize_layer, resize_parameter
 from .tracing import eval_mode, example_input as default_input
 
-__all__ = ["RewidenError", "rewiden", "square_width", "width_mult", "WIDTH_RULES", "resolve_width_rule"]
+__all__ = ["RewidenError", "apply_layout", "rewiden", "square_width", "width_mult", "WIDTH_RULES", "resolve_width_rule"]
 
 WidthFn = Callable[[int], int]
 
@@ -134,6 +134,19 @@ def _rewiden(model: nn.Module, width_fn: Union[str, Dict, WidthFn], function_pre
         )
     widths = _plan(graph, fn, function_preserving, widen_normalised)
     index = {g.id: torch.arange(g.width) for g in graph.groups}  # old channels first; grouped convs gain whole groups
+    apply_layout(new, graph, widths, index, function_preserving)
+    _sync_head_width(model, new)
+    _check_forward(new, example_input)
+    _sync_feature_info(model, new, example_input)
+    return new, graph
+
+
+def apply_layout(model: nn.Module, graph: ChannelGraph, widths: Dict[int, int], index: Dict[int, torch.Tensor],
+                 zero_new_inputs: bool = False) -> None:
+    """Rewrite every member of every group of ``graph`` in place: group g gets ``widths[g]`` channels
+    and its old channel i moves to position ``index[g][i]`` (new positions start fresh, with zero
+    outgoing weights when ``zero_new_inputs``). Shared by :func:`rewiden` (wider groups) and
+    :func:`kapify.surgery.arrange.arrange_channels` (same widths, permuted)."""
 
     def layout_map(layout) -> tuple[int, torch.Tensor]:
         offset, parts = 0, []
@@ -144,7 +157,7 @@ def _rewiden(model: nn.Module, width_fn: Union[str, Dict, WidthFn], function_pre
 
     names = set(graph.inputs) | set(graph.outputs) | set(graph.channelwise)
     for name in sorted(names):
-        module = new.get_submodule(name)
+        module = model.get_submodule(name)
         if name in graph.channelwise:
             size, idx = layout_map(graph.channelwise[name])
             resize_layer(module, new_in=size, in_index=idx, new_out=size, out_index=idx)
@@ -155,7 +168,7 @@ def _rewiden(model: nn.Module, width_fn: Union[str, Dict, WidthFn], function_pre
             if name in graph.spread:  # a classifier reading flattened (C, H, W): channel c owns entries c*k .. c*k+k-1
                 k = graph.spread[name]
                 size, idx = size * k, (idx[:, None] * k + torch.arange(k)).flatten()
-            kwargs.update(new_in=size, in_index=idx, zero_new_inputs=function_preserving)
+            kwargs.update(new_in=size, in_index=idx, zero_new_inputs=zero_new_inputs)
         if name in graph.outputs:
             gid = graph.outputs[name]
             kwargs.update(new_out=widths[gid], out_index=index[gid])
@@ -163,13 +176,9 @@ def _rewiden(model: nn.Module, width_fn: Union[str, Dict, WidthFn], function_pre
     for path, (dim, layout) in graph.parameters.items():
         size, idx = layout_map(layout)
         owner_name, _, attr = path.rpartition(".")
-        owner = new.get_submodule(owner_name)
-        if getattr(owner, attr).shape[dim] != size:  # e.g. LayerScale's gamma
+        owner = model.get_submodule(owner_name)
+        if getattr(owner, attr).shape[dim] != size or not torch.equal(idx, torch.arange(size)):  # e.g. LayerScale's gamma
             resize_parameter(owner, attr, dim, size, idx)
-    _sync_head_width(model, new)
-    _check_forward(new, example_input)
-    _sync_feature_info(model, new, example_input)
-    return new, graph
 
 
 class RewidenError(ValueError):
