@@ -16,6 +16,7 @@ from .surgery import (
     channel_groups,
     register_channel_handler,
     rewiden,
+    set_blend,
     square_width,
     width_mult,
     KapConfig,
@@ -31,6 +32,7 @@ from .surgery import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "set_blend",
     "arrange_channels",
     "ChannelGrid",
     "ChannelHandler",

@@ -6,12 +6,13 @@ from .conv_types import is_conv, register_conv_type
 from .convert import convert
 from .fold import fold
 from .channel_groups import ChannelGroup, analyze_channels, channel_groups
-from .kap_conv import attach_kap, is_kap_conv
+from .kap_conv import attach_kap, is_kap_conv, set_blend
 from .resize import ChannelHandler, register_channel_handler
 from .rewiden import rewiden, square_width, width_mult
 from .tracing import TracingError, register_leaf_module, trace
 
 __all__ = [
+    "set_blend",
     "arrange_channels",
     "ChannelGroup",
     "ChannelHandler",

@@ -55,6 +55,7 @@ class KapConfig:
     fixed_widths: Dict[str, str] = field(default_factory=dict)  # grid="square": conv -> why its width stayed
     widened_across_norm: List[str] = field(default_factory=list)  # grid="square": convs widened across a LayerNorm/GroupNorm
     input_shape: Optional[List[int]] = None  # the example input's shape, when one was given (load repeats the analysis on it)
+    blend: float = 1.0  # KAP warm-start: (1 - blend) conv + blend KAP (kapify.set_blend)
     version: int = 1
 
     def convert_kwargs(self) -> Dict[str, Any]:
@@ -62,7 +63,7 @@ class KapConfig:
         return dict(
             k=self.k, stride=self.stride, sigma=self.sigma, pool=self.pool, grid=self.grid,
             input_noise=self.input_noise, impl=self.impl, include=self.include, exclude=self.exclude,
-            example_input=None if self.input_shape is None else torch.rand(self.input_shape),
+            example_input=None if self.input_shape is None else torch.rand(self.input_shape), blend=self.blend,
         )
 
     def to_dict(self) -> Dict[str, Any]:

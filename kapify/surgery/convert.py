@@ -17,7 +17,7 @@ from ..model_source import describe_source
 from .config import CONFIG_ATTR, KapConfig, LayerRecord, is_converted
 from .conv_sites import find_conv_sites
 from .conv_types import conv_types
-from .kap_conv import attach_kap, original_class, weight_poolable
+from .kap_conv import attach_kap, original_class, set_blend, weight_poolable
 from .resize import resize_layer
 from .channel_groups import ChannelGraph
 from .rewiden import RewidenError, _rewiden
@@ -112,6 +112,7 @@ def convert(
     exclude: PatternArg = None,
     leaf_modules: Iterable[type] = (),
     example_input: Optional[torch.Tensor] = None,
+    blend: float = 1.0,
 ) -> nn.Module:
     """Return a copy of ``model`` with a channel pool and Gaussian noise after every convolution.
 
@@ -135,6 +136,9 @@ def convert(
             picks "weight" wherever it applies. Outputs and gradients agree either way.
         include / exclude: fnmatch patterns on conv module names, e.g. ``exclude="conv1"``.
         leaf_modules: extra module types FX must not trace through (their convs are still converted).
+        blend: KAP warm-start for trained models: each average pool computes (1 - blend) conv(x) +
+            blend KAP(conv(x)); 0 starts from the trained function, ramp it to 1 with
+            :func:`kapify.set_blend` while fine-tuning (recipes: ``--kap-warmup-epochs``).
         example_input: input used to check the traced graph against eager execution
             (default: from timm's ``pretrained_cfg``, else a 224x224 image).
 
@@ -145,6 +149,8 @@ def convert(
         KernelAvgPool(kernel_size=3, stride=1, grid=8x8)
     """
     sigma = _check_options(k, sigma, pool, stride, grid, impl)
+    if blend != 1.0 and (pool != "avg" or stride != 1 or not 0.0 <= blend <= 1.0):
+        raise ValueError(f"blend (in [0, 1]) applies to average pooling with stride 1, got blend={blend!r}, pool={pool!r}, stride={stride}")
     include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")
     if is_converted(model):
         raise ValueError(
@@ -226,4 +232,6 @@ def convert(
         widened_across_norm=across_norm, input_shape=None if example_input is None else [1, *example_input.shape[1:]],
     )
     setattr(new, CONFIG_ATTR, config)
+    if blend != 1.0:
+        set_blend(new, blend)
     return new

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..layers import KernelAvgPool, pool_conv_weight
 
-__all__ = ["KapConvMixin", "attach_kap", "detach_kap", "is_kap_conv", "original_class", "weight_poolable", "Impl"]
+__all__ = ["KapConvMixin", "attach_kap", "detach_kap", "is_kap_conv", "original_class", "set_blend", "weight_poolable", "Impl"]
 
 Impl = Literal["activation", "weight"]
 _PLAIN_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
@@ -41,15 +41,22 @@ class KapConvMixin:
         else:
             out = super().forward(*args, **kwargs)  # type: ignore[misc]
             if self.kap_pool is not None:
-                out = self.kap_pool(out)
+                blend = self.__dict__.get("kap_blend", 1.0)
+                out = self.kap_pool(out) if blend == 1.0 else torch.lerp(out, self.kap_pool(out), blend)
         if self.kap_noise is not None:
             out = self.kap_noise(out)
         return out
 
     def pooled_weight(self) -> tuple:
-        """The conv's (weight, bias) averaged by its pool: the filters of the equivalent plain conv."""
+        """The conv's (weight, bias) averaged by its pool, blended with the unpooled ones by ``kap_blend``
+        (1: KAP): the filters of the equivalent plain conv."""
         pool = self.kap_pool
-        return pool_conv_weight(self.weight, self.bias, pool.kernel_size, pool.stride, pool.grid)  # type: ignore
+        weight, bias = pool_conv_weight(self.weight, self.bias, pool.kernel_size, pool.stride, pool.grid)  # type: ignore
+        blend = self.__dict__.get("kap_blend", 1.0)
+        if blend != 1.0:  # y = (1-a) conv(x) + a KAP(conv(x)): one filter bank, since both are linear in the filters
+            weight = torch.lerp(self.weight, weight, blend)  # type: ignore[attr-defined]
+            bias = None if bias is None else torch.lerp(self.bias, bias, blend)  # type: ignore[attr-defined]
+        return weight, bias
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # the generated class cannot be found by name: rebuild it from the original one
@@ -117,10 +124,40 @@ def attach_kap(
     return conv
 
 
+def set_blend(model: nn.Module, blend: float) -> int:
+    """Set the KAP warm-start blend ``a`` of every average-pooling conv in ``model``: each computes
+    ``(1 - a) conv(x) + a KAP(conv(x))``, so ``a=0`` is the unpooled model and ``a=1`` (the default)
+    is KAP; ramp it from 0 to 1 while fine-tuning a trained model. Returns the number of convs set.
+
+    Example:
+        >>> from kapify.layers import KernelAvgPool
+        >>> conv = attach_kap(nn.Conv2d(3, 16, 3), KernelAvgPool(3, grid=(4, 4)), None)
+        >>> set_blend(conv, 0.0), torch.equal(conv(torch.ones(1, 3, 5, 5)), nn.Conv2d.forward(conv, torch.ones(1, 3, 5, 5)))
+        (1, True)
+    """
+    a = float(blend)
+    if not 0.0 <= a <= 1.0:
+        raise ValueError(f"blend must be in [0, 1] (0: no pooling, 1: KAP), got {blend!r}")
+    changed = 0
+    for module in model.modules():
+        if is_kap_conv(module) and isinstance(module.kap_pool, KernelAvgPool):
+            if module.kap_pool.stride != 1:
+                raise ValueError(f"{type(module).__name__} pools with stride {module.kap_pool.stride} (kernel-size multiplier): "
+                                 f"its pooled output has fewer channels than the conv's, so it cannot be blended with it")
+            module.kap_blend = a
+            changed += 1
+    from .config import get_config
+
+    config = get_config(model)
+    if config is not None:
+        config.blend = a
+    return changed
+
+
 def detach_kap(conv: nn.Module) -> nn.Module:
     """Undo :func:`attach_kap`: ``conv`` gets back its original class, without pool and noise."""
     cls = original_class(conv)
-    for name in ("kap_pool", "kap_noise", "kap_impl"):
+    for name in ("kap_pool", "kap_noise", "kap_impl", "kap_blend"):
         if name in conv._modules:
             del conv._modules[name]
         conv.__dict__.pop(name, None)

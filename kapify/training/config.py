@@ -38,6 +38,11 @@ class TrainConfig:
     sigma: float = _opt(0.1, "std of the Gaussian noise on the input and after every pool, in training")
     input_noise: bool = _opt(True, "add the noise to the input too")
     kap_impl: str = _opt("auto", "where an average pool runs: auto, weight or activation", choices=["auto", "weight", "activation"])
+    # starting from a trained model
+    pretrained: bool = _opt(False, "start from timm/torchvision pretrained weights (needs them cached locally or the hub)")
+    initial_checkpoint: Optional[str] = _opt(None, "start from these weights: a kapify checkpoint or a plain state_dict of the same model")
+    arrange: Optional[str] = _opt(None, "permute channels so similar filters are KAP neighbours before converting (similarity)")
+    kap_warmup_epochs: float = _opt(0, "ramp the KAP blend from 0 (trained function) to 1 (KAP) over these epochs")
     # objective
     objective: str = _opt("standard", "standard (NT/KAP), pgd_at (Madry/Rice) or trades")
     attack_norm: str = _opt("L2", "threat model of adversarial training and validation", choices=["L2", "Linf"])

@@ -12,7 +12,7 @@ from ..models import adapt
 from ..surgery import convert
 from .config import TrainConfig
 
-__all__ = ["build_model", "width_kwargs"]
+__all__ = ["build_model", "load_initial_weights", "width_kwargs"]
 
 _RESNET_CHANNELS = (64, 128, 256, 512)
 
@@ -47,7 +47,7 @@ def build_model(cfg: TrainConfig, info: DatasetInfo) -> nn.Module:
     kwargs = {"num_classes": info.num_classes, **cfg.model_kwargs}
     kwargs.update(width_kwargs(cfg.model, cfg.width_mult, kwargs))
     try:
-        model = create_model(cfg.model, **kwargs)
+        model = create_model(cfg.model, pretrained=cfg.pretrained, **kwargs)
     except TypeError as err:
         raise ValueError(f"cannot build {cfg.model!r} with {kwargs}: {err}") from err
     own_model = model.kapify_source["library"] == "kapify"
@@ -55,6 +55,14 @@ def build_model(cfg: TrainConfig, info: DatasetInfo) -> nn.Module:
     if small:
         model = adapt(model, "small_image_stem")
     model = adapt(model, "normalize_input", mean=list(info.mean), std=list(info.std))
+    example = torch.rand(1, 3, info.image_size, info.image_size)
+    if cfg.initial_checkpoint:
+        load_initial_weights(model, cfg.initial_checkpoint)
+    if cfg.arrange:
+        from ..surgery import arrange_channels
+
+        model = arrange_channels(model, cfg.arrange, example_input=example)[0]
+    warm_start = cfg.kap_warmup_epochs > 0 and cfg.pool == "avg"
     return convert(
         model,
         k=cfg.kap_k,
@@ -64,5 +72,45 @@ def build_model(cfg: TrainConfig, info: DatasetInfo) -> nn.Module:
         grid=cfg.grid,
         input_noise=cfg.input_noise,
         impl=cfg.kap_impl,
-        example_input=torch.rand(1, 3, info.image_size, info.image_size),
+        example_input=example,
+        blend=0.0 if warm_start else 1.0,
     )
+
+
+def load_initial_weights(model: nn.Module, path: str) -> None:
+    """Load ``path`` into the plain (not yet converted) ``model``: a kapify checkpoint (``kapify.save``:
+    its weights, which have the plain model's keys) or a plain state_dict (safetensors, or a torch
+    file holding the dict itself or under "state_dict" / "model"). Anything that does not fit is an
+    error that says what differs."""
+    from pathlib import Path
+
+    from .. import serialization
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--initial-checkpoint {path}: no such file")
+    try:
+        state = serialization.load(path).state_dict()
+    except ValueError as kapify_error:  # not a kapify checkpoint: a plain state_dict
+        if str(path).endswith(".safetensors") and "not a kapify checkpoint" not in str(kapify_error):
+            raise ValueError(f"--initial-checkpoint {path}: {kapify_error}") from kapify_error
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict):
+                state = state.get("state_dict", state.get("model", state))
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    mismatched = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"--initial-checkpoint {path} does not fit the model ({type(model).__name__}): "
+            + "; ".join(part for part in (
+                f"missing {len(missing)} key(s), e.g. {missing[:3]}" if missing else "",
+                f"unexpected {len(unexpected)} key(s), e.g. {unexpected[:3]}" if unexpected else "",
+                f"{len(mismatched)} shape mismatch(es), e.g. {mismatched[:2]}" if mismatched else "") if part)
+            + ". Use the same --model, --model-kwargs, --width-mult and --small-image as the run that wrote it "
+              "(a square-widened kapify checkpoint only fits the widened model)")
+    model.load_state_dict(state)
