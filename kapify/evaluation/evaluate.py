@@ -111,7 +111,7 @@ def evaluate(
                 spec_e = dataclasses.replace(base, norm=norm, eps=e)
                 folder = None
                 if cache_dir is not None:
-                    folder = Path(cache_dir) / f"{attack}-{norm}-eps{e:g}-seed{seed}-rank{rank}of{world}"
+                    folder = Path(cache_dir) / f"{attack}-{norm}-eps{e:g}-seed{seed}-n{images.shape[0]}-bs{batch_size}-rank{rank}of{world}"
                     folder.mkdir(parents=True, exist_ok=True)
                 correct, advs, notes, t0 = [], [], [], time.perf_counter()
                 batches = range(0, len(y_all), batch_size)
