@@ -12,7 +12,7 @@ from ..models import adapt
 from ..surgery import convert
 from .config import TrainConfig
 
-__all__ = ["build_model", "load_initial_weights", "width_kwargs"]
+__all__ = ["build_model", "build_plain_model", "load_initial_weights", "width_kwargs"]
 
 _RESNET_CHANNELS = (64, 128, 256, 512)
 
@@ -40,24 +40,11 @@ def width_kwargs(model: str, width_mult: float, kwargs: Dict[str, Any]) -> Dict[
 
 
 def build_model(cfg: TrainConfig, info: DatasetInfo) -> nn.Module:
-    """Build the model ``cfg`` describes for dataset ``info``: it takes [0,1] pixels (normalised
-    inside), has the small-image stem on 32x32 data, and KAP/KMP/noise from :func:`kapify.convert`
-    (``pool="none"`` with ``sigma=0`` is the plain NT model, with ``sigma>0`` NT(sigma)).
-    Every step is recorded, so ``kapify.load`` rebuilds it from the checkpoint alone."""
-    kwargs = {"num_classes": info.num_classes, **cfg.model_kwargs}
-    kwargs.update(width_kwargs(cfg.model, cfg.width_mult, kwargs))
-    try:
-        model = create_model(cfg.model, pretrained=cfg.pretrained, **kwargs)
-    except TypeError as err:
-        raise ValueError(f"cannot build {cfg.model!r} with {kwargs}: {err}") from err
-    own_model = model.kapify_source["library"] == "kapify"
-    small = cfg.small_image if cfg.small_image is not None else (info.image_size <= 32 and not own_model)
-    if small:
-        model = adapt(model, "small_image_stem")
-    model = adapt(model, "normalize_input", mean=list(info.mean), std=list(info.std))
+    """Build the model ``cfg`` describes for dataset ``info``: :func:`build_plain_model`, then KAP/KMP/noise
+    from :func:`kapify.convert` (``pool="none"`` with ``sigma=0`` is the plain NT model, with ``sigma>0``
+    NT(sigma)). Every step is recorded, so ``kapify.load`` rebuilds it from the checkpoint alone."""
+    model = build_plain_model(cfg, info)
     example = torch.rand(1, 3, info.image_size, info.image_size)
-    if cfg.initial_checkpoint:
-        load_initial_weights(model, cfg.initial_checkpoint)
     if cfg.arrange:
         from ..surgery import arrange_channels
 
@@ -75,6 +62,25 @@ def build_model(cfg: TrainConfig, info: DatasetInfo) -> nn.Module:
         example_input=example,
         blend=0.0 if warm_start else 1.0,
     )
+
+
+def build_plain_model(cfg: TrainConfig, info: DatasetInfo) -> nn.Module:
+    """The unconverted model: factory model (``--pretrained`` weights if asked) -> width -> small-image
+    stem on 32x32 data -> [0,1]-pixel input (normalised inside) -> ``--initial-checkpoint`` weights."""
+    kwargs = {"num_classes": info.num_classes, **cfg.model_kwargs}
+    kwargs.update(width_kwargs(cfg.model, cfg.width_mult, kwargs))
+    try:
+        model = create_model(cfg.model, pretrained=cfg.pretrained, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"cannot build {cfg.model!r} with {kwargs}: {err}") from err
+    own_model = model.kapify_source["library"] == "kapify"
+    small = cfg.small_image if cfg.small_image is not None else (info.image_size <= 32 and not own_model)
+    if small:
+        model = adapt(model, "small_image_stem")
+    model = adapt(model, "normalize_input", mean=list(info.mean), std=list(info.std))
+    if cfg.initial_checkpoint:
+        load_initial_weights(model, cfg.initial_checkpoint)
+    return model
 
 
 def load_initial_weights(model: nn.Module, path: str) -> None:
