@@ -49,3 +49,17 @@ def test_placement_recovers_a_hidden_two_dimensional_layout():
 def test_unknown_method_is_an_error():
     with pytest.raises(ValueError, match="unknown arrange method"):
         kapify.arrange_channels(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1)), method="random")
+
+
+def test_convert_with_arrange_reports_neighbour_similarity_and_saves():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    x = torch.rand(2, 3, 32, 32)
+    kap = kapify.convert(model, sigma=0.0, grid="rect", arrange="similarity", blend=0.0, example_input=x).eval()
+    with torch.no_grad():
+        assert torch.allclose(kap(x), model(x), atol=1e-5)  # arranged + blend 0: the original function
+    rows = kapify.summary(kap).rows
+    assert all(r["neighbour_similarity"][1] >= r["neighbour_similarity"][0] for r in rows if r["neighbour_similarity"])
+    assert "neighbour sim." in str(kapify.summary(kap)) and kapify.get_config(kap).arrange == "similarity"
+    with pytest.raises(ValueError, match="unknown arrange method"):
+        kapify.convert(model, arrange="alphabetical")

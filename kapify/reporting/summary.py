@@ -36,7 +36,7 @@ class ModelSummary:
 
     @property
     def rows(self) -> List[Dict[str, Any]]:
-        return [{c: getattr(layer, c) for c in _COLUMNS} for layer in self.config.layers]
+        return [{c: getattr(layer, c) for c in _COLUMNS + ("neighbour_similarity",)} for layer in self.config.layers]
 
     @property
     def elongated(self) -> List[str]:
@@ -57,14 +57,18 @@ class ModelSummary:
         }
 
     def __str__(self) -> str:
-        table = [_HEADERS]
+        arranged = any(row.get("neighbour_similarity") for row in self.rows)
+        columns = _COLUMNS + (("neighbour_similarity",) if arranged else ())
+        table = [_HEADERS + (("neighbour sim.",) if arranged else ())]
         for row in self.rows:
             cells = dict(row, conv_class=row["conv_class"].rsplit(".", 1)[-1])
             cells["grid"] = (cells["grid"] or "-") + _grid_note(row["grid"])
             cells["pool"] = cells["pool"] or "-"
             cells["sigma"] = cells["sigma"] or "-"
-            table.append(tuple(str(cells[c]) for c in _COLUMNS))
-        widths = [max(len(r[i]) for r in table) for i in range(len(_HEADERS))]
+            similarity = row.get("neighbour_similarity")
+            cells["neighbour_similarity"] = f"{similarity[0]:.3f} -> {similarity[1]:.3f}" if similarity else "-"
+            table.append(tuple(str(cells[c]) for c in columns))
+        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table]
         lines.insert(1, "  ".join("-" * w for w in widths))
         c = self.config

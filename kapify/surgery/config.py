@@ -32,6 +32,7 @@ class LayerRecord:
     sigma: float
     route: str  # how the conv was found: "graph" or "inside leaf <Type>"
     impl: str = "activation"  # where the pool runs: "activation", "weight", or "folded" (baked into weights)
+    neighbour_similarity: Optional[List[float]] = None  # arrange: mean cosine similarity of grid-neighbour filters, [before, after]
 
 
 @dataclass
@@ -55,6 +56,7 @@ class KapConfig:
     fixed_widths: Dict[str, str] = field(default_factory=dict)  # grid="square": conv -> why its width stayed
     widened_across_norm: List[str] = field(default_factory=list)  # grid="square": convs widened across a LayerNorm/GroupNorm
     input_shape: Optional[List[int]] = None  # the example input's shape, when one was given (load repeats the analysis on it)
+    arrange: Optional[str] = None  # channel arrangement applied before pooling (the weights are stored arranged)
     blend: float = 1.0  # KAP warm-start: (1 - blend) conv + blend KAP (kapify.set_blend)
     version: int = 1
 

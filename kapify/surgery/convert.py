@@ -17,6 +17,7 @@ from ..model_source import describe_source
 from .config import CONFIG_ATTR, KapConfig, LayerRecord, is_converted
 from .conv_sites import find_conv_sites
 from .conv_types import conv_types
+from .arrange import ARRANGE_METHODS, arrange_channels
 from .kap_conv import attach_kap, original_class, set_blend, weight_poolable
 from .resize import resize_layer
 from .channel_groups import ChannelGraph
@@ -113,6 +114,7 @@ def convert(
     leaf_modules: Iterable[type] = (),
     example_input: Optional[torch.Tensor] = None,
     blend: float = 1.0,
+    arrange: Optional[str] = None,
 ) -> nn.Module:
     """Return a copy of ``model`` with a channel pool and Gaussian noise after every convolution.
 
@@ -139,6 +141,9 @@ def convert(
         blend: KAP warm-start for trained models: each average pool computes (1 - blend) conv(x) +
             blend KAP(conv(x)); 0 starts from the trained function, ramp it to 1 with
             :func:`kapify.set_blend` while fine-tuning (recipes: ``--kap-warmup-epochs``).
+        arrange: for trained models, "similarity" first permutes each coupled channel group so that
+            similar filters are grid neighbours (:func:`kapify.arrange_channels`; the plain function is
+            unchanged); ``summary`` shows each layer's neighbour similarity before and after.
         example_input: input used to check the traced graph against eager execution
             (default: from timm's ``pretrained_cfg``, else a 224x224 image).
 
@@ -149,6 +154,8 @@ def convert(
         KernelAvgPool(kernel_size=3, stride=1, grid=8x8)
     """
     sigma = _check_options(k, sigma, pool, stride, grid, impl)
+    if arrange is not None and arrange not in ARRANGE_METHODS:
+        raise ValueError(f"unknown arrange method {arrange!r}; available: {list(ARRANGE_METHODS)} (or None)")
     if blend != 1.0 and (pool != "avg" or stride != 1 or not 0.0 <= blend <= 1.0):
         raise ValueError(f"blend (in [0, 1]) applies to average pooling with stride 1, got blend={blend!r}, pool={pool!r}, stride={stride}")
     include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")
@@ -166,6 +173,10 @@ def convert(
     new, graph, unwidened = copy.deepcopy(model), None, None
     if grid == "square" and pool is not None:  # widen every free channel group to a perfect square, new channels silent
         new, graph, unwidened = _widen_to_squares(model, example_input, leaf_modules)
+    similarity: Dict[str, List[float]] = {}
+    if arrange is not None and pool is not None:  # permute before pooling: same widths, so graph stays valid
+        new, arranged = arrange_channels(new, arrange, example_input, leaf_modules, grid="line" if grid == "line" else "rect")
+        similarity = {name: [r.before, r.after] for r in arranged for name in r.producers}
     sites = find_conv_sites(new, tuple(leaf_modules), None if example_input is None else [example_input])
     if sites.functional:
         warnings.warn(
@@ -215,6 +226,7 @@ def convert(
                 sigma=sigma,
                 route=route,
                 impl=layer_impl,
+                neighbour_similarity=similarity.get(name),
             )
         )
         if pool_module is not None or noise is not None:
@@ -229,7 +241,7 @@ def convert(
         k=k, stride=stride, sigma=sigma, pool=pool, grid=grid, input_noise=bool(input_noise and sigma > 0), impl=impl,
         include=include_p, exclude=exclude_p, layers=records, skipped=sites.functional,
         params_before=params_before, source=describe_source(model), fixed_widths=fixed_widths,
-        widened_across_norm=across_norm, input_shape=None if example_input is None else [1, *example_input.shape[1:]],
+        widened_across_norm=across_norm, arrange=arrange, input_shape=None if example_input is None else [1, *example_input.shape[1:]],
     )
     setattr(new, CONFIG_ATTR, config)
     if blend != 1.0:

@@ -45,10 +45,6 @@ def build_model(cfg: TrainConfig, info: DatasetInfo) -> nn.Module:
     NT(sigma)). Every step is recorded, so ``kapify.load`` rebuilds it from the checkpoint alone."""
     model = build_plain_model(cfg, info)
     example = torch.rand(1, 3, info.image_size, info.image_size)
-    if cfg.arrange:
-        from ..surgery import arrange_channels
-
-        model = arrange_channels(model, cfg.arrange, example_input=example)[0]
     warm_start = cfg.kap_warmup_epochs > 0 and cfg.pool == "avg"
     return convert(
         model,
@@ -61,6 +57,7 @@ def build_model(cfg: TrainConfig, info: DatasetInfo) -> nn.Module:
         impl=cfg.kap_impl,
         example_input=example,
         blend=0.0 if warm_start else 1.0,
+        arrange=cfg.arrange,
     )
 
 
