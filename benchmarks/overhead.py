@@ -10,6 +10,7 @@ time GPU runs.
 
     python benchmarks/overhead.py                                   # GPU: batch 256 @32px, 64 @224px
     python benchmarks/overhead.py --device cpu --cifar-batch 32 --imagenet-batch 8 --repeats 5
+    python benchmarks/overhead.py --device cpu --scenarios cifar --cifar-batch 32,256   # batch-size sweep
 """
 from __future__ import annotations
 
@@ -118,8 +119,8 @@ def bench(scenario: str, batch: int, size: int, args, device: torch.device) -> L
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--cifar-batch", type=int, default=256)
-    parser.add_argument("--imagenet-batch", type=int, default=64)
+    parser.add_argument("--cifar-batch", default="256", help="batch size(s) at 32 px, comma-separated for a sweep (e.g. 32,256)")
+    parser.add_argument("--imagenet-batch", default="64", help="batch size(s) at 224 px, comma-separated")
     parser.add_argument("--scenarios", default="cifar,imagenet")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
@@ -132,8 +133,9 @@ def main() -> None:
     plan = {"cifar": (args.cifar_batch, 32), "imagenet": (args.imagenet_batch, 224)}
     rows = []
     for scenario in args.scenarios.split(","):
-        batch, size = plan[scenario]
-        rows += bench(scenario, batch, size, args, device)
+        batches, size = plan[scenario]
+        for batch in (int(b) for b in str(batches).split(",")):
+            rows += bench(scenario, batch, size, args, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; median of {args.repeats} (warm-up {args.warmup})")
     print(f"{'scenario':<10} {'mode':<6} {'variant':<22} {'median':>10} {'x plain':>8} {'peak MiB':>9}")
