@@ -67,6 +67,9 @@ def _pareto_plot(study: Dict[str, Any], path: Path) -> None:
             ax.annotate(f"σ={r['sigma']:g}", (100 * r["clean"], 100 * r["robust"][column]), textcoords="offset points",
                         xytext=(4, 4), fontsize=7)
         attack, eps = column.split("@")
+        top = max([100 * r["robust"][column] for r in rows if column in r["robust"]] + [5.0])
+        ax.set_xlim(0, 100)  # axes from 0: small differences must look small
+        ax.set_ylim(0, min(100.0, 1.2 * top))
         ax.set_title(f"{attack}, L2 ε={eps}")
         ax.set_xlabel("clean accuracy (%)")
         ax.set_ylabel("robust accuracy (%)")
