@@ -16,11 +16,15 @@ from .surgery.config import KapConfig, get_config, unwrap
 from .surgery.convert import convert
 from .surgery.fold import fold
 
-__all__ = ["save", "load", "load_config", "load_extra"]
+__all__ = ["save", "load", "load_config", "load_extra", "NotACheckpointError"]
 
 _CONFIG_KEY = "kapify.config"
 _EXTRA_KEY = "kapify.extra"
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+class NotACheckpointError(ValueError):
+    """A readable safetensors file without kapify's conversion metadata (e.g. a plain state_dict)."""
 
 
 def save(model: nn.Module, path: PathLike, extra: Optional[Dict[str, Any]] = None) -> None:
@@ -58,7 +62,7 @@ def _metadata(path: PathLike) -> Dict[str, str]:
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{os.fspath(path)!r} is not a readable safetensors file ({err}); is it corrupt or truncated?") from err
     if _CONFIG_KEY not in metadata:
-        raise ValueError(f"{os.fspath(path)!r} is a safetensors file but not a kapify checkpoint (no '{_CONFIG_KEY}' metadata)")
+        raise NotACheckpointError(f"{os.fspath(path)!r} is a safetensors file but not a kapify checkpoint (no '{_CONFIG_KEY}' metadata)")
     return metadata
 
 

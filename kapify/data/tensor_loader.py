@@ -42,8 +42,8 @@ def random_crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.T
 class _EpochOrder:
     """The sampler part: which epoch, how many batches to skip; draws the epoch's order and augmentation."""
 
-    def __init__(self, loader: "TensorLoader") -> None:
-        self.loader, self.epoch, self.skip = loader, 0, 0
+    def __init__(self) -> None:
+        self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.skip = epoch, 0
@@ -53,7 +53,8 @@ class _EpochOrder:
 
 
 class TensorLoader:
-    """Batches of ``(float images in [0, 1], int64 labels)`` from uint8 ``images`` (N, H, W, C) or (N, C, H, W).
+    """Batches of ``(float images in [0, 1], int64 labels)`` from uint8 ``images`` (N, H, W, C), as the
+    datasets hold them (:func:`tensor_arrays`).
 
     ``train=True`` shuffles, crops (``padding`` pixels) and flips, and drops the last partial batch;
     ``train=False`` keeps the order and the images as they are. ``device`` is where the images live
@@ -79,21 +80,18 @@ class TensorLoader:
         device: Optional[torch.device] = None,
         rank: int = 0,
         world_size: int = 1,
-        channels_last_input: Optional[bool] = None,
     ) -> None:
         images = torch.as_tensor(images)
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"TensorLoader takes uint8 images of shape (N, H, W, C) or (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
-        hwc = images.shape[-1] in (1, 3) if channels_last_input is None else channels_last_input
-        images = images.permute(0, 3, 1, 2) if hwc else images
-        self.images = images.contiguous().to(device)
+            raise ValueError(f"TensorLoader takes uint8 images of shape (N, H, W, C), got {images.dtype} {tuple(images.shape)}")
+        self.images = images.permute(0, 3, 1, 2).contiguous().to(device)
         self.labels = torch.as_tensor(labels, dtype=torch.int64).to(device)
         if len(self.labels) != len(self.images):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.padding, self.flip = (padding, flip) if train else (0, False)
         self.rank, self.world_size = rank, world_size
-        self.sampler = _EpochOrder(self)
+        self.sampler = _EpochOrder()
         self.dataset = self.images  # len(loader.dataset) is the number of images, as for a DataLoader
 
     def _shard_size(self) -> int:

@@ -136,8 +136,9 @@ def _rewiden(model: nn.Module, width_fn: Union[str, Dict, WidthFn], function_pre
     index = {g.id: torch.arange(g.width) for g in graph.groups}  # old channels first; grouped convs gain whole groups
     apply_layout(new, graph, widths, index, function_preserving)
     _sync_head_width(model, new)
-    _check_forward(new, example_input)
-    _sync_feature_info(model, new, example_input)
+    x = example_input if example_input is not None else default_input(new)
+    entries = _feature_modules(new)
+    _sync_feature_info(model, x, entries, _check_forward(new, x, [e["module"] for e in entries]))
     return new, graph
 
 
@@ -185,11 +186,30 @@ class RewidenError(ValueError):
     """The widened model no longer runs: it hard-codes a channel count the graph does not show."""
 
 
-def _check_forward(model: nn.Module, example_input: Optional[torch.Tensor]) -> None:
-    x = example_input if example_input is not None else default_input(model)
+def _output_shapes(model: nn.Module, x: torch.Tensor, names: Iterable[str]) -> Dict[str, torch.Size]:
+    """One eval-mode forward of ``model`` on ``x``, recording the output shape of each named submodule."""
+    seen: Dict[str, torch.Size] = {}
+
+    def record(key: str) -> Callable:
+        def hook(module: nn.Module, inputs: object, output: object) -> None:  # returns None: the output is kept
+            if isinstance(output, torch.Tensor):
+                seen.setdefault(key, output.shape)
+        return hook
+
+    hooks = [model.get_submodule(name).register_forward_hook(record(name)) for name in names]
     try:
         with eval_mode(model), torch.no_grad():
             model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _check_forward(model: nn.Module, x: torch.Tensor, names: Iterable[str] = ()) -> Dict[str, torch.Size]:
+    """Run the widened model once (it must still work) and return the output shapes of ``names``."""
+    try:
+        return _output_shapes(model, x, names)
     except Exception as err:
         raise RewidenError(
             f"re-widening broke the model's forward ({type(err).__name__}: {str(err).splitlines()[0][:200]}): a layer "
@@ -222,38 +242,23 @@ def _sync_head_width(old: nn.Module, new: nn.Module) -> None:
                         setattr(module, attr, after)
 
 
-def _sync_feature_info(old: nn.Module, new: nn.Module, example_input: Optional[torch.Tensor]) -> None:
-    """timm's ``feature_info`` lists each feature stage's width (``num_chs``): after widening, read
-    the new width off the stage's output, on the dim where the old output had the old width."""
-    info = getattr(new, "feature_info", None)
+def _feature_modules(model: nn.Module) -> List[Dict]:
+    """timm's ``feature_info`` entries whose module exists (each has ``module`` and ``num_chs``)."""
+    info = getattr(model, "feature_info", None)
     if not isinstance(info, list) or not all(isinstance(i, dict) and "module" in i and "num_chs" in i for i in info):
-        return
-    x = example_input if example_input is not None else default_input(new)
-    shapes = []
-    for model in (old, new):
-        seen: Dict[str, torch.Size] = {}
-        hooks = []
-        for entry in info:
-            try:
-                module = model.get_submodule(entry["module"])
-            except AttributeError:
-                continue
-            def record(m: nn.Module, i: object, o: object, key: str = entry["module"]) -> None:  # returns None: keeps the output
-                if isinstance(o, torch.Tensor):
-                    seen.setdefault(key, o.shape)
+        return []
+    names = dict(model.named_modules())
+    return [entry for entry in info if entry["module"] in names]
 
-            hooks.append(module.register_forward_hook(record))
-        try:
-            with eval_mode(model), torch.no_grad():
-                model(x)
-        finally:
-            for h in hooks:
-                h.remove()
-        shapes.append(seen)
-    for entry in info:
-        before, after = shapes[0].get(entry["module"]), shapes[1].get(entry["module"])
-        if before is None or after is None or len(before) != len(after):
+
+def _sync_feature_info(old: nn.Module, x: torch.Tensor, entries: List[Dict], after: Dict[str, torch.Size]) -> None:
+    """timm's ``feature_info`` lists each feature stage's width (``num_chs``): after widening, read
+    the new width off the stage's output (``after``), on the dim where the old output had the old width."""
+    before = _output_shapes(old, x, [e["module"] for e in entries]) if entries else {}
+    for entry in entries:
+        old_shape, new_shape = before.get(entry["module"]), after.get(entry["module"])
+        if old_shape is None or new_shape is None or len(old_shape) != len(new_shape):
             continue
-        dims = [d for d in (1, len(before) - 1) if before[d] == entry["num_chs"]]
+        dims = [d for d in (1, len(old_shape) - 1) if old_shape[d] == entry["num_chs"]]
         if dims:
-            entry["num_chs"] = int(after[dims[0]])
+            entry["num_chs"] = int(new_shape[dims[0]])

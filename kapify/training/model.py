@@ -93,17 +93,16 @@ def load_initial_weights(model: nn.Module, path: str) -> None:
         raise FileNotFoundError(f"--initial-checkpoint {path}: no such file")
     try:
         state = serialization.load(path).state_dict()
-    except ValueError as kapify_error:  # not a kapify checkpoint: a plain state_dict
-        if str(path).endswith(".safetensors") and "not a kapify checkpoint" not in str(kapify_error):
-            raise ValueError(f"--initial-checkpoint {path}: {kapify_error}") from kapify_error
-        if str(path).endswith(".safetensors"):
-            from safetensors.torch import load_file
+    except serialization.NotACheckpointError:  # a plain state_dict in safetensors
+        from safetensors.torch import load_file
 
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(state, dict):
-                state = state.get("state_dict", state.get("model", state))
+        state = load_file(path)
+    except ValueError as err:  # not safetensors at all: a torch file, else a corrupt safetensors file
+        if str(path).endswith(".safetensors"):
+            raise ValueError(f"--initial-checkpoint {path}: {err}") from err
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict):
+            state = state.get("state_dict", state.get("model", state))
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     mismatched = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]

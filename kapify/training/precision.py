@@ -39,8 +39,17 @@ class Precision:
     def grad_scaler(self) -> bool:
         return self.amp == "fp16"
 
+    @property
+    def name(self) -> str:
+        """The compute precision: ``fp32``, ``bf16`` or ``fp16``."""
+        return "fp32" if self.amp == "none" else self.amp
+
+    @property
+    def memory_format(self) -> str:
+        return "channels_last" if self.channels_last else "contiguous"
+
     def describe(self) -> str:
-        return f"{'fp32' if self.amp == 'none' else self.amp}, {'channels_last' if self.channels_last else 'contiguous'}"
+        return f"{self.name}, {self.memory_format}"
 
 
 def resolve_precision(amp: str, channels_last: Optional[bool], device: torch.device) -> Precision:

@@ -29,6 +29,7 @@ from ..data.loader import default_transform
 from ..data.tensor_loader import TensorLoader, tensor_arrays
 from ..distributed import DistEnv, all_reduce_sum, init_distributed
 from ..surgery import set_blend
+from ..surgery.arrange import ARRANGE_METHODS
 from .checkpoint import load_state, rng_state, save_state, set_rng_state
 from .config import TrainConfig, parse_args
 from .model import build_model
@@ -58,8 +59,8 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError("kap_stride only applies with a pool (pool=avg or max)")
     if cfg.kap_warmup_epochs and (cfg.pool != "avg" or cfg.kap_stride != 1):
         raise ValueError("kap_warmup_epochs blends KAP with the plain conv: it needs pool=avg and kap_stride=1")
-    if cfg.arrange not in (None, "similarity"):
-        raise ValueError(f"arrange must be 'similarity' (or unset), got {cfg.arrange!r}")
+    if cfg.arrange not in (None, *ARRANGE_METHODS):
+        raise ValueError(f"arrange must be one of {list(ARRANGE_METHODS)} (or unset), got {cfg.arrange!r}")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {cfg.epochs} and {cfg.batch_size}")
     if cfg.amp not in ("auto", "bf16", "fp16", "none"):
@@ -215,6 +216,9 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         train_model = torch.compile(train_model)
     objective = OBJECTIVES[cfg.objective]
     warmup_steps = round(cfg.kap_warmup_epochs * updates_per_epoch) if cfg.pool == "avg" else 0
+
+    def blend_at(update: int) -> float:  # KAP warm-start: a function of the update count, so a resumed run continues it exactly
+        return min(1.0, update / warmup_steps)
     log = _CsvLog(run_dir / "log.csv", env.is_main)
 
     def checkpoint(epoch: int, batch: int) -> None:
@@ -241,8 +245,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if channels_last:
                 x = x.to(memory_format=torch.channels_last)
-            if warmup_steps:  # KAP warm-start: a function of the update count, so a resumed run continues it exactly
-                set_blend(model, min(1.0, step / warmup_steps))
+            if warmup_steps:
+                set_blend(model, blend_at(step))
             with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
                 loss, logits = objective(train_model, x, y, cfg)
             optimizer.zero_grad(set_to_none=True)
@@ -291,8 +295,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         row: Dict[str, Any] = {
             "epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss_sum / max(seen, 1),
             "train_acc": correct / max(seen, 1), "epoch_time_s": elapsed, "images_per_s": seen / max(elapsed, 1e-9),
-            "precision": precision.amp if precision.amp != "none" else "fp32", "kap_blend": min(1.0, step / warmup_steps) if warmup_steps else "",
-            "memory_format": "channels_last" if channels_last else "contiguous",
+            "precision": precision.name, "memory_format": precision.memory_format, "kap_blend": blend_at(step) if warmup_steps else "",
         }
         if val_loader is not None:
             row["val_acc"] = _accuracy(eval_model, val_loader, device, cfg, attack=False)
