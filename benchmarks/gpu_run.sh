@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The one-shot command for a lent GPU machine (torch, torchvision, timm preinstalled, no network):
 # kapify from the checkout, timm/pyautoattack carried in .whl/, CIFAR-10 JPEG archives in .data/.
-# Runs benchmarks/gpu_table1.py, then the issue-12 sigma-sweep study in whatever time is left
-# (it resumes, so a cut run still leaves study.json for the runs it finished), and copies the
-# reports to $OUT (results land flat: the device tool returns at most 8 files).
+# Runs benchmarks/gpu_table1.py without Square (leaving FT_SECONDS), then the issue-15 fine-tuning study
+# (recipes/studies/gpu_finetune_resnet18.yaml) from table1's trained NT(σ=0.1) model, then table1 again
+# for Square in whatever time is left (it resumes), and copies the reports to $OUT after each stage
+# (the device tool returns at most 8 files, flat).
 #   usage: OUT=/some/dir bash benchmarks/gpu_run.sh [budget seconds, default 570] [extra gpu_table1 flags]
 set -u
 budget=${1:-570}; shift || true
+ft_seconds=${FT_SECONDS:-150}
 work=${WORK:-/tmp/kapify-gpu}
 mkdir -p "$work" "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -15,15 +17,26 @@ fi
 [ -d .whl/site ] && mkdir -p /tmp/site && cp -r .whl/site/* /tmp/site/
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
+collect() {  # whatever exists now; called after each stage so a cut run still returns its reports
+  cp "$work"/table1/results.json "$work"/table1/results.md "$work"/table1/overhead.txt "$OUT"/ 2>/dev/null
+  for f in study.json study.md pareto.png; do cp "$work/ft/$f" "$OUT/ft-$f" 2>/dev/null; done
+}
 nvidia-smi -L 2>/dev/null
 $py -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())"
-timeout $((budget - SECONDS - 90)) $py benchmarks/gpu_table1.py --out "$work/table1" --data-dir .data "$@" 2>&1 | tee "$OUT/table1-log.txt" | grep -v "it/s"
-left=$((budget - SECONDS - 15))
-if [ "$left" -gt 60 ]; then
-  timeout "$left" $py recipes/study.py --config recipes/studies/cpu_sigma_sweep.yaml --data-dir .data --no-download \
-    --out "$work/study" --no-progress 2>&1 | grep -v "it/s" | tail -40
+timeout $((budget - SECONDS - ft_seconds)) $py benchmarks/gpu_table1.py --out "$work/table1" --data-dir .data --skip-square "$@" 2>&1 \
+  | tee "$OUT/table1-log.txt" | grep -v "it/s"
+collect
+left=$((budget - SECONDS - 10))
+if [ "$left" -gt 40 ] && [ -f "$work/table1/runs/nt_s0.1/model.safetensors" ]; then
+  mkdir -p "$work/ft/runs"
+  cp -r "$work/table1/runs/nt_s0.1" "$work/ft/runs/"   # the trained plain model: evaluated there, fine-tuned here
+  timeout "$left" $py recipes/study.py --config recipes/studies/gpu_finetune_resnet18.yaml --data-dir .data --no-download \
+    --out "$work/ft" --only ft_arrange_warm,ft_warm,ft_cold --no-progress ${FT_FLAGS:---n-examples 250} 2>&1 | grep -v "it/s" | tail -30
 fi
-cp "$work"/table1/results.json "$work"/table1/results.md "$OUT"/ 2>/dev/null
-cp "$work"/table1/overhead.json "$work"/table1/overhead.txt "$OUT"/ 2>/dev/null
-cp "$work"/study/study.json "$work"/study/study.md "$work"/study/pareto.png "$OUT"/ 2>/dev/null
+collect
+left=$((budget - SECONDS - 10))
+if [ "$left" -gt 30 ]; then
+  timeout "$left" $py benchmarks/gpu_table1.py --out "$work/table1" --data-dir .data "$@" 2>&1 | grep -v "it/s" | tail -20
+fi
+collect
 ls -la "$OUT"

@@ -14,11 +14,12 @@ command resumes; training itself resumes from its last.pth and the attacks from 
    (on an H200 30 epochs took 34-38 s for NT and 47-50 s for KAP).
 2. training with ``recipes/configs/cifar10_resnet18_fast_{nt,kap_s0.1}.yaml`` (warm-up scaled to
    the epoch count); time per epoch in each run's log.csv.
-3. evaluation per model through ``kapify-eval``'s engine: clean accuracy on the full test set,
-   PGD-L2 (100 steps) at ε=0.5 and 1 on ``--n-examples`` fixed test images (seed 0), AutoAttack-L2
-   (standard) at ε=0.5 and 1 on the first ``--aa-examples`` of them, Square (5000 queries) at ε=1,
-   with the masking flags. Attack groups run cheapest first, KAP before NT, each saved when done.
-4. ``benchmarks/overhead.py`` on the same device (KAP's training / inference cost).
+3. evaluation through ``kapify-eval``'s engine: clean accuracy on the full test set, PGD-L2 (100
+   steps) at ε=0.5 and 1 on ``--n-examples`` fixed test images (seed 0) for both models, then
+   AutoAttack-L2 (standard) at ε=0.5 and 1 on the first ``--aa-examples`` of them for KAP;
+   each step saved when done, with the masking flags.
+4. ``benchmarks/overhead.py`` on the same device (KAP's training / inference cost, batch 32 and 256).
+5. AutoAttack for NT, then Square (5000 queries) at ε=1 for both (``--skip-square`` leaves it out).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # kapify runs from the checkout on the GPU machine
@@ -132,30 +133,32 @@ def train_models(results: Dict[str, Any], configs: Dict[str, Any], epochs: int, 
         _save(out, results)
 
 
-def evaluate_models(results: Dict[str, Any], args: argparse.Namespace, out: Path) -> None:
+def evaluate_models(results: Dict[str, Any], args: argparse.Namespace, out: Path, steps: List[Tuple[str, str]]) -> None:
+    """Run each (attack group, model label) of ``steps`` not done yet, saving after each."""
     smoke = dict(pgd_steps=10, square_queries=100) if args.smoke else {}
-    for key, (attacks, eps) in EVAL_GROUPS.items():
-        for label, model in results["models"].items():
-            if key in model.get("eval", {}):
-                continue
-            n_examples = args.aa_examples if key == "aa" and args.aa_examples else args.n_examples
-            print(f"gpu_table1: {label}: {attacks} at eps {eps} on {n_examples} images", file=sys.stderr, flush=True)
-            cfg = EvalConfig(checkpoint=model["checkpoint"], data_dir=args.data_dir, download=False, n_examples=n_examples,
-                             seed=0, attacks=attacks, eps=eps, device=args.device, batch_size=500,
-                             out=str(out / "eval" / MODELS[label][0] / key), progress=False, **smoke)
-            started = time.perf_counter()
-            try:
-                done = run_evaluation(cfg)
-            except Exception as err:
-                results["errors"].append(f"evaluating {label} ({attacks}): {type(err).__name__}: {err}")
-                _save(out, results)
-                continue
-            model.setdefault("eval", {})[key] = {
-                "rows": [{"attack": r["attack"], "eps": r["eps"], "accuracy": r["accuracy"]["mean"], "n": r["n"]} for r in done["results"]],
-                "n_examples": n_examples,
-                "flags": [f["message"] for f in done["flags"]], "time_s": time.perf_counter() - started, "device": done["device"],
-            }
+    for key, label in steps:
+        attacks, eps = EVAL_GROUPS[key]
+        model = results["models"].get(label)
+        if model is None or key in model.get("eval", {}):
+            continue
+        n_examples = args.aa_examples if key == "aa" and args.aa_examples else args.n_examples
+        print(f"gpu_table1: {label}: {attacks} at eps {eps} on {n_examples} images", file=sys.stderr, flush=True)
+        cfg = EvalConfig(checkpoint=model["checkpoint"], data_dir=args.data_dir, download=False, n_examples=n_examples,
+                         seed=0, attacks=attacks, eps=eps, device=args.device, batch_size=500,
+                         out=str(out / "eval" / MODELS[label][0] / key), progress=False, **smoke)
+        started = time.perf_counter()
+        try:
+            done = run_evaluation(cfg)
+        except Exception as err:
+            results["errors"].append(f"evaluating {label} ({attacks}): {type(err).__name__}: {err}")
             _save(out, results)
+            continue
+        model.setdefault("eval", {})[key] = {
+            "rows": [{"attack": r["attack"], "eps": r["eps"], "accuracy": r["accuracy"]["mean"], "n": r["n"]} for r in done["results"]],
+            "n_examples": n_examples,
+            "flags": [f["message"] for f in done["flags"]], "time_s": time.perf_counter() - started, "device": done["device"],
+        }
+        _save(out, results)
 
 
 def run_overhead(results: Dict[str, Any], args: argparse.Namespace, out: Path) -> None:
@@ -163,8 +166,7 @@ def run_overhead(results: Dict[str, Any], args: argparse.Namespace, out: Path) -
         return
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--device", device, "--out", str(out / "overhead.json")]
-    if args.smoke:
-        cmd += ["--scenarios", "cifar", "--cifar-batch", "4", "--repeats", "1", "--warmup", "0"]
+    cmd += ["--scenarios", "cifar", "--cifar-batch", "4", "--repeats", "1", "--warmup", "0"] if args.smoke else ["--cifar-batch", "32,256"]
     print("gpu_table1: " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     (out / "overhead.txt").write_text(done.stdout + done.stderr)
@@ -221,6 +223,7 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--aa-examples", type=int, default=500,
                         help="images for AutoAttack, the costliest stage (on an H200 it took 261 s for 1000 images x 2 eps of the NT model alone)")
     parser.add_argument("--skip-overhead", action="store_true", help="leave out benchmarks/overhead.py")
+    parser.add_argument("--skip-square", action="store_true", help="leave out Square (rerun without it to add it: the rest resumes)")
     parser.add_argument("--smoke", action="store_true", help="256 training images, 1 epoch, 20 attacked images: checks the pipeline")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -241,8 +244,10 @@ def main(argv: List[str] | None = None) -> int:
         results["epochs"] = choose_epochs(results, configs, args)
         _save(out, results)
     train_models(results, configs, results["epochs"], out)
-    evaluate_models(results, args, out)
+    kap, nt = MODELS  # the model in question first at each costly step
+    evaluate_models(results, args, out, [("pgd", kap), ("pgd", nt), ("aa", kap)])
     run_overhead(results, args, out)
+    evaluate_models(results, args, out, [("aa", nt)] + ([] if args.skip_square else [("square", kap), ("square", nt)]))
     results.setdefault("stage_time_s", []).append(time.perf_counter() - started)
     _save(out, results)
     print(markdown(results).split("\n\nOverhead")[0])

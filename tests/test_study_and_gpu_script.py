@@ -15,6 +15,8 @@ train: {model_kwargs: {depth: 1, width: 9}, train_samples: 64, val_samples: 0, t
 runs:
   - {name: nt, label: NT, config: %(root)s/recipes/configs/cifar10_convnet3_nt.yaml, overrides: {sigma: 0.1}}
   - {name: kap, label: KAP, config: %(root)s/recipes/configs/cifar10_convnet3_kap.yaml, overrides: {sigma: 0.1}}
+  - {name: ft, label: KAP fine-tuned, config: %(root)s/recipes/configs/cifar10_convnet3_kap.yaml, init_from: nt,
+     overrides: {sigma: 0.1, kap_warmup_epochs: 1, arrange: similarity}}
 evaluation:
   n_examples: 8
   attacks: [{attack: pgd, eps: [0.25, 1.0]}, {attack: square, eps: [0.5]}]
@@ -28,18 +30,21 @@ def test_two_run_study_end_to_end_and_rerun_skips_finished_runs(cifar_dir, tmp_p
     argv = ["--config", str(spec), "--out", str(tmp_path / "out"), "--data-dir", cifar_dir, "--no-download", "--no-progress"]
     assert study_main(argv) == 0
     study = json.loads((tmp_path / "out" / "study.json").read_text())
-    assert [r["name"] for r in study["rows"]] == ["nt", "kap"]
+    assert [r["name"] for r in study["rows"]] == ["nt", "kap", "ft"]
     kap = study["rows"][1]
     assert kap["pool"] == "avg" and set(kap["robust"]) == {"pgd@0.25", "pgd@1", "square@0.5"}
     assert all(0 <= v <= kap["clean"] for v in kap["robust"].values()) and kap["train_time_s"] > 0
     table = (tmp_path / "out" / "study.md").read_text()
-    assert "| KAP | KAP | 0.1 | 3 |" in table and "pgd@0.25" in table
+    assert "| KAP | KAP | 0.1 | 3 | 1 |" in table and "pgd@0.25" in table
+    assert "| KAP fine-tuned | KAP | 0.1 | 3 | 1 (+1 as NT) |" in table
+    log = (tmp_path / "out" / "runs" / "ft" / "log.csv").read_text()
+    assert "kap_blend" in log.splitlines()[0]  # the warm-start ran
     assert (tmp_path / "out" / "pareto.png").stat().st_size > 10_000 and (tmp_path / "out" / "kernels.png").is_file()
     model = tmp_path / "out" / "runs" / "kap" / "model.safetensors"
     stamp = model.stat().st_mtime_ns
     assert study_main(argv + ["--only", "kap"]) == 0
     assert model.stat().st_mtime_ns == stamp  # finished runs are not trained again
-    assert [r["name"] for r in json.loads((tmp_path / "out" / "study.json").read_text())["rows"]] == ["nt", "kap"]
+    assert [r["name"] for r in json.loads((tmp_path / "out" / "study.json").read_text())["rows"]] == ["nt", "kap", "ft"]
     assert study_main(argv + ["--only", "nope"]) == 2 and "unknown run" in capsys.readouterr().err
 
 
@@ -48,6 +53,9 @@ def test_study_file_errors_are_specific(tmp_path, capsys):
     spec.write_text("runs: [{name: a}]\n")
     assert study_main(["--config", str(spec)]) == 2
     assert "'runs' must be a list" in capsys.readouterr().err
+    spec.write_text("runs: [{name: a, config: x.yaml, init_from: b}, {name: b, config: x.yaml}]\n")
+    assert study_main(["--config", str(spec)]) == 2
+    assert "init_from 'b', which must name an earlier run" in capsys.readouterr().err
 
 
 @pytest.mark.slow

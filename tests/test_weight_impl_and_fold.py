@@ -1,4 +1,6 @@
 """KAP on the weights (Eq. 3) equals KAP on the activations; fold bakes it into plain convs."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -53,9 +55,27 @@ def test_auto_picks_weight_only_where_exact():
         attach_kap(grouped, avg, None, "weight")
     model = torchvision.models.mobilenet_v2(weights=None, num_classes=4)
     impls = {r.name: r.impl for r in kapify.get_config(kapify.convert(model)).layers}
-    assert impls["features.0.0"] == "weight" and impls["features.1.conv.0.0"] == "activation"  # depthwise
+    assert impls["features.0.0"] == "auto" and impls["features.1.conv.0.0"] == "activation"  # depthwise
     with pytest.raises(ValueError, match="cannot pool its weights"):
         kapify.convert(model, impl="weight")
+
+
+def test_auto_pools_the_smaller_tensor_and_agrees_with_both_routes():
+    """impl="auto" pools the filters when they are smaller than the call's output, else the output."""
+    conv = nn.Conv2d(16, 16, 3, padding=1, stride=2).double()  # filters: 2304 numbers
+    routes = {}
+    for impl in ("auto", "weight", "activation"):
+        routes[impl] = attach_kap(copy.deepcopy(conv), KernelAvgPool(3, grid=(4, 4)), None, impl)
+    small, large = torch.randn(1, 16, 8, 8, dtype=torch.float64), torch.randn(3, 16, 16, 16, dtype=torch.float64)
+    assert not routes["auto"]._filters_smaller(small)  # output 1x16x4x4 = 256 numbers
+    assert routes["auto"]._filters_smaller(large)  # output 3x16x8x8 = 3072 numbers
+    for x in (small, large):
+        x.requires_grad_(True)
+        outs = {impl: m(x) for impl, m in routes.items()}
+        grads = {impl: torch.autograd.grad(o.square().sum(), (x, routes[impl].weight)) for impl, o in outs.items()}
+        for impl in ("weight", "activation"):
+            torch.testing.assert_close(outs["auto"], outs[impl])
+            torch.testing.assert_close(grads["auto"], grads[impl])
 
 
 @pytest.mark.parametrize("name", ["resnet18", "seresnet18"])

@@ -31,7 +31,9 @@ def study_markdown(study: Dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|" + "---|" * len(columns) + "---|---|"]
     for r in rows:
         k = f"{r['k']}" + (f" (S={r['kap_stride']})" if r.get("kap_stride", 1) > 1 else "") if r["pool"] != "none" else "-"
-        cells = [r["label"], {"avg": "KAP", "max": "KMP", "none": "-"}[r["pool"]], f"{r['sigma']:g}", k, str(r["epochs"]),
+        parent = next((p for p in rows if p["name"] == r.get("init_from")), None)
+        epochs = f"{r['epochs']}" + (f" (+{parent['epochs']} as {parent['label']})" if parent else "")
+        cells = [r["label"], {"avg": "KAP", "max": "KMP", "none": "-"}[r["pool"]], f"{r['sigma']:g}", k, epochs,
                  _pct(r.get("test_acc")), _pct(r.get("clean"))] + [_pct(r["robust"].get(c)) for c in columns]
         minutes = r.get("train_time_s")
         cells += [f"{r['topography']:.3f}", f"{minutes / 60:.1f} min" if minutes else ""]
@@ -64,7 +66,7 @@ def _pareto_plot(study: Dict[str, Any], path: Path) -> None:
             ax.scatter(100 * r["clean"], 100 * r["robust"][column], c=color, marker=marker, s=50,
                        label=None if label in seen else label)
             seen.add(label)
-            ax.annotate(f"σ={r['sigma']:g}", (100 * r["clean"], 100 * r["robust"][column]), textcoords="offset points",
+            ax.annotate(r["label"], (100 * r["clean"], 100 * r["robust"][column]), textcoords="offset points",
                         xytext=(4, 4), fontsize=7)
         attack, eps = column.split("@")
         top = max([100 * r["robust"][column] for r in rows if column in r["robust"]] + [5.0])

@@ -31,7 +31,7 @@ class LayerRecord:
     pool: Optional[str]
     sigma: float
     route: str  # how the conv was found: "graph" or "inside leaf <Type>"
-    impl: str = "activation"  # where the pool runs: "activation", "weight", or "folded" (baked into weights)
+    impl: str = "activation"  # where the pool runs: "activation", "weight", "auto" (the smaller of the two per call) or "folded"
     neighbour_similarity: Optional[List[float]] = None  # arrange: mean cosine similarity of grid-neighbour filters, [before, after]
 
 

@@ -133,9 +133,9 @@ def convert(
             the function is kept, exactly unless a LayerNorm/GroupNorm sees them; fixed groups stay rect)
             or "line" (1-D KAP).
         input_noise: also add the noise to the model's input (training only).
-        impl: where an average pool runs: "weight" pools the conv's filters (Eq. 3, the cost of the
-            plain conv; only after plain ungrouped convs), "activation" pools the output, "auto"
-            picks "weight" wherever it applies. Outputs and gradients agree either way.
+        impl: where an average pool runs: "weight" pools the conv's filters (Eq. 3; only after plain
+            ungrouped convs), "activation" pools the output, "auto" (where "weight" applies) pools
+            whichever of the two is smaller in each call. Outputs and gradients agree either way.
         include / exclude: fnmatch patterns on conv module names, e.g. ``exclude="conv1"``.
         leaf_modules: extra module types FX must not trace through (their convs are still converted).
         blend: KAP warm-start for trained models: each average pool computes (1 - blend) conv(x) +
@@ -211,7 +211,7 @@ def convert(
         if pool_module is not None and side >= 3 and k >= 2 * side - 1:  # every window covers the whole grid
             oversized.append(f"{name} ({layout})")
         noise = GaussianNoise(sigma) if sigma > 0 else None
-        layer_impl = "weight" if impl == "weight" or (impl == "auto" and weight_poolable(conv, pool_module)) else "activation"
+        layer_impl = impl if impl == "weight" or (impl == "auto" and weight_poolable(conv, pool_module)) else "activation"
         records.append(
             LayerRecord(
                 name=name,

@@ -1,8 +1,10 @@
 """Attach a channel pool and noise to a convolution's output without changing its parameters.
 
 The pool runs on the conv's output (``impl="activation"``) or, for an average pool after a plain
-ungrouped conv, on the conv's filters (``impl="weight"``, paper Eq. 3): same outputs and gradients,
-the cost of the plain conv.
+ungrouped conv, on the conv's filters (``impl="weight"``, paper Eq. 3): same outputs and gradients.
+``impl="auto"`` picks, call by call, whichever of the two tensors is smaller: the filters in early
+layers and at large batch sizes, the output in late layers at small batch sizes (at batch 32 a
+ResNet18's last filter bank holds 9x more numbers than its output).
 
 Like ``torch.nn.utils.parametrize``, the conv keeps its identity and is re-classed in place to a
 cached subclass (``KapConv2d`` for ``nn.Conv2d``, ``KapStdConv2d`` for timm's ``StdConv2d`` ...)
@@ -12,6 +14,7 @@ tensors), and it works with ``torch.compile``, autocast, channels-last and DDP.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Literal, Optional, Type
 
 import torch
@@ -21,7 +24,7 @@ from ..layers import KernelAvgPool, pool_conv_weight
 
 __all__ = ["KapConvMixin", "attach_kap", "detach_kap", "is_kap_conv", "original_class", "set_blend", "weight_poolable", "Impl"]
 
-Impl = Literal["activation", "weight"]
+Impl = Literal["activation", "weight", "auto"]
 _PLAIN_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
 
 _CLASSES: Dict[Type[nn.Module], Type[nn.Module]] = {}
@@ -35,7 +38,7 @@ class KapConvMixin:
     kap_impl: Impl
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.kap_impl == "weight":
+        if self.kap_impl == "weight" or (self.kap_impl == "auto" and self._filters_smaller(args[0])):
             weight, bias = self.pooled_weight()
             out = self._conv_forward(*args, weight, bias)  # type: ignore[attr-defined]
         else:
@@ -46,6 +49,11 @@ class KapConvMixin:
         if self.kap_noise is not None:
             out = self.kap_noise(out)
         return out
+
+    def _filters_smaller(self, x: torch.Tensor) -> bool:
+        """Whether the filter bank has fewer numbers than this call's output (pooling is linear in either)."""
+        outputs = x.numel() // self.in_channels * self.out_channels // math.prod(self.stride)  # type: ignore[attr-defined]
+        return self.weight.numel() <= outputs  # type: ignore[attr-defined]
 
     def pooled_weight(self) -> tuple:
         """The conv's (weight, bias) averaged by its pool, blended with the unpooled ones by ``kap_blend``
@@ -102,7 +110,8 @@ def attach_kap(
 ) -> nn.Module:
     """Re-class ``conv`` in place so that ``pool`` and then ``noise`` follow its output; returns ``conv``.
 
-    ``impl="weight"`` runs the pool on the filters (see :func:`weight_poolable`).
+    ``impl="weight"`` runs the pool on the filters (see :func:`weight_poolable`), ``"auto"`` on the
+    filters or the output, whichever is smaller in each call.
 
     Example:
         >>> from kapify.layers import KernelAvgPool
@@ -112,7 +121,7 @@ def attach_kap(
     """
     if is_kap_conv(conv):
         raise ValueError(f"{type(conv).__name__} already has KAP attached")
-    if impl == "weight" and not weight_poolable(conv, pool):
+    if impl in ("weight", "auto") and not weight_poolable(conv, pool):
         raise ValueError(
             f"{type(conv).__name__} (groups={getattr(conv, 'groups', 1)}) with {type(pool).__name__} cannot pool "
             f"its weights: that needs an average pool after a plain, ungrouped conv; use impl='activation'"

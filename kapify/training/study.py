@@ -8,6 +8,8 @@ all runs, and one evaluation spec::
     runs:
       - {name: nt_s0.1, config: recipes/configs/cifar10_convnet3_nt.yaml, overrides: {sigma: 0.1}}
       - {name: kap_s0.1, config: recipes/configs/cifar10_convnet3_kap.yaml, overrides: {sigma: 0.1}}
+      - {name: kap_ft, config: recipes/configs/cifar10_convnet3_kap.yaml, init_from: nt_s0.1,
+         overrides: {epochs: 5, kap_warmup_epochs: 2}}   # fine-tune nt_s0.1's weights (--initial-checkpoint)
     evaluation:
       n_examples: 500
       attacks: [{attack: autoattack, eps: [0.25, 0.5, 1.0]}, {attack: square, eps: [0.5]}]
@@ -60,15 +62,22 @@ def _load_study(path: str) -> Dict[str, Any]:
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: run names must be unique, got {names}")
+    for i, run in enumerate(runs):
+        if "init_from" in run and run["init_from"] not in names[:i]:
+            raise ValueError(f"{path}: run {run['name']!r} has init_from {run['init_from']!r}, which must name an earlier run "
+                             f"(earlier: {names[:i]})")
     attacks = (spec.get("evaluation") or {}).get("attacks") or []
     if not all(isinstance(a, dict) and "attack" in a and "eps" in a for a in attacks):
         raise ValueError(f"{path}: evaluation.attacks must be a list of {{attack, eps: [..]}} entries")
     return spec
 
 
-def _train_config(run: Dict[str, Any], shared: Dict[str, Any], runs_dir: Path) -> TrainConfig:
+def _train_config(run: Dict[str, Any], shared: Dict[str, Any], forced: Dict[str, Any], runs_dir: Path) -> TrainConfig:
+    """The run's recipe config <- the study's ``train`` block <- the run's overrides <- command-line options."""
     cfg = parse_args(["--config", run["config"]])
-    values = {**shared, **(run.get("overrides") or {}), "output": str(runs_dir), "experiment": run["name"]}
+    values = {**shared, **(run.get("overrides") or {}), **forced, "output": str(runs_dir), "experiment": run["name"]}
+    if "init_from" in run:  # fine-tune: start from an earlier run's final weights
+        values["initial_checkpoint"] = str(runs_dir / run["init_from"] / "model.safetensors")
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
         raise ValueError(f"run {run['name']!r}: unknown training option(s) {unknown}")
@@ -108,10 +117,9 @@ def run_study(path: str, cfg: Optional[StudyConfig] = None) -> Dict[str, Any]:
     cfg = cfg or StudyConfig()
     spec = _load_study(path)
     out = Path(cfg.out or spec.get("output") or Path("runs/studies") / Path(path).stem)
-    shared = dict(spec.get("train") or {})
-    for key in ("data_dir", "download", "epochs", "train_samples", "device"):
-        if getattr(cfg, key) is not None:
-            shared[key] = getattr(cfg, key)
+    forced = {key: getattr(cfg, key) for key in ("data_dir", "download", "epochs", "train_samples", "device")
+              if getattr(cfg, key) is not None}
+    shared = {**(spec.get("train") or {}), **forced}  # what the evaluation reads (data, device)
     evaluation = dict(spec.get("evaluation") or {})
     common = {"n_examples": cfg.n_examples or evaluation.get("n_examples", 500), "seed": evaluation.get("seed", 0),
               "batch_size": evaluation.get("batch_size", 250), "progress": cfg.progress,
@@ -127,7 +135,10 @@ def run_study(path: str, cfg: Optional[StudyConfig] = None) -> Dict[str, Any]:
         if only and run["name"] not in only:  # keep what an earlier invocation measured for it
             study["rows"] += [r for r in earlier if r["name"] == run["name"]]
             continue
-        train_cfg = _train_config(run, shared, out / "runs")
+        train_cfg = _train_config(run, shared, forced, out / "runs")
+        if train_cfg.initial_checkpoint and not Path(train_cfg.initial_checkpoint).is_file():
+            raise RuntimeError(f"run {run['name']} starts from run {run['init_from']!r}, which has not finished "
+                               f"({train_cfg.initial_checkpoint} is missing); run it first (drop --only or add it)")
         run_dir = out / "runs" / run["name"]
         metrics_path = run_dir / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
@@ -140,10 +151,11 @@ def run_study(path: str, cfg: Optional[StudyConfig] = None) -> Dict[str, Any]:
         row, mosaics[run.get("label", run["name"])] = _evaluate(run_dir / "model.safetensors", out / "eval" / run["name"], evaluation, common)
         row.update({"name": run["name"], "label": run.get("label", run["name"]), "pool": train_cfg.pool, "sigma": train_cfg.sigma,
                     "k": train_cfg.kap_k, "kap_stride": train_cfg.kap_stride, "objective": train_cfg.objective,
-                    "epochs": train_cfg.epochs, "test_acc": metrics.get("test_acc"), "train_time_s": metrics.get("train_time_s"),
+                    "epochs": train_cfg.epochs, "init_from": run.get("init_from"), "test_acc": metrics.get("test_acc"), "train_time_s": metrics.get("train_time_s"),
                     "precision": metrics.get("precision")})
         study["rows"].append(row)
         write_study_report(study, out, mosaics)
+    write_study_report(study, out, mosaics)  # also keeps the rows of runs after the last one --only ran
     return study
 
 
