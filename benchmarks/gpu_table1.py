@@ -65,6 +65,8 @@ def _configs(args: argparse.Namespace, out: Path) -> Dict[str, Any]:
         common.update(train_samples=256, val_samples=0, test_samples=200, batch_size=64, epochs=1, warmup_epochs=0)
     configs = {}
     for label, (name, path, overrides) in MODELS.items():
+        if name not in args.models.split(","):
+            continue
         cfg = parse_args(["--config", str(ROOT / path)])
         configs[label] = dataclasses.replace(cfg, **{**common, **overrides, "experiment": name})
     return configs
@@ -222,6 +224,8 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--n-examples", type=int, default=1000, help="attacked test images (the first n of one seeded order)")
     parser.add_argument("--aa-examples", type=int, default=500,
                         help="images for AutoAttack, the costliest stage (on an H200 it took 261 s for 1000 images x 2 eps of the NT model alone)")
+    parser.add_argument("--models", default=",".join(name for name, _, _ in MODELS.values()),
+                        help="comma-separated runs to train and attack (default: both)")
     parser.add_argument("--skip-overhead", action="store_true", help="leave out benchmarks/overhead.py")
     parser.add_argument("--skip-square", action="store_true", help="leave out Square (rerun without it to add it: the rest resumes)")
     parser.add_argument("--smoke", action="store_true", help="256 training images, 1 epoch, 20 attacked images: checks the pipeline")

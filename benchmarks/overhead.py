@@ -2,7 +2,8 @@
 measured side by side in one run and printed as ratios to the plain model.
 
 Variants: plain; NT(sigma) (noise only, no pool: the cost of drawing noise); KAP on activations;
-KAP on weights (Eq. 3); KAP on weights + noise (the paper's training setting); KAP folded into
+KAP on weights (Eq. 3); KAP auto (the default: whichever of the two is smaller, per conv and call);
+KAP auto + noise (the paper's training setting); KAP folded into
 plain conv weights (inference only); the same with square grids (ResNet18 re-widened 128 -> 144,
 512 -> 576: what grid="square" costs at inference). Variants are interleaved repeat by repeat so that drift in
 machine speed hits all alike; the median of the repeats is reported, warm-up excluded; CUDA events
@@ -34,9 +35,10 @@ VARIANTS: Dict[str, dict] = {
     "NT(sigma) noise only": dict(pool=None, sigma=SIGMA),
     "KAP activation": dict(impl="activation", sigma=0.0),
     "KAP weight": dict(impl="weight", sigma=0.0),
-    "KAP weight + noise": dict(impl="weight", sigma=SIGMA),
-    "KAP folded": dict(impl="weight", sigma=0.0, fold=True),
-    "KAP square, folded": dict(impl="weight", sigma=0.0, fold=True, grid="square"),
+    "KAP auto": dict(impl="auto", sigma=0.0),  # the default: filters or output, whichever is smaller per call
+    "KAP auto + noise": dict(impl="auto", sigma=SIGMA),  # the paper's training setting
+    "KAP folded": dict(impl="auto", sigma=0.0, fold=True),
+    "KAP square, folded": dict(impl="auto", sigma=0.0, fold=True, grid="square"),
 }
 
 

@@ -171,3 +171,24 @@ def test_widened_timm_models_report_their_new_widths(name):
     model.reset_classifier(5)
     with torch.no_grad():
         assert model(x).shape == (1, 5)
+
+
+@pytest.mark.parametrize("grid", ["rect", "square"])
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "convnext_atto"])
+def test_timm_model_suite_checks_hold_after_conversion(name, grid):
+    """Assertions of timm's tests/test_models.py, restated: backward reaches every parameter,
+    forward_intermediates agrees with feature_info, pre-logits have the reported width, and a
+    features_only model converts and reports its (re-widened) channels."""
+    x = torch.rand(2, 3, 64, 64)
+    kap = kapify.convert(timm.create_model(name, pretrained=False, num_classes=10), grid=grid, example_input=x).train()
+    out = kap(x)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    out.mean().backward()
+    params = list(kap.parameters())
+    assert sum(p.grad is not None for p in params) == len(params)
+    kap.eval()
+    final, intermediates = kap.forward_intermediates(x)
+    assert [t.shape[1] for t in intermediates] == [info["num_chs"] for info in kap.feature_info]
+    assert kap.forward_head(final, pre_logits=True).shape[-1] == getattr(kap, "head_hidden_size", kap.num_features)
+    features = kapify.convert(timm.create_model(name, pretrained=False, features_only=True), grid=grid, example_input=x).eval()
+    assert [f.shape[1] for f in features(x)] == features.feature_info.channels()

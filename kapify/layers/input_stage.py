@@ -1,23 +1,39 @@
 """Modules applied to a model's input by a forward pre-hook (input noise, pixel normalisation).
 
 A stage is kept in the model's ``__dict__``, not registered as a child module: a child of an
-``nn.Sequential`` would also run as its last layer. The hook gives the stage the model's
-train/eval flag on every call, so ``model.train()`` / ``model.eval()`` reach it as usual.
+``nn.Sequential`` would also run as its last layer, and ``state_dict`` keys stay those of the
+model. The hook gives the stage its host's train/eval flag on every call, so ``model.train()`` /
+``model.eval()`` reach it as usual.
+
+The hooks start on the model's own call. :func:`move_input_stages` moves them to the one module
+that consumes the raw input (``convert`` does this when the traced graph shows one, e.g. a
+ResNet's ``conv1``), so that every entry point (``forward_features``, ``forward_intermediates``,
+FX feature extractors) runs them, not only ``model(x)``.
 """
 from __future__ import annotations
 
 import functools
-from typing import List
+from typing import List, Tuple
 
 from torch import nn
 
-__all__ = ["add_input_stage", "remove_input_stage", "input_stages"]
+__all__ = ["add_input_stage", "remove_input_stage", "input_stages", "move_input_stages"]
 
 
-def _run_stage(model: nn.Module, args: tuple, *, attr: str) -> tuple:
-    stage = model.__dict__[attr]
-    stage.train(model.training)
+def _run_stage(host: nn.Module, args: tuple, *, attr: str) -> tuple:
+    stage = host.__dict__[attr]
+    stage.train(host.training)
     return (stage(args[0]),) + tuple(args[1:])
+
+
+def _stage_hooks(model: nn.Module) -> List[Tuple[nn.Module, int, str]]:
+    """(host module, hook id, attr) of every input-stage hook in ``model``, in the order they run."""
+    found = []
+    for module in model.modules():
+        for hook_id, hook in module._forward_pre_hooks.items():
+            if isinstance(hook, functools.partial) and hook.func is _run_stage:
+                found.append((module, hook_id, hook.keywords["attr"]))
+    return found
 
 
 def add_input_stage(model: nn.Module, attr: str, stage: nn.Module, first: bool = False) -> None:
@@ -33,26 +49,45 @@ def add_input_stage(model: nn.Module, attr: str, stage: nn.Module, first: bool =
     """
     if attr in model.__dict__ or hasattr(model, attr):
         raise ValueError(f"{type(model).__name__} already has an attribute {attr!r}")
+    hooks = _stage_hooks(model)
+    host = hooks[0][0] if hooks else model  # where the existing stages run (moved or not)
     object.__setattr__(model, attr, stage)
-    model.register_forward_pre_hook(functools.partial(_run_stage, attr=attr), prepend=first)
+    host.__dict__[attr] = stage
+    host.register_forward_pre_hook(functools.partial(_run_stage, attr=attr), prepend=first)
 
 
-def _stage_hooks(model: nn.Module, attr: str) -> List[int]:
-    return [
-        hook_id for hook_id, hook in model._forward_pre_hooks.items()
-        if isinstance(hook, functools.partial) and hook.func is _run_stage and hook.keywords.get("attr") == attr
-    ]
+def move_input_stages(model: nn.Module, entry: str) -> None:
+    """Run the input stages of ``model`` (in their order) on the input of its submodule ``entry``,
+    the one module that consumes the raw input, instead of on the model's call.
+
+    Example:
+        >>> import torch
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+        >>> add_input_stage(model, "noise", nn.Identity())
+        >>> move_input_stages(model, "0")
+        >>> [type(host).__name__ for host, _, _ in _stage_hooks(model)]
+        ['Linear']
+    """
+    target = model.get_submodule(entry)
+    hooks = [(host, hook_id, attr) for host, hook_id, attr in _stage_hooks(model) if host is not target]
+    for host, hook_id, attr in reversed(hooks):  # prepend in reverse: same order, before the entry's own hooks
+        stage = host.__dict__[attr]
+        del host._forward_pre_hooks[hook_id]
+        if host is not model:
+            host.__dict__.pop(attr)
+        target.__dict__[attr] = stage
+        target.register_forward_pre_hook(functools.partial(_run_stage, attr=attr), prepend=True)
 
 
 def remove_input_stage(model: nn.Module, attr: str) -> None:
     """Remove the stage ``attr`` and its hook (no-op if absent)."""
-    for hook_id in _stage_hooks(model, attr):
-        del model._forward_pre_hooks[hook_id]
+    for host, hook_id, name in _stage_hooks(model):
+        if name == attr:
+            del host._forward_pre_hooks[hook_id]
+            host.__dict__.pop(attr, None)
     model.__dict__.pop(attr, None)
 
 
 def input_stages(model: nn.Module) -> List[nn.Module]:
     """The stages of ``model``, in the order they run."""
-    attrs = [hook.keywords["attr"] for hook in model._forward_pre_hooks.values()
-             if isinstance(hook, functools.partial) and hook.func is _run_stage]
-    return [model.__dict__[a] for a in attrs if a in model.__dict__]
+    return [host.__dict__[attr] for host, _, attr in _stage_hooks(model)]

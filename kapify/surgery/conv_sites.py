@@ -28,11 +28,29 @@ _FUNCTIONAL_CONVS = {
 
 @dataclass
 class ConvSites:
-    """Conv modules to convert (name -> how it was found) and functional convs that cannot be."""
+    """Conv modules to convert (name -> how it was found) and functional convs that cannot be;
+    ``entry``: the one module that consumes the raw input, if the (trusted) graph shows one."""
 
     modules: Dict[str, str] = field(default_factory=dict)
     functional: List[str] = field(default_factory=list)
     graph_problem: Optional[str] = None
+    entry: Optional[str] = None
+
+
+def _reads_metadata(node: torch.fx.Node) -> bool:
+    """``x.size()``, ``x.shape``, ``x.dim()``, ``len(x)``...: uses of a tensor that do not read its values."""
+    return (node.op == "call_method" and node.target in ("size", "dim")) or (
+        node.op == "call_function" and node.target in (getattr, len))
+
+
+def _input_entry(gm: torch.fx.GraphModule) -> Optional[str]:
+    """The module that alone consumes the first input of ``gm`` (as its first argument, called once)."""
+    placeholder = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+    users = [] if placeholder is None else [u for u in placeholder.users if not _reads_metadata(u)]
+    if len(users) != 1 or users[0].op != "call_module" or users[0].args[:1] != (placeholder,):
+        return None
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == users[0].target]
+    return users[0].target if len(calls) == 1 else None
 
 
 def _scope(node: torch.fx.Node) -> str:
@@ -66,7 +84,9 @@ def find_conv_sites(
         elif node.op == "call_function" and node.target in _FUNCTIONAL_CONVS:
             sites.functional.append(_scope(node))
     sites.graph_problem = check_graph(gm, model, inputs if inputs is not None else [example_input(model)])
-    if sites.graph_problem is not None:
+    if sites.graph_problem is None:
+        sites.entry = _input_entry(gm)
+    else:
         warnings.warn(
             f"{type(model).__name__}: {sites.graph_problem}; the graph is not trusted, so every conv module "
             f"of the model is converted (module walk) instead of those the graph shows",

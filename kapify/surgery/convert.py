@@ -12,7 +12,7 @@ from torch import nn
 
 from ..layers import ChannelGrid, GaussianNoise, KernelAvgPool, KernelMaxPool, check_kernel_size, check_sigma, check_stride
 from ..layers.grid import line_grid, rect_grid
-from ..layers.input_stage import add_input_stage
+from ..layers.input_stage import add_input_stage, move_input_stages
 from ..model_source import describe_source
 from .config import CONFIG_ATTR, KapConfig, LayerRecord, is_converted
 from .conv_sites import find_conv_sites
@@ -237,6 +237,8 @@ def convert(
     if input_noise and sigma > 0:
         # first: the noise lives in pixel space, before any input normalisation
         add_input_stage(new, INPUT_NOISE_ATTR, GaussianNoise(sigma, site="input"), first=True)
+    if sites.entry is not None:  # input stages on the module that reads the input: every entry point runs them
+        move_input_stages(new, sites.entry)
     config = KapConfig(
         k=k, stride=stride, sigma=sigma, pool=pool, grid=grid, input_noise=bool(input_noise and sigma > 0), impl=impl,
         include=include_p, exclude=exclude_p, layers=records, skipped=sites.functional,
