@@ -17,7 +17,7 @@ from typing import List, Tuple
 
 from torch import nn
 
-__all__ = ["add_input_stage", "remove_input_stage", "input_stages", "move_input_stages"]
+__all__ = ["add_input_stage", "remove_input_stage", "input_stages", "hosted_stages", "move_input_stages"]
 
 
 def _run_stage(host: nn.Module, args: tuple, *, attr: str) -> tuple:
@@ -91,3 +91,9 @@ def remove_input_stage(model: nn.Module, attr: str) -> None:
 def input_stages(model: nn.Module) -> List[nn.Module]:
     """The stages of ``model``, in the order they run."""
     return [host.__dict__[attr] for host, _, attr in _stage_hooks(model)]
+
+
+def hosted_stages(host: nn.Module) -> List[nn.Module]:
+    """The stages whose hooks run on ``host`` itself (not on its submodules), in order."""
+    return [host.__dict__[hook.keywords["attr"]] for hook in host._forward_pre_hooks.values()
+            if isinstance(hook, functools.partial) and hook.func is _run_stage]

@@ -66,6 +66,21 @@ class KapConvMixin:
             bias = None if bias is None else torch.lerp(self.bias, bias, blend)  # type: ignore[attr-defined]
         return weight, bias
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script`` compiles instead: a :class:`~kapify.surgery.scripting.ScriptableKapConv`."""
+        from ..layers.input_stage import hosted_stages
+        from .scripting import ScriptableKapConv
+
+        plain = original_class(self).__new__(original_class(self))  # the conv alone, sharing parameters
+        plain.__dict__.update({k: v for k, v in self.__dict__.items() if not k.startswith("kap_")})
+        plain._modules = {k: m for k, m in self._modules.items() if not k.startswith("kap_")}  # type: ignore[assignment]
+        plain._forward_pre_hooks = type(self._forward_pre_hooks)()
+        twin = ScriptableKapConv(plain, self.kap_pool, self.kap_noise, self.__dict__.get("kap_blend", 1.0), hosted_stages(self))
+        # torch.jit.script swaps the twin in for this conv and keys its memo of prepared modules by id():
+        # keep this conv alive, so that its id is not reused by a later module (in a tuple: not a submodule)
+        twin.__dict__["_prepared_from"] = (self,)
+        return twin.train(self.training)  # the stages (not submodules here, submodules there) follow the model's mode
+
     def __reduce_ex__(self, protocol: Any) -> Any:
         # the generated class cannot be found by name: rebuild it from the original one
         return _restore, (original_class(self), self.__dict__)  # type: ignore[arg-type]
