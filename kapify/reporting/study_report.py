@@ -53,7 +53,7 @@ def _pareto_plot(study: Dict[str, Any], path: Path) -> None:
     rows, columns = study["rows"], robust_columns(study["rows"])
     if not columns:
         return
-    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(columns), figsize=(max(7.0, 4.2 * len(columns)), 4.5), squeeze=False)  # room for the title and labels
     style = {"avg": ("tab:red", "o", "KAP"), "max": ("tab:purple", "s", "KMP"), "none": ("tab:blue", "^", "NT(σ)")}
     for ax, column in zip(axes[0], columns):
         seen = set()
