@@ -12,7 +12,7 @@ and channels-last inputs are read once and written once, without a copy.
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional, Tuple, Union
+from typing import List, Literal, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -79,29 +79,43 @@ def channel_pool(
             f"channel grid {layout} holds {layout.channels} channels but the input has C={c} "
             f"(input shape {tuple(x.shape)}); pass a grid with rows * cols == C"
         )
-    if layout.is_line:
-        kernel, step, pad = (1, kernel_size), (1, stride), (0, kernel_size // 2)
-    else:
-        kernel, step, pad = (kernel_size,) * 2, (stride,) * 2, (kernel_size // 2,) * 2
-    out_grid = layout.pooled(stride)
-    length = math.prod(spatial)
-
-    def pool(z: torch.Tensor) -> torch.Tensor:
-        if mode == "avg":
-            return F.avg_pool2d(z, kernel, step, pad, count_include_pad=False)
-        if mode == "max":
-            return F.max_pool2d(z, kernel, step, pad)
+    if mode not in ("avg", "max"):
         raise ValueError(f"pool mode must be 'avg' or 'max', got {mode!r}")
-
+    kernel, step, pad = pool_window(layout, kernel_size, stride)
+    out_channels = layout.pooled(stride).channels
     if spatial and x.stride(1) == 1:
         # channels-last: (N, *spatial, C) is contiguous; pool the (rows, cols) plane per position.
-        z = x.movedim(1, -1).reshape(n, length, layout.rows, layout.cols)
-        y = pool(z).reshape(n, *spatial, out_grid.channels)
+        z = x.movedim(1, -1).reshape(n, math.prod(spatial), layout.rows, layout.cols)
+        y = pool_plane(z, kernel, step, pad, mode == "avg").reshape(n, *spatial, out_channels)
         return y.movedim(-1, 1)
-    # contiguous: (N, rows, cols, L) viewed as (N, L, rows, cols) is a channels-last 2-D image.
-    z = x.reshape(n, layout.rows, layout.cols, length).permute(0, 3, 1, 2)
-    y = pool(z).permute(0, 2, 3, 1)
-    return y.reshape(n, out_grid.channels, *spatial)
+    return pool_grid(x, layout.rows, layout.cols, out_channels, kernel, step, pad, mode == "avg")
+
+
+def pool_window(layout: ChannelGrid, kernel_size: int, stride: int) -> Tuple[List[int], List[int], List[int]]:
+    """(kernel, stride, padding) of the 2-D pooling over ``layout``'s (rows, cols) plane: K x K on a
+    grid, 1 x K on a line; padding K // 2 on each side."""
+    if layout.is_line:
+        return [1, kernel_size], [1, stride], [0, kernel_size // 2]
+    return [kernel_size] * 2, [stride] * 2, [kernel_size // 2] * 2
+
+
+def pool_plane(z: torch.Tensor, kernel: List[int], step: List[int], pad: List[int], average: bool) -> torch.Tensor:
+    """Average (padding not counted) or max pooling over the last two dims of ``z``."""
+    if average:
+        return F.avg_pool2d(z, kernel, step, pad, count_include_pad=False)
+    return F.max_pool2d(z, kernel, step, pad)
+
+
+def pool_grid(x: torch.Tensor, rows: int, cols: int, out_channels: int, kernel: List[int], step: List[int],
+              pad: List[int], average: bool) -> torch.Tensor:
+    """Pool ``x`` (N, rows * cols, *spatial) over its (rows, cols) channel grid: (N, rows, cols, L) viewed
+    as (N, L, rows, cols) is a channels-last 2-D image. TorchScript compiles it (kapify.surgery.scripting)."""
+    n, spatial = x.shape[0], list(x.shape[2:])
+    length = 1
+    for size in spatial:
+        length *= size
+    y = pool_plane(x.reshape(n, rows, cols, length).permute(0, 3, 1, 2), kernel, step, pad, average)
+    return y.permute(0, 2, 3, 1).reshape([n, out_channels] + spatial)
 
 
 class _ChannelPool(nn.Module):

@@ -26,14 +26,15 @@ def _run_stage(host: nn.Module, args: tuple, *, attr: str) -> tuple:
     return (stage(args[0]),) + tuple(args[1:])
 
 
+def _hosted(host: nn.Module) -> List[Tuple[int, str]]:
+    """(hook id, attr) of the input-stage hooks on ``host`` itself, in the order they run."""
+    return [(hook_id, hook.keywords["attr"]) for hook_id, hook in host._forward_pre_hooks.items()
+            if isinstance(hook, functools.partial) and hook.func is _run_stage]
+
+
 def _stage_hooks(model: nn.Module) -> List[Tuple[nn.Module, int, str]]:
     """(host module, hook id, attr) of every input-stage hook in ``model``, in the order they run."""
-    found = []
-    for module in model.modules():
-        for hook_id, hook in module._forward_pre_hooks.items():
-            if isinstance(hook, functools.partial) and hook.func is _run_stage:
-                found.append((module, hook_id, hook.keywords["attr"]))
-    return found
+    return [(module, hook_id, attr) for module in model.modules() for hook_id, attr in _hosted(module)]
 
 
 def add_input_stage(model: nn.Module, attr: str, stage: nn.Module, first: bool = False) -> None:
@@ -95,5 +96,4 @@ def input_stages(model: nn.Module) -> List[nn.Module]:
 
 def hosted_stages(host: nn.Module) -> List[nn.Module]:
     """The stages whose hooks run on ``host`` itself (not on its submodules), in order."""
-    return [host.__dict__[hook.keywords["attr"]] for hook in host._forward_pre_hooks.values()
-            if isinstance(hook, functools.partial) and hook.func is _run_stage]
+    return [host.__dict__[attr] for _, attr in _hosted(host)]

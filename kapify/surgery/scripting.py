@@ -4,7 +4,8 @@ A Kap conv is its original conv re-classed with a mixin whose ``forward`` takes 
 ``super()``; TorchScript compiles neither. ``torch.jit.script`` first asks every module for
 ``__prepare_scriptable__()``: a Kap conv answers with a :class:`ScriptableKapConv`, a plain module
 that runs the same computation in TorchScript's subset (the input stages the conv hosts, the
-original conv, the channel pool on its output, the blend, the noise). Outputs equal the eager
+original conv, the channel pool on its output through ``channel_pool``'s own ``pool_grid``, the
+blend, the noise). Outputs equal the eager
 model's (the pool always runs on the output there: the weight route gives the same numbers).
 The scripted model's ``state_dict`` keys gain a ``.conv`` level inside each converted conv.
 ``torch.jit.script`` puts the twins into the module it is given (it does so for any module with
@@ -23,10 +24,10 @@ from __future__ import annotations
 from typing import List
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..layers import KernelAvgPool
+from ..layers.channel_pool import pool_grid, pool_window
 from ..layers.grid import ChannelGrid
 
 __all__ = ["ScriptableKapConv"]
@@ -45,29 +46,14 @@ class ScriptableKapConv(nn.Module):
         self.average = isinstance(pool, KernelAvgPool)
         self.blend = float(blend)
         k, s = (pool.kernel_size, pool.stride) if pool is not None else (1, 1)
-        grid = pool.grid if pool is not None and pool.grid is not None else None
-        line = grid is None or grid.is_line
-        self.rows, self.cols = (1, conv.out_channels) if grid is None else (grid.rows, grid.cols)
-        self.out_channels = ChannelGrid(self.rows, self.cols).pooled(s).channels
-        self.kernel: List[int] = [1, k] if line else [k, k]
-        self.step: List[int] = [1, s] if line else [s, s]
-        self.pad: List[int] = [0, k // 2] if line else [k // 2, k // 2]
-
-    def _pool(self, y: torch.Tensor) -> torch.Tensor:
-        n, spatial = y.shape[0], list(y.shape[2:])
-        length = 1
-        for size in spatial:
-            length *= size
-        z = y.reshape(n, self.rows, self.cols, length).permute(0, 3, 1, 2)
-        if self.average:
-            z = F.avg_pool2d(z, self.kernel, self.step, self.pad, count_include_pad=False)
-        else:
-            z = F.max_pool2d(z, self.kernel, self.step, self.pad)
-        return z.permute(0, 2, 3, 1).reshape([n, self.out_channels] + spatial)
+        grid = pool.grid if pool is not None and pool.grid is not None else ChannelGrid(1, conv.out_channels)
+        self.rows, self.cols = grid.rows, grid.cols
+        self.out_channels = grid.pooled(s).channels
+        self.kernel, self.step, self.pad = pool_window(grid, k, s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(self.stages(x))
         if self.pooled:
-            pooled = self._pool(y)
+            pooled = pool_grid(y, self.rows, self.cols, self.out_channels, self.kernel, self.step, self.pad, self.average)
             y = pooled if self.blend == 1.0 else torch.lerp(y, pooled, self.blend)
         return self.noise(y)
