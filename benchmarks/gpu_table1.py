@@ -230,6 +230,9 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--skip-square", action="store_true", help="leave out Square (rerun without it to add it: the rest resumes)")
     parser.add_argument("--smoke", action="store_true", help="256 training images, 1 epoch, 20 attacked images: checks the pipeline")
     args = parser.parse_args(argv)
+    known = [name for name, _, _ in MODELS.values()]
+    if not args.models or set(args.models.split(",")) - set(known):
+        parser.error(f"--models takes a comma-separated subset of {known}, got {args.models!r}")
     if args.smoke:
         args.n_examples, args.aa_examples = min(args.n_examples, 20), None
     out = Path(args.out)

@@ -72,3 +72,13 @@ def test_gpu_table1_smoke_runs_every_stage(cifar_dir, tmp_path, monkeypatch):
     assert "SMOKE RUN" in (out / "results.md").read_text()
     assert gpu_table1.main(["--out", str(out), "--data-dir", cifar_dir, "--smoke"]) == 0  # rerun resumes: nothing left to do
     assert len(json.loads((out / "results.json").read_text())["stage_time_s"]) == 2
+
+
+def test_gpu_table1_rejects_unknown_models(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_table1
+
+    with pytest.raises(SystemExit):
+        gpu_table1.main(["--out", str(tmp_path / "t1"), "--models", "nt_s0.1,resnet"])
+    assert "--models takes a comma-separated subset of ['kap_s0.1', 'nt_s0.1']" in capsys.readouterr().err
+    assert not (tmp_path / "t1").exists()  # nothing written
