@@ -8,7 +8,7 @@ from typing import List
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "init_distributed", "all_gather_tensor", "all_reduce_sum"]
+__all__ = ["DistEnv", "init_distributed", "shutdown_distributed", "all_gather_tensor", "all_reduce_sum"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,13 @@ def init_distributed(device: str = "auto") -> tuple[DistEnv, torch.device]:
     if env.distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return env, dev
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group (if one was joined) before the process exits: a gloo group left to the
+    interpreter's teardown can abort the process ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(values: List[float], device: torch.device) -> List[float]:

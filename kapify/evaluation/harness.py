@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..data import build_dataset, dataset_info
-from ..distributed import init_distributed
+from ..distributed import init_distributed, shutdown_distributed
 from ..layers import set_noise
 from ..options import option, parse_options
 from ..surgery.config import get_config
@@ -289,6 +289,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError, AdversarialExampleError) as err:
         print(f"kapify-eval: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        shutdown_distributed()
     for row in results["results"]:
         acc = row["accuracy"]
         print(f"{row['attack']:>12} {row['norm']} eps={row['eps']:<5g} {100 * acc['mean']:6.2f} +- {100 * acc['std']:.2f} % (n={row['n']})")

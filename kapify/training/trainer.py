@@ -27,7 +27,7 @@ from ..attacks import pgd
 from ..data import build_dataset, build_loader, dataset_info
 from ..data.loader import default_transform
 from ..data.tensor_loader import TensorLoader, tensor_arrays
-from ..distributed import DistEnv, all_reduce_sum, init_distributed
+from ..distributed import DistEnv, all_reduce_sum, init_distributed, shutdown_distributed
 from ..surgery import set_blend
 from ..surgery.arrange import ARRANGE_METHODS
 from .checkpoint import load_state, rng_state, save_state, set_rng_state
@@ -345,4 +345,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as err:
         print(f"train_timm: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        shutdown_distributed()
     return 0
