@@ -276,7 +276,7 @@ def test_a_vit_stream_widens_with_its_tokens_and_position_embedding():
     ((slice(None), None, slice(None)), 1, 2), (0, 1, 0), ((slice(None), slice(0, 5)), 1, None), ((slice(None), [0, 1]), 2, None),
 ])
 def test_indexing_follows_the_channel_axis(index, axis, expected):
-    from kapify.surgery.channel_groups import _indexed_axis
+    from kapify.surgery.channels.axes import indexed_axis as _indexed_axis
 
     assert _indexed_axis(index, 3, axis) == expected
 

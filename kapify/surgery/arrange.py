@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..layers.grid import ChannelGrid, rect_grid
-from .channel_groups import ChannelGraph, ChannelGroup, analyze_channels
+from .channels import ChannelGraph, ChannelGroup, analyze_channels
 from .rewiden import apply_layout
 
 __all__ = ["arrange_channels", "GroupArrangement", "grid_placement", "neighbour_similarity", "ARRANGE_METHODS"]

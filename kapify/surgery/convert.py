@@ -20,7 +20,7 @@ from .conv_types import conv_types
 from .arrange import ARRANGE_METHODS, arrange_channels
 from .kap_conv import attach_kap, original_class, set_blend, weight_poolable
 from .resize import resize_layer
-from .channel_groups import ChannelGraph
+from .channels import ChannelGraph
 from .rewiden import RewidenError, _rewiden
 
 __all__ = ["convert", "GRID_RULES", "POOLS", "IMPLS", "INPUT_NOISE_ATTR"]

@@ -8,7 +8,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Union
 import torch
 from torch import nn
 
-from .channel_groups import ChannelGraph, analyze_channels
+from .channels import ChannelGraph, analyze_channels
 from .resize import resize_layer, resize_parameter
 from .tracing import eval_mode, example_input as default_input
 

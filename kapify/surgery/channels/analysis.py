@@ -1,0 +1,205 @@
+"""One pass over a model's shaped FX graph that assigns every tensor's channel axis to groups.
+
+Each tensor's channel axis belongs to a *channel group*: a conv/linear output starts a group; the
+rules for each kind of node (:mod:`.node_rules` for functions and methods, :mod:`.module_rules`
+for layers) say where an op puts the channels and which groups must merge. A group touching
+anything the rules do not know (the model's input or output, an op that is not channel-aware) is
+*fixed*: its width cannot change, and the reason names the node.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..resize import ChannelHandler, channel_handler
+from ..tracing import _timm_settings, check_graph, eval_mode, example_input as default_input, trace
+from .axes import name_of, shape_of
+from .graph import ChannelGraph, ChannelGroup, GroupSet, Layout
+
+__all__ = ["ChannelAnalysis", "Located", "Step", "analyze_channels", "channel_groups"]
+
+Located = Tuple[int, Layout]  # (the tensor dim holding the channels, its segments)
+
+
+@dataclass
+class Step:
+    """The node being visited, with what the rules read about it."""
+
+    node: fx.Node
+    shape: Optional[torch.Size]
+    args: List[fx.Node]              # tensor-valued arguments (inside lists too: torch.cat([a, b]))
+    src: Optional[Located]           # layout of the first tensor argument
+    src_shape: Optional[torch.Size]  # shape of the first tensor argument
+    located: List[Tuple[fx.Node, Located]] = field(default_factory=list)  # arguments with a layout
+
+
+class ChannelAnalysis:
+    """The state of one pass: each node's layout, the groups, and each layer's role in them."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.groups = GroupSet()
+        self.layout: Dict[fx.Node, Optional[Located]] = {}
+        self.inputs: Dict[str, Layout] = {}
+        self.outputs: Dict[str, int] = {}
+        self.roles: Dict[str, List[Tuple[str, Layout]]] = {}
+        self.parameters: Dict[str, Tuple[int, int]] = {}  # parameter path -> (its channel dim, its group)
+        self.floating: Dict[fx.Node, fx.Node] = {}  # an expanded/cast parameter whose channel dim is not known yet -> its get_attr
+        self.spread: Dict[fx.Node, int] = {}  # a flattened tensor whose channels span k consecutive entries each
+        self.spreads: Dict[str, int] = {}  # the linear layers reading such tensors
+
+    # -- helpers the rules share -------------------------------------------------------------------
+    def lay(self, arg: Any) -> Optional[Located]:
+        return self.layout.get(arg) if isinstance(arg, fx.Node) else None
+
+    def fix_all(self, located: Iterable[Optional[Located]], why: str) -> None:
+        for lo in located:
+            for g in lo[1] if lo else ():
+                self.groups.fix(g, why)
+
+    def fresh(self, node: fx.Node, why: str) -> Optional[Located]:
+        """A new, fixed group for a tensor whose channels the analysis cannot follow."""
+        shape = shape_of(node)
+        return (1, (self.groups.new(int(shape[1]), why),)) if shape is not None and len(shape) >= 2 else None
+
+    def merge(self, operands: List[Tuple[fx.Node, Located]], node: fx.Node) -> Optional[Located]:
+        """Broadcasting ops: channel dims must line up counted from the right, segments must match."""
+        offsets = {len(shape_of(a)) - lo[0] for a, lo in operands}
+        if len(offsets) > 1 or len({len(lo[1]) for _, lo in operands}) > 1 or len(shape_of(node) or ()) < max(offsets):
+            self.fix_all([lo for _, lo in operands], f"operands of {node.name} are laid out differently")
+            return self.fresh(node, f"output of {node.name}")
+        merged = list(operands[0][1][1])
+        for _, lo in operands[1:]:
+            merged = [self.groups.union(a, b) for a, b in zip(merged, lo[1])]
+        return len(shape_of(node)) - offsets.pop(), tuple(merged)
+
+    def moved(self, node: fx.Node, src: Optional[Located], axis: Optional[int], what: str) -> Optional[Located]:
+        """The channels moved to ``axis`` (None: they did not survive the op: their groups become fixed)."""
+        if src is None:
+            return None
+        if axis is None:
+            self.fix_all([src], f"{what} ({name_of(node.target)}) changes the channel axis")
+            return self.fresh(node, f"output of {what}")
+        return axis, src[1]
+
+    def role(self, module_name: str, role: str, layout: Layout) -> None:
+        """Record that a layer reads (role "conv") or carries ("channelwise", "grouped") these segments."""
+        self.roles.setdefault(module_name, []).append((role, layout))
+
+    def pinned(self, node: fx.Node, module: nn.Module, handler: ChannelHandler) -> None:
+        """A layer that produces channels the analysis cannot widen: its fixed group still names it, when
+        that group is the layer's own output axis (not the tokens of a Linear's (N, tokens, C) output)."""
+        lo, shape = self.layout.get(node), shape_of(node)
+        if lo is not None and len(lo[1]) == 1 and shape is not None and lo[0] == handler.axis % len(shape) \
+                and self.groups.width[self.groups.find(lo[1][0])] == handler.count(module, handler.out_attr):
+            self.outputs[node.target] = lo[1][0]
+
+    def lined_up(self, param: fx.Node, other: Tuple[fx.Node, Located]) -> Optional[Located]:
+        """A parameter with several dims > 1 (ViT's pos_embed: tokens x C) meeting a laid-out operand
+        of a broadcasting op takes the dim lined up with its channels (counted from the right)."""
+        (node, (axis, segments)), pshape = other, shape_of(param)
+        root = self.floating.get(param, param)  # the get_attr node a cls/reg token expand comes from
+        dim = len(pshape) - (len(shape_of(node)) - axis)
+        root_dim = dim - (len(pshape) - len(shape_of(root)))
+        if len(segments) != 1 or not 0 <= root_dim < len(shape_of(root)) or shape_of(root)[root_dim] != shape_of(node)[axis]:
+            return None
+        known = self.parameters.get(root.target)
+        if known is not None and known[0] != root_dim:
+            return None
+        gid = known[1] if known is not None else self.groups.new(int(shape_of(root)[root_dim]))
+        self.parameters[root.target] = (root_dim, gid)
+        self.layout[param] = (dim, (gid,))
+        return self.layout[param]
+
+    # -- the pass ----------------------------------------------------------------------------------
+    def run(self) -> ChannelGraph:
+        from . import module_rules, node_rules
+
+        for node in self.gm.graph.nodes:
+            args: List[fx.Node] = []
+            fx.node.map_arg((node.args, node.kwargs), args.append)
+            step = Step(node, shape_of(node), args, self.lay(args[0]) if args else None, shape_of(args[0]) if args else None)
+            if any(a in self.spread for a in args) and step.shape is not None and node.op != "output" \
+                    and node_rules.through_flattened(self, step):
+                continue
+            if node.op == "placeholder":
+                self.layout[node] = self.fresh(node, "model input")
+            elif node.op == "get_attr":
+                self.layout[node] = self._parameter(node, step.shape)
+            elif node.op == "output":
+                found: List[Optional[Located]] = []
+                fx.node.map_arg(node.args, lambda n: found.append(self.layout.get(n)))
+                self.fix_all(found, "model output")
+            elif node.op == "call_module":
+                self.layout[node] = module_rules.module_layout(self, step, self.gm.get_submodule(node.target))
+            else:
+                self.layout[node] = node_rules.function_layout(self, step)
+            self._check_width(node, step.shape)
+        return self.groups.to_graph(self.inputs, self.outputs, self.roles, self.parameters, self.spreads)
+
+    def _parameter(self, node: fx.Node, shape: Optional[torch.Size]) -> Optional[Located]:
+        """A parameter with one channel-sized dim (LayerScale gamma) joins whatever it meets."""
+        big = [d for d, size in enumerate(shape or ()) if size > 1]
+        if len(big) != 1:
+            return None
+        gid = self.groups.new(int(shape[big[0]]))
+        self.parameters[node.target] = (big[0], gid)
+        return big[0], (gid,)
+
+    def _check_width(self, node: fx.Node, shape: Optional[torch.Size]) -> None:
+        lo = self.layout.get(node)
+        if lo is not None and shape is not None and len(shape) > lo[0] and \
+                self.groups.total(lo[1]) * self.spread.get(node, 1) != shape[lo[0]]:
+            self.fix_all([lo], f"{node.name}: traced channel layout does not add up to {shape[lo[0]]} channels")
+
+
+def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = None,
+                     leaf_modules: Iterable[type] = ()) -> ChannelGraph:
+    """Trace ``model`` and return its :class:`ChannelGraph`: which layers' channel counts must change together.
+
+    Example:
+        >>> import timm
+        >>> graph = analyze_channels(timm.create_model("resnet18"), torch.rand(1, 3, 64, 64))
+        >>> graph.group_of("layer1.0.conv2") is graph.group_of("conv1")  # joined by the residual add
+        True
+    """
+    handled = {type(m) for m in model.modules() if channel_handler(m) is not None}  # e.g. timm's Linear: a leaf, not F.linear
+    x = example_input if example_input is not None else default_input(model)
+    return ChannelAnalysis(_shaped_graph(model, tuple(leaf_modules) + tuple(handled), x)).run()
+
+
+def _shaped_graph(model: nn.Module, leaves: Tuple[type, ...], x: torch.Tensor) -> fx.GraphModule:
+    """The traced graph with shapes. It first looks inside the blocks timm keeps whole for FX
+    (NormFreeBlock: in-place ops), trusted only if it runs and matches eager; else timm's leaves."""
+    def shaped(timm_leaves: bool) -> fx.GraphModule:
+        gm = trace(model, leaves, timm_leaves=timm_leaves)
+        with eval_mode(gm), torch.no_grad():
+            ShapeProp(gm).propagate(x)
+        return gm
+
+    timm_blocks = tuple(_timm_settings()[0])
+    if any(isinstance(m, timm_blocks) and not isinstance(m, leaves) for m in model.modules()):
+        try:
+            gm = shaped(timm_leaves=False)
+            if check_graph(gm, model, [x]) is None:
+                return gm
+        except Exception:  # noqa: BLE001 - any failure: use timm's own tracing settings
+            pass
+    return shaped(timm_leaves=True)
+
+
+def channel_groups(model: nn.Module, example_input: Optional[torch.Tensor] = None) -> List[ChannelGroup]:
+    """The channel groups of ``model`` with their members, widths and whether they can change.
+
+    Example:
+        >>> import timm
+        >>> groups = channel_groups(timm.create_model("resnet18"), torch.rand(1, 3, 64, 64))
+        >>> g = next(g for g in groups if "layer1.0.conv2" in g.producers)
+        >>> g.width, sorted(g.producers)[:2], g.fixed
+        (64, ['conv1', 'layer1.0.conv2'], None)
+    """
+    return analyze_channels(model, example_input).groups

@@ -1,0 +1,104 @@
+"""Rules for layers (call_module nodes): what a layer does to the channels it reads.
+
+The layer's :class:`~kapify.surgery.resize.ChannelHandler` (the registry users extend with
+:func:`kapify.register_channel_handler`) says which kind it is: a conv/linear reads its input
+channels and produces a new group; a channelwise layer (BatchNorm) and a depthwise conv carry their
+input's groups; a GroupNorm/LayerNorm also marks them normalised. A stateless layer without a
+handler (``nn.Flatten``, an activation) is followed like a reshape; any other one fixes the channels.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from ..resize import ChannelHandler, channel_handler
+from .analysis import ChannelAnalysis, Located, Step
+from .axes import follow_axis, permuted_axis
+
+__all__ = ["module_layout"]
+
+try:  # torchvision's ConvNeXt moves channels last with a Permute module
+    from torchvision.ops.misc import Permute as _Permute
+except ImportError:  # pragma: no cover - torchvision is a dependency
+    class _Permute(nn.Module):  # type: ignore[no-redef]
+        dims: list = []
+
+
+def module_layout(an: ChannelAnalysis, step: Step, module: nn.Module) -> Optional[Located]:
+    """The layout of a layer's output, recording the layer's role in the groups it touches."""
+    handler = channel_handler(module)
+    if handler is None:
+        return _without_handler(an, step, module)
+    node, src = step.node, step.src
+    if src is None:
+        an.layout[node] = an.fresh(node, f"input of '{node.target}' has no traced channel layout")
+        an.pinned(node, module, handler)
+        return an.layout[node]
+    axis = handler.axis % len(step.src_shape)
+    multi = [a for a in (handler.in_attr, handler.out_attr) if isinstance(getattr(module, a), (tuple, list)) and len(getattr(module, a)) != 1]
+    if multi:  # e.g. LayerNorm over (C, H, W): not one channel dim
+        an.fix_all([src], f"{type(module).__name__} '{node.target}' has a multi-dim {multi[0]}")
+        return an.fresh(node, f"output of {type(module).__name__} '{node.target}'")
+    if handler.kind == "conv" and src[0] >= 2 and step.shape is not None and step.shape[src[0]] == step.src_shape[src[0]]:
+        for g in src[1]:  # a conv sliding along the channels (ECA's Conv1d): any width runs, but the
+            an.groups.normalise(g)  # last old channels see new neighbours instead of zero padding
+        return src
+    if src[0] != axis and all(an.groups.find(g) in an.groups.fixed for g in src[1]):  # the traced axis was only a guess
+        src = (axis, (an.groups.new(int(step.src_shape[axis]), f"input of '{node.target}' has no traced channel layout"),))
+    if src[0] != axis:  # e.g. a Linear applied to a (N, tokens, C) tensor whose channels are on dim 1
+        an.fix_all([src], f"{type(module).__name__} '{node.target}' reads dim {axis}, the channels are on dim {src[0]}")
+        an.layout[node] = an.fresh(node, f"output of {type(module).__name__} '{node.target}', which reads dim {axis}")
+        an.pinned(node, module, handler)
+        return an.layout[node]
+    if handler.kind == "channelwise":
+        return _channelwise(an, step, module, handler, src)
+    return _conv(an, step, module, handler, src)
+
+
+def _without_handler(an: ChannelAnalysis, step: Step, module: nn.Module) -> Optional[Located]:
+    """Permute modules move the channels; stateless layers are followed like a reshape; others fix them."""
+    node, src = step.node, step.src
+    has_state = any(t.dim() > 0 for t in list(module.parameters(recurse=True)) + list(module.buffers(recurse=True)))
+    if isinstance(module, _Permute) and src is not None:
+        return an.moved(node, src, permuted_axis(src[0], module.dims, len(step.src_shape)), node.name)
+    if not has_state and src is not None and step.shape is not None and step.src_shape is not None:
+        return an.moved(node, src, follow_axis(step.src_shape, step.shape, src[0]), node.name)
+    an.fix_all([an.lay(a) for a in step.args], f"{type(module).__name__} '{node.target}' has no channel handler")
+    return an.fresh(node, f"output of {type(module).__name__} '{node.target}'")
+
+
+def _channelwise(an: ChannelAnalysis, step: Step, module: nn.Module, handler: ChannelHandler, src: Located) -> Located:
+    """BatchNorm, LayerNorm, GroupNorm: the channels pass through; norms over channels mark them normalised."""
+    an.role(step.node.target, "channelwise", src[1])
+    if handler.channels_normalised:  # GroupNorm/LayerNorm: statistics mix channels; widths stay multiples of its groups
+        for g in src[1]:
+            an.groups.normalise(g, getattr(module, "num_groups", 1))
+    return src
+
+
+def _conv(an: ChannelAnalysis, step: Step, module: nn.Module, handler: ChannelHandler, src: Located) -> Optional[Located]:
+    """A conv/linear starts a new group; a depthwise/grouped conv with equal in and out channels carries its input's."""
+    node, axis = step.node, src[0]
+    groups = getattr(module, "groups", 1)
+    c_in, c_out = handler.count(module, handler.in_attr), handler.count(module, handler.out_attr)
+    if groups > 1 and c_in == c_out:  # depthwise / grouped: channel i in feeds group of channel i out
+        if len(src[1]) != 1:
+            an.fix_all([src], f"grouped conv '{node.target}' reads a concatenation")
+        else:  # widening adds whole groups: the width stays a multiple of the group width
+            an.groups.restrict(src[1][0], c_in // groups)
+        an.role(node.target, "grouped", src[1])
+        return src
+    if groups > 1:
+        an.fix_all([src], f"grouped conv '{node.target}' with {c_in} in and {c_out} out channels")
+        an.layout[node] = an.fresh(node, f"output of grouped conv '{node.target}' ({c_in} -> {c_out} channels)")
+        an.pinned(node, module, handler)
+        return an.layout[node]
+    if handler.channels_normalised:  # weight standardisation over the input channels
+        for g in src[1]:
+            an.groups.normalise(g)
+    an.inputs[node.target] = src[1]
+    out = an.groups.new(c_out)
+    an.outputs[node.target] = out
+    an.role(node.target, "conv", src[1])
+    return axis, (out,)

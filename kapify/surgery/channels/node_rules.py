@@ -1,0 +1,258 @@
+"""Rules for functions and tensor methods: where each puts the channel axis, which groups merge.
+
+A rule is one short function ``rule(analysis, step) -> layout``, registered for the call targets it
+handles with :func:`register_node_rule` (functions by object, tensor methods by name, timm's untraced
+helpers by ``__name__``). It returns the node's layout (``(axis, segments)``, or None for a
+non-tensor), or ``NotImplemented`` when the node is outside what it knows: the channels are then
+fixed ("... is not channel-aware"). A new op is one registered function:
+
+    >>> import torch
+    >>> @register_node_rule(torch.sign)
+    ... def sign(analysis, step):
+    ...     '''elementwise: the channels stay where they are'''
+    ...     return step.src
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Callable, Dict, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from ..resize import channel_handler
+from .analysis import ChannelAnalysis, Located, Step
+from .axes import (REDUCTIONS, cat_dim, flattened_axis, follow_axis, indexed_axis, name_of, pads_only_other_dims,
+                   permutation, permuted_axis, reduced_dims, shape_of, stored_width)
+
+__all__ = ["NodeRule", "register_node_rule", "node_rule", "function_layout"]
+
+NodeRule = Callable[[ChannelAnalysis, Step], Any]
+_FUNCTION_RULES: Dict[Callable, NodeRule] = {}
+_METHOD_RULES: Dict[str, NodeRule] = {}
+_NAMED_RULES: Dict[str, NodeRule] = {}
+
+
+def register_node_rule(*functions: Callable, methods: Iterable[str] = (), names: Iterable[str] = ()) -> Callable[[NodeRule], NodeRule]:
+    """Register a rule for call targets: ``functions`` (``torch.cat``), tensor ``methods`` (``"view"``)
+    and functions matched by ``names`` (timm's wrapped helpers, ``roll``). Usable as a decorator."""
+    def register(rule: NodeRule) -> NodeRule:
+        _FUNCTION_RULES.update(dict.fromkeys(functions, rule))
+        _METHOD_RULES.update(dict.fromkeys(methods, rule))
+        _NAMED_RULES.update(dict.fromkeys(names, rule))
+        return rule
+    return register
+
+
+def node_rule(node: fx.Node) -> Optional[NodeRule]:
+    """The rule registered for a call_function / call_method node, or None."""
+    if node.op == "call_method":
+        return _METHOD_RULES.get(node.target) or _NAMED_RULES.get(node.target)
+    return _FUNCTION_RULES.get(node.target) or _NAMED_RULES.get(name_of(node.target))
+
+
+_ELEMENTWISE = {
+    operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.isub, operator.truediv,
+    torch.add, torch.mul, torch.sub, torch.div, torch.addcmul, torch.relu, torch.sigmoid, torch.tanh, torch.clamp,
+    F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.leaky_relu, F.elu, F.mish,
+    F.dropout, F.dropout2d, F.hardtanh,
+}
+try:  # torchvision's per-sample drop path (EfficientNet, ConvNeXt, ...) scales whole examples
+    from torchvision.ops import stochastic_depth
+
+    _ELEMENTWISE.add(stochastic_depth)
+except ImportError:  # pragma: no cover - torchvision is a dependency
+    pass
+_ELEMENTWISE_METHODS = {"add", "add_", "mul", "mul_", "sub", "div", "relu", "relu_", "sigmoid", "sigmoid_", "tanh",
+                        "clamp", "clamp_", "hardswish", "exp", "neg", "addcmul",
+                        "expand", "expand_as"}  # broadcasting
+_FLOATING_METHODS = {"expand", "expand_as", "contiguous", "to", "type_as", "float", "half", "bfloat16"}  # keep trailing dims
+_CAST_METHODS = {"contiguous", "float", "half", "bfloat16", "to", "type_as", "clone", "detach"}  # the first operand, recast
+_PIXEL_SHUFFLING_FUNCTIONS = {  # timm's untraced functions that move pixels, never channels (same dim from the right)
+    "window_reverse": "Swin, MaxViT, DaViT: windows back to an NHWC image",
+    "window_reverse_nchw": "MaxViT: windows back to an NCHW image",
+    "grid_reverse": "MaxViT: grid attention cells back to an NHWC image",
+    "grid_reverse_nchw": "MaxViT: grid attention cells back to an NCHW image",
+    "deblockify": "NesT: blocks back to an NHWC image",
+}
+_SPATIAL = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, F.interpolate,
+            F.adaptive_avg_pool1d, F.avg_pool1d, F.max_pool1d}
+
+
+def _is_elementwise(node: fx.Node) -> bool:
+    return node.target in _ELEMENTWISE if node.op == "call_function" else node.target in _ELEMENTWISE_METHODS
+
+
+def function_layout(an: ChannelAnalysis, step: Step) -> Optional[Located]:
+    """The layout of a call_function / call_method node: parameters it reads first, then its rule."""
+    node = step.node
+    step.located = [(a, an.lay(a)) for a in step.args if an.lay(a) is not None]
+    params = [a for a in step.args if (a.op == "get_attr" or a in an.floating) and an.lay(a) is None
+              and math.prod(shape_of(a) or (2,)) > 1]
+    if params and not step.located and node.op == "call_method" and node.target in _FLOATING_METHODS:
+        an.floating[node] = an.floating.get(params[0], params[0])  # cls_token.expand(N, -1, -1)
+        return None
+    joins = _is_elementwise(node) or (node.target in (torch.cat, torch.concat) and step.located
+                                      and step.located[0][1][0] != cat_dim(node))
+    if params and step.located and joins:
+        for param in params:
+            placed = an.lined_up(param, step.located[0])
+            if placed is not None:
+                step.located.append((param, placed))
+        params = [a for a in params if an.lay(a) is None]
+    if params:
+        an.fix_all([lo for _, lo in step.located], f"{node.name} uses parameter '{params[0].target}' directly")
+        return an.fresh(node, f"output of {node.name}")
+    rule = node_rule(node)
+    result = rule(an, step) if rule is not None else NotImplemented
+    if result is NotImplemented:
+        an.fix_all([lo for _, lo in step.located], f"{node.name} ({name_of(node.target)}) is not channel-aware")
+        return an.fresh(node, f"output of {node.name} ({name_of(node.target)})")
+    return result
+
+
+@register_node_rule(methods=_CAST_METHODS)
+def cast(an: ChannelAnalysis, step: Step) -> Optional[Located]:
+    """contiguous(), float(), to(...): the first operand, recast"""
+    return step.src if step.shape is not None and step.shape == step.src_shape else an.moved(step.node, step.src, None, step.node.name)
+
+
+@register_node_rule(*_ELEMENTWISE, methods=_ELEMENTWISE_METHODS)
+def broadcasting(an: ChannelAnalysis, step: Step) -> Optional[Located]:
+    """add, mul, activations: operands' channels merge (residual adds, squeeze-excitation); size-1 channel dims broadcast"""
+    wide = [(a, lo) for a, lo in step.located if shape_of(a)[lo[0]] > 1]
+    return an.merge(wide, step.node) if wide else (step.located[0][1] if step.located else None)
+
+
+@register_node_rule(torch.permute, torch.transpose, torch.swapaxes, methods=("permute", "transpose", "swapaxes"))
+def permute(an: ChannelAnalysis, step: Step) -> Optional[Located]:
+    """permute/transpose: the channels move with their dim (ConvNeXt's channels-last blocks)"""
+    src, ndim = step.src, len(step.src_shape or ())
+    dims = permutation(step.node, ndim) if src is not None else None
+    return an.moved(step.node, src, None if dims is None else permuted_axis(src[0], dims, ndim), step.node.name)
+
+
+@register_node_rule(torch.flatten, torch.reshape, methods=("view", "reshape", "flatten"))
+def reshape(an: ChannelAnalysis, step: Step) -> Optional[Located]:
+    """view/reshape/flatten: followed when the channel dim survives whole or is flattened outermost (VGG's classifier)"""
+    node, src, shape = step.node, step.src, step.shape
+    axis = follow_axis(step.src_shape, shape, src[0]) if src and shape else None
+    flat = flattened_axis(step.src_shape, shape, src[0]) if src and shape and axis is None else None
+    if flat is not None:  # (N, C, H, W) -> (N, C*H*W): each channel spans H*W consecutive entries
+        axis, an.spread[node] = flat
+    if axis is not None and stored_width(node, axis):  # e.g. gamma.view(self.shape): breaks when widened
+        an.fix_all([src], f"{node.name} ({name_of(node.target)}) hard-codes {shape[axis]} channels")
+    return an.moved(node, src, axis, node.name)
+
+
+@register_node_rule(*_SPATIAL)
+def spatial(an: ChannelAnalysis, step: Step) -> Any:
+    """pools and interpolation act on the spatial dims of NCHW only"""
+    if step.src is None or step.src[0] != 1:
+        return NotImplemented
+    kept = step.shape is not None and step.shape[1] == step.src_shape[1]
+    return an.moved(step.node, step.src, 1 if kept else None, step.node.name)
+
+
+@register_node_rule(*REDUCTIONS.values(), methods=REDUCTIONS)
+def reduction(an: ChannelAnalysis, step: Step) -> Optional[Located]:
+    """mean/sum/amax/amin/norm: over other dims the channels survive; over the channels they are statistics (GRN, CBAM)"""
+    src = step.src
+    reduced = reduced_dims(step.node, len(step.src_shape)) if src is not None else None
+    if src is not None and reduced is not None and src[0] in reduced[0]:
+        for g in src[1]:
+            an.groups.normalise(g)
+        return None
+    axis = None if reduced is None else src[0] if reduced[1] else src[0] - sum(d < src[0] for d in reduced[0])
+    return an.moved(step.node, src, axis, step.node.name)
+
+
+@register_node_rule(torch.cat, torch.concat)
+def concat(an: ChannelAnalysis, step: Step) -> Any:
+    """cat along the channels: a tensor made of its operands' segments (DenseNet); along another dim: channels merge"""
+    if not step.located or len(step.located) != len(step.args):
+        return NotImplemented
+    dim = cat_dim(step.node)
+    if all(lo[0] == dim for _, lo in step.located):
+        return dim, tuple(g for _, lo in step.located for g in lo[1])
+    return an.merge(step.located, step.node)
+
+
+@register_node_rule(operator.getitem, getattr)
+def getitem(an: ChannelAnalysis, step: Step) -> Any:
+    """x[:, 0] (a ViT's cls token): indexing other dims keeps the channels; non-tensors have no layout"""
+    if step.shape is None:
+        return None
+    if step.node.target is not operator.getitem or step.src is None or step.src_shape is None:
+        return NotImplemented
+    return an.moved(step.node, step.src, indexed_axis(step.node.args[1], len(step.src_shape), step.src[0]), step.node.name)
+
+
+@register_node_rule(names=_PIXEL_SHUFFLING_FUNCTIONS)
+def pixel_shuffling(an: ChannelAnalysis, step: Step) -> Any:
+    """timm's window/grid reverse functions move pixels, never channels (same dim from the right)"""
+    if step.src is None or step.shape is None:
+        return NotImplemented
+    axis = len(step.shape) - (len(step.src_shape) - step.src[0])
+    kept = 0 <= axis < len(step.shape) and step.shape[axis] == step.src_shape[step.src[0]]
+    return an.moved(step.node, step.src, axis if kept else None, step.node.name)
+
+
+@register_node_rule(names=("roll",))
+def roll(an: ChannelAnalysis, step: Step) -> Any:
+    """torch.roll of pixels (Swin's shifted windows); rolling the channels is not followed"""
+    node, src = step.node, step.src
+    if src is None or step.src_shape is None:
+        return NotImplemented
+    dims = node.kwargs.get("dims", node.args[2] if len(node.args) > 2 else None)
+    dims = dims if isinstance(dims, (list, tuple)) else [dims]
+    keeps = all(isinstance(d, int) for d in dims) and src[0] not in {d % len(step.src_shape) for d in dims}
+    return an.moved(node, src, src[0] if keeps else None, node.name)
+
+
+@register_node_rule(names=("pad",))
+def pad(an: ChannelAnalysis, step: Step) -> Any:
+    """F.pad of other dims (Swin pads H and W of NHWC); padding the channels is not followed"""
+    if step.src is None or step.src_shape is None:
+        return NotImplemented
+    kept = pads_only_other_dims(step.node, len(step.src_shape), step.src[0])
+    return an.moved(step.node, step.src, step.src[0] if kept else None, step.node.name)
+
+
+@register_node_rule(methods=("size", "dim"))
+def metadata(an: ChannelAnalysis, step: Step) -> None:
+    """x.size(), x.dim(): not tensors"""
+    return None
+
+
+def through_flattened(an: ChannelAnalysis, step: Step) -> bool:
+    """A node reading a tensor whose channels were flattened with the pixels (VGG: flatten, dropout,
+    classifier). True when the node is fully handled here; else the visit goes on as usual."""
+    node, args = step.node, step.args
+    spread_src = next(a for a in args if a in an.spread)
+    handler = channel_handler(an.gm.get_submodule(node.target)) if node.op == "call_module" else None
+    single = len(args) == 1  # then src is the flattened tensor
+    if single and handler is not None and handler.kind == "linear" and handler.axis % len(step.src_shape) == step.src[0]:
+        an.spreads[node.target] = an.spread[spread_src]  # then read as usual
+        return False
+    if single and step.shape == step.src_shape and _keeps_every_entry(an, node):
+        an.layout[node], an.spread[node] = step.src, an.spread[spread_src]
+        return True
+    why = f"{node.name} reads channels flattened over {an.spread[spread_src]} entries each"
+    for flat in [a for a in args if a in an.spread]:  # anything else sees an untracked, fixed axis
+        an.fix_all([an.layout[flat]], why)
+        an.layout[flat] = (an.layout[flat][0], (an.groups.new(int(shape_of(flat)[an.layout[flat][0]]), why),))
+        del an.spread[flat]
+    step.src = an.lay(args[0])
+    return False
+
+
+def _keeps_every_entry(an: ChannelAnalysis, node: fx.Node) -> bool:
+    """An op that maps each entry to itself: dropout, activations, casts (safe on flattened channels)."""
+    if node.op == "call_module":
+        module = an.gm.get_submodule(node.target)
+        pointwise = (torch.nn.Dropout, torch.nn.Identity, torch.nn.ReLU, torch.nn.GELU, torch.nn.SiLU, torch.nn.Hardswish)
+        return isinstance(module, pointwise) and not any(True for _ in module.parameters())
+    return _is_elementwise(node) or (node.op == "call_method" and node.target in _CAST_METHODS)
