@@ -25,7 +25,6 @@ import time
 import warnings
 
 import torch
-from torch import nn
 
 
 class _Timeout(Exception):
@@ -83,7 +82,9 @@ def check_model(build, timeout: int, grid: str = "square") -> dict:
             except RewidenError:  # convert fell back to rect widths (warned); nothing was widened
                 extra["preserved"] = True
             extra["square_layers"] = sum(1 for r in cfg.layers if math.isqrt(r.out_channels) ** 2 == r.out_channels)
-            extra["fixed"] = sorted({_reason_kind(why) for why in cfg.fixed_widths.values()})[:3]
+            kinds = collections.Counter(_reason_kind(why) for why in cfg.fixed_widths.values())
+            extra["bound_layers"] = kinds.pop("model output", 0)  # the logits conv (a headless model's features): may stay
+            extra["fixed"] = dict(kinds.most_common())
         notes = sorted({str(w.message).split(":")[1].strip()[:60] for w in caught if "not trusted" in str(w.message)})
         return {"status": "converted", "convs": len(cfg.layers), "functional": len(cfg.skipped),
                 "routes": sorted({r.route for r in cfg.layers}), "notes": notes, "seconds": round(time.time() - start, 2), **extra}
@@ -133,14 +134,26 @@ def torchvision_candidates():
         yield f"torchvision/{name}", (lambda n=name: torchvision.models.get_model(n, weights=None))
 
 
-def write_report(rows: dict, path: str, grid: str = "square", limit=None) -> None:
+def _fully_square(r: dict) -> bool:
+    """Every pooled conv square, except those whose output is the model's output (logits)."""
+    return r["square_layers"] + r.get("bound_layers", 0) == r["convs"]
+
+
+def _kinds(r: dict) -> dict:
+    fixed = r.get("fixed", {})
+    return fixed if isinstance(fixed, dict) else {k: 1 for k in fixed}  # older rows list up to 3 kinds
+
+
+def write_report(rows: dict, path: str, grid: str = "square", limit=None, compare: dict = None) -> None:
     sample = f" --limit {limit}" if limit else ""
     lines = ["# `kapify.convert` coverage", "",
              f"Produced by `python scripts/convert_coverage.py --grid {grid}{sample}` (k=3, sigma=0.1, pool=avg; eval-mode "
              "forward at each model's default input size; a model counts as converted when every conv its eager "
              "forward calls is pooled and the output shape is unchanged). With grid=square, 'function preserved' "
              "is `kapify.rewiden(model, 'square', function_preserving=True)` matching the original model's "
-             "outputs; `convert` itself also widens channel-normalised groups (LayerNorm/GroupNorm).", ""]
+             "outputs; `convert` itself also widens channel-normalised groups (LayerNorm/GroupNorm). 'Fully square': "
+             "every pooled conv has a square grid except a conv whose output is the model's output (the logits of a "
+             "conv head), which keeps its width.", ""]
     for zoo, keep in (("timm", lambda n: not n.startswith("torchvision/")), ("torchvision", lambda n: n.startswith("torchvision/"))):
         sub = {n: r for n, r in rows.items() if keep(n)}
         if not sub:
@@ -153,20 +166,32 @@ def write_report(rows: dict, path: str, grid: str = "square", limit=None) -> Non
                   f"failed: {counts['failed']}",
                   f"- skipped as too big for this CPU machine: {counts['skipped']}; without any convolution: {counts['no-conv']}",
                   f"- graph not trusted (module-walk fallback used): {sum(1 for r in sub.values() if r.get('notes'))}"]
-        done = [r for r in sub.values() if r["status"] == "converted" and "preserved" in r]
+        done = {n: r for n, r in sub.items() if r["status"] == "converted" and "preserved" in r}
         if done:
-            layers = sum(r["convs"] for r in done)
-            square = sum(r["square_layers"] for r in done)
-            why = collections.Counter(w for r in done for w in r.get("fixed", []))
+            layers = sum(r["convs"] for r in done.values())
+            square = sum(r["square_layers"] for r in done.values())
+            bound = sum(r.get("bound_layers", 0) for r in done.values())
+            full = sum(_fully_square(r) for r in done.values())
             lines += [f"- grid=square: re-widening preserved the function (float32 rounding) in "
-                      f"{sum(r['preserved'] for r in done)}/{len(done)} models; {square}/{layers} pooled convs "
-                      f"({100 * square / max(layers, 1):.1f}%) got a square grid; models with every grid square: "
-                      f"{sum(r['square_layers'] == r['convs'] for r in done)}/{len(done)}, with at least 90% square: "
-                      f"{sum(r['square_layers'] >= 0.9 * r['convs'] for r in done)}/{len(done)}",
+                      f"{sum(r['preserved'] for r in done.values())}/{len(done)} models",
+                      f"- **fully square: {full}/{len(done)} models ({100 * full / len(done):.1f}%)**; "
+                      f"at least 90% square: {sum(r['square_layers'] + r.get('bound_layers', 0) >= 0.9 * r['convs'] for r in done.values())}/{len(done)}",
+                      f"- **pooled convs with a square grid: {square}/{layers} ({100 * square / max(layers, 1):.1f}%)**; "
+                      f"{bound} more output the logits and keep their width "
+                      f"({100 * (square + bound) / max(layers, 1):.1f}% square or output-bound)",
                       "- largest output error of the models not preserved (relative to max(1, |logit|)): "
-                      + (", ".join(f"{n} {r['preserve_err']:.1e}" for n, r in sub.items() if r in done and not r["preserved"]
-                                   and "preserve_err" in r) or "-"),
-                      "- why widths stayed non-square (models): " + "; ".join(f"{w} ({c})" for w, c in why.most_common(8))]
+                      + (", ".join(f"{n} {r['preserve_err']:.1e}" for n, r in done.items() if not r["preserved"]
+                                   and "preserve_err" in r) or "-")]
+            lines += ["", "Why convs stayed non-square, by kind, in the models not fully square (models, convs, examples):", "",
+                      "| reason | models | convs | e.g. |", "|---|---|---|---|"]
+            by_kind = collections.defaultdict(list)
+            for n, r in done.items():
+                if not _fully_square(r):
+                    for kind, count in _kinds(r).items():
+                        by_kind[kind].append((n, count))
+            for kind, hits in sorted(by_kind.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+                lines.append(f"| {kind.replace('|', '/')} | {len(hits)} | {sum(c for _, c in hits)} | "
+                             f"{', '.join(n.replace('torchvision/', '') for n, _ in hits[:5])}{' ...' if len(hits) > 5 else ''} |")
         lines.append("")
         reasons = collections.defaultdict(list)
         for n, r in sub.items():
@@ -177,8 +202,30 @@ def write_report(rows: dict, path: str, grid: str = "square", limit=None) -> Non
             for reason, names in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
                 lines.append(f"| {reason.replace('|', '/')} | {len(names)}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''} |")
             lines.append("")
+    if compare:
+        lines += _comparison(rows, compare)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def _comparison(rows: dict, before: dict) -> list:
+    """Against an earlier run (``--compare``): models that stopped converting, square counts, convert time."""
+    both = [n for n in rows if n in before and rows[n]["status"] == before[n]["status"] == "converted"]
+    lost = sorted(n for n in before if before[n]["status"] == "converted" and n in rows and rows[n]["status"] != "converted")
+    ratios = sorted(rows[n]["seconds"] / before[n]["seconds"] for n in both if before[n].get("seconds"))
+    was = sum(before[n]["square_layers"] == before[n]["convs"] for n in both if "square_layers" in before[n])
+    now = sum(_fully_square(rows[n]) for n in both if "square_layers" in rows[n])
+    lines = ["## Compared with the earlier run", "",
+             f"- models converted in both runs: {len(both)}; converted before but not now: {len(lost)}"
+             + (f" ({', '.join(lost)})" if lost else ""),
+             f"- fully square among them: {was} before (no output-bound exception), {now} now",
+             f"- pooled square convs: {sum(before[n].get('square_layers', 0) for n in both)} before, "
+             f"{sum(rows[n].get('square_layers', 0) for n in both)} now"]
+    if ratios:
+        lines.append(f"- convert + check time per model, now / before: median {ratios[len(ratios) // 2]:.2f}x, "
+                     f"90th percentile {ratios[int(0.9 * (len(ratios) - 1))]:.2f}x, total "
+                     f"{sum(rows[n]['seconds'] for n in both) / sum(before[n]['seconds'] for n in both):.2f}x")
+    return lines + [""]
 
 
 def main() -> int:
@@ -193,6 +240,7 @@ def main() -> int:
     parser.add_argument("--grid", default="square", choices=["square", "rect", "line"], help="convert's grid option")
     parser.add_argument("--limit", type=int, default=None, help="only the first N timm names of the seeded order (a sample)")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the Markdown report from the JSONL")
+    parser.add_argument("--compare", default=None, help="an earlier run's JSONL: report regressions, square counts and time against it")
     args = parser.parse_args()
     torch.set_num_threads(1)
     shard, shards = (int(v) for v in args.shard.split("/"))
@@ -221,7 +269,11 @@ def main() -> int:
             f.write(json.dumps(rows[name]) + "\n")
             f.flush()
             print(f"[{i + 1}/{len(candidates)}] {name}: {result['status']} {result.get('reason', '')}", flush=True)
-    write_report(rows, args.out + ".md", args.grid, args.limit)
+    compare = None
+    if args.compare:
+        with open(args.compare) as f:
+            compare = {r["model"]: r for r in map(json.loads, f)}
+    write_report(rows, args.out + ".md", args.grid, args.limit, compare)
     print(f"wrote {args.out}.md")
     return 0
 

@@ -17,7 +17,7 @@ from tests.test_convert_zoo import CASES, build
 
 # where channel groups legitimately stay fixed (rectangular grids), and the reason the report gives
 PARTLY_FIXED = {
-    ("torchvision", "shufflenet_v2_x1_0"): "view",  # channel shuffle permutes channels across groups
+    ("torchvision", "shufflenet_v2_x1_0"): "flattened",  # channel shuffle interleaves two groups' channels
 }
 
 
@@ -139,6 +139,22 @@ def test_bad_width_rules_leave_the_model_untouched(rule, match):
 
 
 def test_unresolvable_coupling_names_the_nodes_in_strict_mode():
+    class Flip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            return self.b(torch.flip(self.a(x), dims=[1])).mean((2, 3))  # reverses the channel order
+
+    model = Flip()
+    with pytest.raises(ValueError, match=r"a: .*flip.* is not channel-aware"):
+        kapify.rewiden(model, "square", strict=True, example_input=torch.rand(1, 3, 4, 4))
+    wide = kapify.rewiden(model, "square", example_input=torch.rand(1, 3, 4, 4))  # non-strict: the group keeps 8
+    assert wide.a.out_channels == 8
+
+
+def test_a_channel_shuffle_into_a_conv_widens_both_halves_together():
     class Shuffle(nn.Module):
         def __init__(self):
             super().__init__()
@@ -150,11 +166,12 @@ def test_unresolvable_coupling_names_the_nodes_in_strict_mode():
             y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)  # channel shuffle
             return self.b(y).mean((2, 3))
 
-    model = Shuffle()
-    with pytest.raises(ValueError, match=r"a: .*view.* changes the channel axis"):
-        kapify.rewiden(model, "square", strict=True, example_input=torch.rand(1, 3, 4, 4))
-    wide = kapify.rewiden(model, "square", example_input=torch.rand(1, 3, 4, 4))  # non-strict: the group keeps 8
-    assert wide.a.out_channels == 8
+    model, x = Shuffle().double().eval(), torch.rand(2, 3, 4, 4, dtype=torch.double)
+    wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x[:1]).eval()
+    assert (wide.a.out_channels, wide.b.out_channels) == (16, 8)  # a's halves: one group of 4 -> 8, so 16 is square; b: output
+    wide = kapify.rewiden(model, {"name": "mult", "m": 2}, function_preserving=True, example_input=x[:1]).eval()
+    assert wide.a.out_channels == 16 and wide.b.in_channels == 16
+    torch.testing.assert_close(wide(x), model(x), rtol=1e-10, atol=1e-10)
 
 
 def test_a_hard_coded_width_falls_back_to_rect_with_a_warning():

@@ -165,11 +165,16 @@ def arrange_channels(
         if not group.producers:
             continue
         layout = rect_grid(group.width) if grid == "rect" else ChannelGrid(1, group.width)
+        split = any(len(graph.outputs[name]) > 1 for name in group.producers)
         reason = group.fixed or ("grouped convs: channels cannot leave their group" if group.divisor > 1 else None) or (
+            "a producer's output is split into segments: its grid spans several groups" if split else None) or (
             "the channel order matters to a member (GroupNorm groups, ECA's conv along channels)" if group.normalised else None)
+        identity = torch.arange(group.width)
+        if split:
+            report.append(GroupArrangement(list(group.producers), group.width, str(layout), 0.0, 0.0, reason))
+            continue
         filters = _filters(new, group)
         sim = filters @ filters.T / len(group.producers)
-        identity = torch.arange(group.width)
         before = neighbour_similarity(sim, identity, layout)
         if reason is None and group.width > 2:
             index[group.id] = grid_placement(sim, layout)

@@ -74,6 +74,19 @@ def _widen_to_squares(model: nn.Module, example_input: Optional[torch.Tensor],
         return copy.deepcopy(model), None, str(err)
 
 
+def _why_not_square(graph: ChannelGraph, name: str) -> str:
+    """Why a conv's re-widened output is not a square number of channels."""
+    layout = graph.output_layout(name)
+    if not layout:
+        return "not in the traced graph"
+    stuck = next((graph.groups[g].fixed for g in layout if graph.groups[g].fixed), None)
+    if stuck:
+        return stuck
+    if len(layout) > 1:
+        return f"its output is split into {len(layout)} segments ({' + '.join(str(graph.groups[g].width) for g in layout)} channels) whose widths other convs set"
+    return f"no square within 4x is divisible by the {graph.groups[layout[0]].divisor} groups"
+
+
 def _multiply_filters(conv: nn.Module, layout: ChannelGrid, stride: int) -> ChannelGrid:
     """Give ``conv`` stride*stride times its filters on a (rows*S) x (cols*S) grid (stride*C on a
     line), old filter (r, c) at the centre (r*S, c*S) of the window that pools back to channel (r, c);
@@ -193,15 +206,13 @@ def convert(
     records, fixed_widths, across_norm, oversized = [], {}, [], []
     for name, route in chosen.items():
         conv = new.get_submodule(name)
-        group = graph.group_of(name) if graph is not None else None
-        if group is not None and group.normalised and conv.out_channels != group.width:
+        segments = [graph.groups[g] for g in graph.output_layout(name)] if graph is not None else []
+        if any(g.normalised for g in segments) and conv.out_channels != sum(g.width for g in segments):
             across_norm.append(name)
         if unwidened is not None and math.isqrt(conv.out_channels) ** 2 != conv.out_channels:
             fixed_widths[name] = "re-widening failed for this model: " + unwidened[:120]
         elif graph is not None and math.isqrt(conv.out_channels) ** 2 != conv.out_channels:
-            fixed_widths[name] = (group.fixed if group is not None and group.fixed else
-                                  f"no square within 4x is divisible by the {group.divisor} groups" if group is not None else
-                                  "not in the traced graph")
+            fixed_widths[name] = _why_not_square(graph, name)
         layout = GRID_RULES[grid](conv.out_channels)
         layer_stride = stride if getattr(conv, "groups", 1) == 1 else 1  # grouped convs: no kernel-size multiplier
         if layer_stride > 1:  # kernel-size multiplier (§4.2): S*S x the filters, pooled back to C channels

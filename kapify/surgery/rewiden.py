@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Dict, Iterable, List, Optional, Union
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from .channels import ChannelGraph, analyze_channels
+from .channels import ChannelGraph, StoredSizes, analyze_channels, block_handler
 from .resize import resize_layer, resize_parameter
 from .tracing import eval_mode, example_input as default_input
 
@@ -85,7 +85,88 @@ def _plan(graph: ChannelGraph, width_fn: WidthFn, function_preserving: bool, wid
         if new % g.divisor:
             new = -(-new // g.divisor) * g.divisor  # grouped convs: round up to a multiple of the groups
         widths[g.id] = new
+    units = _tie_units(graph, widths)
+    if getattr(width_fn, "takes_divisor", False):  # the square rule: make split convs' whole outputs square too
+        _square_split_outputs(graph, widths, units, width_fn)
+    _keep_leading_pieces_widest(graph, widths)
     return widths
+
+
+def _tie_units(graph: ChannelGraph, widths: Dict[int, int]) -> Dict[int, Tuple[int, ...]]:
+    """Groups that must keep one width (pieces of an equal split) get the widest planned width, or all
+    keep theirs when one cannot change. Returns each group's unit (the groups tied to it, itself included)."""
+    units = {g.id: (g.id,) for g in graph.groups}
+    parent = {g.id: g.id for g in graph.groups}
+
+    def find(g: int) -> int:
+        while parent[g] != g:
+            g = parent[g]
+        return g
+
+    for tie in graph.ties:
+        for other in tie[1:]:
+            parent[find(other)] = find(tie[0])
+    classes: Dict[int, List[int]] = {}
+    for g in parent:
+        classes.setdefault(find(g), []).append(g)
+    for members in (m for m in classes.values() if len(m) > 1):
+        stuck = [graph.groups[g] for g in members if graph.groups[g].fixed is not None or not graph.groups[g].producers]
+        for g in members:
+            units[g] = tuple(members)
+            if stuck:
+                widths[g] = graph.groups[g].width
+                graph.groups[g].fixed = graph.groups[g].fixed or f"split into pieces of one width with channels that stay: {stuck[0].fixed}"
+            else:
+                widths[g] = max(widths[m] for m in members)
+    return units
+
+
+def _square_split_outputs(graph: ChannelGraph, widths: Dict[int, int], units: Dict[int, Tuple[int, ...]], width_fn: WidthFn) -> None:
+    """A conv whose output is later split (CSPNet, Res2Net, DPN) has several segments; where one of them
+    (or one tied set) is no conv's whole output, size it so that the conv's total is a square too."""
+    outputs = graph.conv_outputs()
+    whole = {layout[0] for layout in outputs.values() if len(layout) == 1}
+    caps = {site.pieces[-1][0]: site.pieces[0] for site in graph.slices  # x.split(size): the last piece is no wider
+            if site.kind == "leading" and len(site.pieces) > 1 and len(site.pieces[-1]) == 1}
+    locked: set = set()
+    for layout in outputs.values():
+        if len(layout) < 2:
+            continue
+        free = [units[g] for g in layout if not (set(units[g]) & (whole | locked)) and graph.groups[g].fixed is None
+                and graph.groups[g].producers and set(units[g]) <= set(layout)]
+        for unit in free:
+            if _square_total(graph, widths, layout, unit, width_fn, caps):
+                break
+        locked.update(layout)
+
+
+def _square_total(graph: ChannelGraph, widths: Dict[int, int], layout: Tuple[int, ...], unit: Tuple[int, ...],
+                  width_fn: WidthFn, caps: Dict[int, Tuple[int, ...]]) -> bool:
+    """Give ``unit``'s groups the least width (from their old one) that makes ``layout``'s total a square."""
+    count = sum(layout.count(g) for g in unit)
+    others = sum(widths[g] for g in layout if g not in unit)
+    old = graph.groups[unit[0]].width
+    step = math.lcm(*(graph.groups[g].divisor for g in unit))
+    cap = min((sum(widths[p] for p in caps[g]) for g in unit if g in caps), default=4 * (others + count * old))
+    for width in range(old, cap + 1, step):
+        total = others + count * width
+        if width_fn(total, divisor=1) == total:
+            for g in unit:
+                widths[g] = width
+            return True
+    return False
+
+
+def _keep_leading_pieces_widest(graph: ChannelGraph, widths: Dict[int, int]) -> None:
+    """``x.split(size)`` makes pieces of ``size`` and a last one no wider: widen the leading pieces' last segment if needed."""
+    for site in graph.slices:
+        if site.kind != "leading" or len(site.pieces) < 2:
+            continue
+        lead, last = (sum(widths[g] for g in site.pieces[i]) for i in (0, -1))
+        if last > lead:
+            for piece in site.pieces[:-1]:
+                g = piece[-1]
+                widths[g] += -(-(last - lead) // graph.groups[g].divisor) * graph.groups[g].divisor
 
 
 def rewiden(
@@ -171,8 +252,8 @@ def apply_layout(model: nn.Module, graph: ChannelGraph, widths: Dict[int, int], 
                 size, idx = size * k, (idx[:, None] * k + torch.arange(k)).flatten()
             kwargs.update(new_in=size, in_index=idx, zero_new_inputs=zero_new_inputs)
         if name in graph.outputs:
-            gid = graph.outputs[name]
-            kwargs.update(new_out=widths[gid], out_index=index[gid])
+            size, idx = layout_map(graph.outputs[name])
+            kwargs.update(new_out=size, out_index=idx)
         resize_layer(module, **kwargs)
     for path, (dim, layout) in graph.parameters.items():
         size, idx = layout_map(layout)
@@ -180,6 +261,23 @@ def apply_layout(model: nn.Module, graph: ChannelGraph, widths: Dict[int, int], 
         owner = model.get_submodule(owner_name)
         if getattr(owner, attr).shape[dim] != size or not torch.equal(idx, torch.arange(size)):  # e.g. LayerScale's gamma
             resize_parameter(owner, attr, dim, size, idx)
+    _rewrite_stored_sizes(model, graph, widths)
+
+
+def _rewrite_stored_sizes(model: nn.Module, graph: ChannelGraph, widths: Dict[int, int]) -> None:
+    """Each block with splits at stored sizes gets its new offsets through its block handler."""
+    offsets: Dict[str, Dict[int, set]] = {}
+    for site in graph.slices:
+        for old, prefix in site.boundaries:
+            offsets.setdefault(site.owner, {}).setdefault(old, set()).add(sum(widths[g] for g in prefix))
+    for owner, moved in offsets.items():
+        if all(new == {old} for old, new in moved.items()):
+            continue
+        block = model.get_submodule(owner)
+        try:
+            block_handler(type(block))(block, StoredSizes(owner, moved))
+        except (KeyError, ValueError) as err:
+            raise RewidenError(f"the block handler of '{owner}' ({type(block).__name__}) failed: {err}") from err
 
 
 class RewidenError(ValueError):

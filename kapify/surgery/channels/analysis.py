@@ -9,7 +9,8 @@ anything the rules do not know (the model's input or output, an op that is not c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+import itertools
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import fx, nn
@@ -18,7 +19,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..resize import ChannelHandler, channel_handler
 from ..tracing import _timm_settings, check_graph, eval_mode, example_input as default_input, trace
 from .axes import name_of, shape_of
-from .graph import ChannelGraph, ChannelGroup, GroupSet, Layout
+from .blocks import block_owner
+from .graph import ChannelGraph, ChannelGroup, GroupSet, Layout, SliceSite
 
 __all__ = ["ChannelAnalysis", "Located", "Step", "analyze_channels", "channel_groups"]
 
@@ -40,21 +42,25 @@ class Step:
 class ChannelAnalysis:
     """The state of one pass: each node's layout, the groups, and each layer's role in them."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
-        self.gm = gm
+    def __init__(self, gm: fx.GraphModule, root: type = nn.Module) -> None:
+        self.gm, self.root = gm, root  # root: the traced model's class (a block handler may own its forward)
         self.groups = GroupSet()
         self.layout: Dict[fx.Node, Optional[Located]] = {}
         self.inputs: Dict[str, Layout] = {}
-        self.outputs: Dict[str, int] = {}
+        self.outputs: Dict[str, Layout] = {}
         self.roles: Dict[str, List[Tuple[str, Layout]]] = {}
         self.parameters: Dict[str, Tuple[int, int]] = {}  # parameter path -> (its channel dim, its group)
         self.floating: Dict[fx.Node, fx.Node] = {}  # an expanded/cast parameter whose channel dim is not known yet -> its get_attr
         self.spread: Dict[fx.Node, int] = {}  # a flattened tensor whose channels span k consecutive entries each
         self.spreads: Dict[str, int] = {}  # the linear layers reading such tensors
+        self.pieces: Dict[fx.Node, List[Optional[Located]]] = {}  # split/chunk results: the layout of each piece
+        self.slices: List[SliceSite] = []  # splits and slices at sizes a block stores
 
     # -- helpers the rules share -------------------------------------------------------------------
     def lay(self, arg: Any) -> Optional[Located]:
-        return self.layout.get(arg) if isinstance(arg, fx.Node) else None
+        """A node's layout, its segments as cut so far (splits refine groups after the fact)."""
+        lo = self.layout.get(arg) if isinstance(arg, fx.Node) else None
+        return None if lo is None else (lo[0], self.groups.expand(lo[1]))
 
     def fix_all(self, located: Iterable[Optional[Located]], why: str) -> None:
         for lo in located:
@@ -69,6 +75,10 @@ class ChannelAnalysis:
     def merge(self, operands: List[Tuple[fx.Node, Located]], node: fx.Node) -> Optional[Located]:
         """Broadcasting ops: channel dims must line up counted from the right, segments must match."""
         offsets = {len(shape_of(a)) - lo[0] for a, lo in operands}
+        if len(offsets) == 1 and len({len(lo[1]) for _, lo in operands}) > 1 and \
+                len({self.groups.total(lo[1]) for _, lo in operands}) == 1:  # e.g. a split stream added to a whole one
+            aligned = self.groups.align([lo[1] for _, lo in operands])
+            operands = [(a, (lo[0], segments)) for (a, lo), segments in zip(operands, aligned)]
         if len(offsets) > 1 or len({len(lo[1]) for _, lo in operands}) > 1 or len(shape_of(node) or ()) < max(offsets):
             self.fix_all([lo for _, lo in operands], f"operands of {node.name} are laid out differently")
             return self.fresh(node, f"output of {node.name}")
@@ -96,7 +106,7 @@ class ChannelAnalysis:
         lo, shape = self.layout.get(node), shape_of(node)
         if lo is not None and len(lo[1]) == 1 and shape is not None and lo[0] == handler.axis % len(shape) \
                 and self.groups.width[self.groups.find(lo[1][0])] == handler.count(module, handler.out_attr):
-            self.outputs[node.target] = lo[1][0]
+            self.outputs[node.target] = lo[1]
 
     def lined_up(self, param: fx.Node, other: Tuple[fx.Node, Located]) -> Optional[Located]:
         """A parameter with several dims > 1 (ViT's pos_embed: tokens x C) meeting a laid-out operand
@@ -114,6 +124,38 @@ class ChannelAnalysis:
         self.parameters[root.target] = (root_dim, gid)
         self.layout[param] = (dim, (gid,))
         return self.layout[param]
+
+    def cut(self, step: Step, sizes: Sequence[int], kind: str, stored: Sequence[int]) -> Optional[List[Located]]:
+        """Cut ``step.src`` into pieces of ``sizes`` channels; ``stored``: the offsets a block stores
+        (needing its handler), ``kind``: the piece constraint (see :class:`SliceSite`). None: not followed."""
+        node, (axis, layout) = step.node, step.src
+        if sum(sizes) != self.groups.total(layout):  # the traced layout does not add up: not followed
+            return None
+        owner, block_type = block_owner(node, self.root) if stored else (None, None)
+        if stored and owner is None:
+            self.fix_all([step.src], f"{node.name} ({name_of(node.target)}) cuts the channels at sizes stored in '{block_type.__name__}': "
+                                   f"register a block handler for it (kapify.register_block_handler)")
+            return None
+        for at in list(itertools.accumulate(sizes))[:-1]:
+            self.groups.cut(layout, at)
+        leaves, pieces, i = self.groups.expand(layout), [], 0
+        for size in sizes:
+            piece, width = [], 0
+            while width < size:
+                piece.append(leaves[i])
+                width, i = width + self.groups.width[leaves[i]], i + 1
+            pieces.append(tuple(piece))
+        if kind == "equal" or (kind == "leading" and len(pieces) > 2):
+            self.groups.tie(pieces if kind == "equal" else pieces[:-1], f"{node.name} makes pieces of one width")
+        if stored:
+            total = self.groups.total(layout)
+            boundaries = [(at, self._prefix(leaves, at)) for at in sorted({*stored, total}) if 0 < at <= total]
+            self.slices.append(SliceSite(owner, boundaries, kind, pieces))
+        return [(axis, piece) for piece in pieces]
+
+    def _prefix(self, leaves: Sequence[int], at: int) -> tuple:
+        widths = itertools.accumulate(self.groups.width[g] for g in leaves)
+        return tuple(g for g, end in zip(leaves, widths) if end <= at)
 
     # -- the pass ----------------------------------------------------------------------------------
     def run(self) -> ChannelGraph:
@@ -139,7 +181,7 @@ class ChannelAnalysis:
             else:
                 self.layout[node] = node_rules.function_layout(self, step)
             self._check_width(node, step.shape)
-        return self.groups.to_graph(self.inputs, self.outputs, self.roles, self.parameters, self.spreads)
+        return self.groups.to_graph(self.inputs, self.outputs, self.roles, self.parameters, self.spreads, self.slices)
 
     def _parameter(self, node: fx.Node, shape: Optional[torch.Size]) -> Optional[Located]:
         """A parameter with one channel-sized dim (LayerScale gamma) joins whatever it meets."""
@@ -169,7 +211,7 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
     """
     handled = {type(m) for m in model.modules() if channel_handler(m) is not None}  # e.g. timm's Linear: a leaf, not F.linear
     x = example_input if example_input is not None else default_input(model)
-    return ChannelAnalysis(_shaped_graph(model, tuple(leaf_modules) + tuple(handled), x)).run()
+    return ChannelAnalysis(_shaped_graph(model, tuple(leaf_modules) + tuple(handled), x), type(model)).run()
 
 
 def _shaped_graph(model: nn.Module, leaves: Tuple[type, ...], x: torch.Tensor) -> fx.GraphModule:

@@ -31,6 +31,19 @@ def follow_axis(before: Sequence[int], after: Sequence[int], axis: int) -> Optio
     return None
 
 
+def split_axis(before: Sequence[int], after: Sequence[int], axis: int) -> Optional[Tuple[int, int]]:
+    """(output dim, number of pieces) when a reshape splits dim ``axis`` into consecutive dims
+    (pieces, ..., size): SKNet's ``view(B, paths, C // paths, H, W)``, attention heads; else None."""
+    outer, channels = math.prod(before[:axis]), before[axis]
+    for d in range(len(after)):
+        if math.prod(after[:d]) != outer:
+            continue
+        for end in range(d + 2, len(after) + 1):
+            if math.prod(after[d:end]) == channels and after[end - 1] < channels:
+                return end - 1, channels // after[end - 1]
+    return None
+
+
 def flattened_axis(before: Sequence[int], after: Sequence[int], axis: int) -> Optional[Tuple[int, int]]:
     """(output dim, entries per channel) when a reshape merges dim ``axis`` with the dims after it
     (channels outermost, as ``torch.flatten(x, 1)`` before a classifier), else None."""

@@ -5,9 +5,25 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-__all__ = ["ChannelGroup", "ChannelGraph", "GroupSet", "Layout"]
+__all__ = ["ChannelGroup", "ChannelGraph", "GroupSet", "Layout", "SliceSite"]
 
 Layout = Tuple[int, ...]  # the channel axis of a tensor: segments, each one group id
+
+
+@dataclass
+class SliceSite:
+    """A split or slice of the channels whose sizes a block stores (``x.split(self.width, 1)``,
+    ``x[:, :self.out_chs]``): after re-widening, its block handler rewrites them.
+
+    ``owner``: the block's module path; ``boundaries``: (old channel offset, the segments before it),
+    so the new offset is the new width of those segments; ``kind``: "equal" (chunk: all pieces one
+    width), "leading" (split by one size: all pieces but the last one width, the last no wider) or
+    "offsets" (sizes listed, slices, narrow: any widths)."""
+
+    owner: str
+    boundaries: List[Tuple[int, Layout]]
+    kind: str = "offsets"
+    pieces: List[Layout] = field(default_factory=list)
 
 
 @dataclass
@@ -30,17 +46,26 @@ class ChannelGraph:
 
     groups: List[ChannelGroup]
     inputs: Dict[str, Layout]   # conv/linear -> layout of its input channels (segments: concat)
-    outputs: Dict[str, int]     # conv/linear -> group of its output channels
+    outputs: Dict[str, Layout]  # conv/linear -> layout of its output channels (several segments: split later)
     channelwise: Dict[str, Layout]  # BatchNorm, depthwise conv, ... -> layout of its channels
     parameters: Dict[str, Tuple[int, Layout]] = field(default_factory=dict)  # parameter used directly (LayerScale) -> (dim, layout)
     spread: Dict[str, int] = field(default_factory=dict)  # linear reading flattened C x H x W features -> H*W entries per channel
+    slices: List[SliceSite] = field(default_factory=list)  # stored split sizes, rewritten by block handlers
+    ties: List[Tuple[int, ...]] = field(default_factory=list)  # groups that must keep one width (equal pieces)
+    grouped: List[str] = field(default_factory=list)  # depthwise/grouped convs (their output layout is in channelwise)
+
+    def conv_outputs(self) -> Dict[str, Layout]:
+        """Every conv's output layout, depthwise ones included: the channels each KAP pools."""
+        return {**self.outputs, **{name: self.channelwise[name] for name in self.grouped}}
+
+    def output_layout(self, module_name: str) -> Layout:
+        """The segments of a conv's output channels (a depthwise conv's: its input's); () if unknown."""
+        return self.outputs.get(module_name) or self.channelwise.get(module_name, ())
 
     def group_of(self, module_name: str) -> Optional[ChannelGroup]:
-        """The group a conv's output channels belong to (a depthwise conv's: its input's)."""
-        gid = self.outputs.get(module_name)
-        if gid is None and len(self.channelwise.get(module_name, ())) == 1:
-            gid = self.channelwise[module_name][0]
-        return None if gid is None else self.groups[gid]
+        """The group a conv's output channels belong to, when they are one group (else None)."""
+        layout = self.output_layout(module_name)
+        return self.groups[layout[0]] if len(layout) == 1 else None
 
 
 class GroupSet:
@@ -53,6 +78,8 @@ class GroupSet:
         self.divisor: Dict[int, int] = {}
         self.width: Dict[int, int] = {}
         self.normalised: set = set()
+        self.parts: Dict[int, Tuple[int, int]] = {}  # a root cut in two at a split or slice: its segments
+        self.ties: List[Tuple[List[Layout], str]] = []  # layouts that must keep equal widths (pieces of x.chunk(n)), why
 
     def new(self, width: int, fixed: Optional[str] = None) -> int:
         self.parent.append(len(self.parent))
@@ -68,61 +95,138 @@ class GroupSet:
             g = self.parent[g]
         return g
 
+    def leaves(self, g: int) -> Layout:
+        """The segments g is cut into (itself when it was never cut)."""
+        root = self.find(g)
+        return (root,) if root not in self.parts else tuple(x for p in self.parts[root] for x in self.leaves(p))
+
+    def expand(self, layout: Layout) -> Layout:
+        return tuple(x for g in layout for x in self.leaves(g))
+
+    def cut(self, layout: Layout, at: int) -> None:
+        """Make channel offset ``at`` of ``layout`` a segment boundary (a split or slice there)."""
+        offset = 0
+        for leaf in self.expand(layout):
+            width = self.width[leaf]
+            if offset < at < offset + width:
+                self._cut(leaf, at - offset)
+                return
+            offset += width
+
+    def _cut(self, root: int, at: int) -> None:
+        parts = (self.new(at), self.new(self.width[root] - at))
+        divisor = self.divisor.get(root, 1)
+        for part in parts:
+            self.divisor[part] = divisor
+            if root in self.fixed:
+                self.fixed[part] = self.fixed[root]
+            if root in self.normalised:
+                self.normalised.add(part)
+            if at % divisor:
+                self.fixed.setdefault(part, f"cut at {at} channels inside groups of {divisor} (grouped conv)")
+        self.parts[root] = parts
+
+    def align(self, layouts: List[Layout]) -> List[Layout]:
+        """Cut equally wide layouts at each other's segment boundaries; return them expanded."""
+        while len({tuple(self.offsets(layout)) for layout in layouts}) > 1:  # a cut group may recur elsewhere
+            for at in sorted({at for layout in layouts for at in self.offsets(layout)}):
+                for other in layouts:
+                    self.cut(other, at)
+        return [self.expand(layout) for layout in layouts]
+
+    def offsets(self, layout: Layout) -> List[int]:
+        """The inner segment boundaries of ``layout`` (channel offsets)."""
+        ends, offset = [], 0
+        for leaf in self.expand(layout)[:-1]:
+            offset += self.width[leaf]
+            ends.append(offset)
+        return ends
+
     def union(self, a: int, b: int) -> int:
         a, b = self.find(a), self.find(b)
         if a == b:
             return a
+        if (a in self.parts or b in self.parts) and self.width[a] == self.width[b]:  # merge segment by segment
+            for x, y in zip(*self.align([(a,), (b,)])):
+                self.union(x, y)
+            return a
         self.parent[b] = a
         if b in self.fixed:
-            self.fixed.setdefault(a, self.fixed[b])
+            self.fix(a, self.fixed[b])
         if self.width.get(a) != self.width.get(b):
-            self.fixed.setdefault(a, f"channel counts {self.width.get(a)} and {self.width.get(b)} meet")
+            self.fix(a, f"channel counts {self.width.get(a)} and {self.width.get(b)} meet")
         if b in self.normalised:
             self.normalised.add(a)
         self.divisor[a] = math.lcm(self.divisor.get(a, 1), self.divisor.get(b, 1))
         return a
 
     def fix(self, g: int, why: str) -> None:
-        self.fixed.setdefault(self.find(g), why)
+        for leaf in self.leaves(g):
+            self.fixed.setdefault(leaf, why)
+
+    def is_fixed(self, g: int) -> bool:
+        return all(leaf in self.fixed for leaf in self.leaves(g))
 
     def normalise(self, g: int, divisor: int = 1) -> None:
         """Mark g's channels as mixed by statistics (GroupNorm: widths stay multiples of its groups)."""
-        self.normalised.add(self.find(g))
-        self.restrict(g, divisor)
+        for leaf in self.leaves(g):
+            self.normalised.add(leaf)
+            self.restrict(leaf, divisor)
 
     def restrict(self, g: int, divisor: int) -> None:
         """g's width must stay a multiple of ``divisor`` (grouped convs, GroupNorm)."""
-        root = self.find(g)
-        self.divisor[root] = math.lcm(self.divisor.get(root, 1), divisor)
+        for leaf in self.leaves(g):
+            self.divisor[leaf] = math.lcm(self.divisor.get(leaf, 1), divisor)
 
     def total(self, layout: Layout) -> int:
         return sum(self.width[self.find(g)] for g in layout)
 
-    def to_graph(self, inputs: Dict[str, Layout], outputs: Dict[str, int], roles: Dict[str, List[Tuple[str, Layout]]],
-                 parameters: Dict[str, Tuple[int, int]], spreads: Dict[str, int]) -> ChannelGraph:
-        """The finished :class:`ChannelGraph`: one numbered group per root, members filled in."""
-        roots = sorted({self.find(g) for g in range(len(self.parent))})
+    def tie(self, layouts: List[Layout], why: str) -> None:
+        """These layouts must keep equal widths, segment by segment (the pieces of ``x.chunk(n)``)."""
+        self.ties.append((layouts, why))
+
+    def to_graph(self, inputs: Dict[str, Layout], outputs: Dict[str, Layout], roles: Dict[str, List[Tuple[str, Layout]]],
+                 parameters: Dict[str, Tuple[int, int]], spreads: Dict[str, int], slices: List[SliceSite]) -> ChannelGraph:
+        """The finished :class:`ChannelGraph`: one numbered group per segment, members filled in."""
+        ties = []
+        for layouts, why in self.ties:
+            pieces = [self.expand(layout) for layout in layouts]
+            if len({len(p) for p in pieces}) == 1:
+                ties += [tuple(column) for column in zip(*pieces)]
+            else:
+                for layout in layouts:
+                    for g in layout:
+                        self.fix(g, f"{why}: its pieces were cut differently")
+        roots = sorted({self.find(g) for g in range(len(self.parent))} - set(self.parts))
         index = {r: i for i, r in enumerate(roots)}
         groups = [ChannelGroup(id=i, width=self.width[r], divisor=self.divisor.get(r, 1), fixed=self.fixed.get(r),
                                normalised=r in self.normalised) for i, r in enumerate(roots)]
-        renum = lambda g: index[self.find(g)]  # noqa: E731
-        for name, gid in outputs.items():
-            groups[renum(gid)].producers.append(name)
+
+        def renum(layout: Layout) -> Layout:
+            return tuple(index[leaf] for leaf in self.expand(layout))
+
+        for name, layout in outputs.items():
+            for g in renum(layout):
+                groups[g].producers.append(name)
         for name, entries in roles.items():
-            for role, lo in entries:
-                for g in lo:
-                    target = groups[renum(g)]
+            for role, layout in entries:
+                for g in renum(layout):
                     if role == "conv":
-                        target.consumers.append(name)
-                    elif name not in target.channelwise:
-                        target.channelwise.append(name)
+                        groups[g].consumers.append(name)
+                    elif name not in groups[g].channelwise:
+                        groups[g].channelwise.append(name)
         for name, (_, gid) in parameters.items():
-            groups[renum(gid)].channelwise.append(name)
+            for g in renum((gid,)):
+                groups[g].channelwise.append(name)
         return ChannelGraph(
             groups=groups,
-            inputs={n: tuple(renum(g) for g in lo) for n, lo in inputs.items()},
-            outputs={n: renum(g) for n, g in outputs.items()},
-            channelwise={n: tuple(renum(g) for g in lo) for n, entries in roles.items() for role, lo in entries if role != "conv"},
-            parameters={n: (dim, (renum(g),)) for n, (dim, g) in parameters.items()},
+            inputs={n: renum(lo) for n, lo in inputs.items()},
+            outputs={n: renum(lo) for n, lo in outputs.items()},
+            channelwise={n: renum(lo) for n, entries in roles.items() for role, lo in entries if role != "conv"},
+            parameters={n: (dim, renum((g,))) for n, (dim, g) in parameters.items()},
             spread=spreads,
+            slices=[SliceSite(s.owner, [(at, renum(lo)) for at, lo in s.boundaries], s.kind, [renum(p) for p in s.pieces])
+                    for s in slices],
+            ties=[tuple(sorted({index[self.find(g)] for g in tie})) for tie in ties if len({self.find(g) for g in tie}) > 1],
+            grouped=[n for n, entries in roles.items() if any(role == "grouped" for role, _ in entries)],
         )

@@ -44,7 +44,7 @@ def module_layout(an: ChannelAnalysis, step: Step, module: nn.Module) -> Optiona
         for g in src[1]:  # a conv sliding along the channels (ECA's Conv1d): any width runs, but the
             an.groups.normalise(g)  # last old channels see new neighbours instead of zero padding
         return src
-    if src[0] != axis and all(an.groups.find(g) in an.groups.fixed for g in src[1]):  # the traced axis was only a guess
+    if src[0] != axis and all(an.groups.is_fixed(g) for g in src[1]):  # the traced axis was only a guess
         src = (axis, (an.groups.new(int(step.src_shape[axis]), f"input of '{node.target}' has no traced channel layout"),))
     if src[0] != axis:  # e.g. a Linear applied to a (N, tokens, C) tensor whose channels are on dim 1
         an.fix_all([src], f"{type(module).__name__} '{node.target}' reads dim {axis}, the channels are on dim {src[0]}")
@@ -83,10 +83,11 @@ def _conv(an: ChannelAnalysis, step: Step, module: nn.Module, handler: ChannelHa
     groups = getattr(module, "groups", 1)
     c_in, c_out = handler.count(module, handler.in_attr), handler.count(module, handler.out_attr)
     if groups > 1 and c_in == c_out:  # depthwise / grouped: channel i in feeds group of channel i out
-        if len(src[1]) != 1:
-            an.fix_all([src], f"grouped conv '{node.target}' reads a concatenation")
-        else:  # widening adds whole groups: the width stays a multiple of the group width
-            an.groups.restrict(src[1][0], c_in // groups)
+        width = c_in // groups
+        if any(an.groups.width[g] % width for g in src[1]):  # a segment boundary inside a group
+            an.fix_all([src], f"grouped conv '{node.target}' reads segments that cut its groups of {width}")
+        for g in src[1]:  # widening adds whole groups: each segment stays a multiple of the group width
+            an.groups.restrict(g, width)
         an.role(node.target, "grouped", src[1])
         return src
     if groups > 1:
@@ -99,6 +100,6 @@ def _conv(an: ChannelAnalysis, step: Step, module: nn.Module, handler: ChannelHa
             an.groups.normalise(g)
     an.inputs[node.target] = src[1]
     out = an.groups.new(c_out)
-    an.outputs[node.target] = out
+    an.outputs[node.target] = (out,)
     an.role(node.target, "conv", src[1])
     return axis, (out,)

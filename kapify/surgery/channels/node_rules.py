@@ -24,8 +24,8 @@ from torch import fx
 
 from ..resize import channel_handler
 from .analysis import ChannelAnalysis, Located, Step
-from .axes import (REDUCTIONS, cat_dim, flattened_axis, follow_axis, indexed_axis, name_of, pads_only_other_dims,
-                   permutation, permuted_axis, reduced_dims, shape_of, stored_width)
+from .axes import (REDUCTIONS, cat_dim, flattened_axis, follow_axis, name_of, pads_only_other_dims,
+                   permutation, permuted_axis, reduced_dims, shape_of, split_axis, stored_width)
 
 __all__ = ["NodeRule", "register_node_rule", "node_rule", "function_layout"]
 
@@ -108,7 +108,9 @@ def function_layout(an: ChannelAnalysis, step: Step) -> Optional[Located]:
     rule = node_rule(node)
     result = rule(an, step) if rule is not None else NotImplemented
     if result is NotImplemented:
-        an.fix_all([lo for _, lo in step.located], f"{node.name} ({name_of(node.target)}) is not channel-aware")
+        flat = next((an.spread[a] for a in step.args if a in an.spread), None)
+        an.fix_all([lo for _, lo in step.located], f"{node.name} ({name_of(node.target)}) " + (
+            "is not channel-aware" if flat is None else f"reads channels flattened over {flat} entries each (a channel shuffle)"))
         return an.fresh(node, f"output of {node.name} ({name_of(node.target)})")
     return result
 
@@ -142,9 +144,47 @@ def reshape(an: ChannelAnalysis, step: Step) -> Optional[Located]:
     flat = flattened_axis(step.src_shape, shape, src[0]) if src and shape and axis is None else None
     if flat is not None:  # (N, C, H, W) -> (N, C*H*W): each channel spans H*W consecutive entries
         axis, an.spread[node] = flat
+    split = split_axis(step.src_shape, shape, src[0]) if src and shape and axis is None and flat is None else None
+    if split is not None and not stored_width(node, split[0]):  # (N, k*C, ...) -> (N, k, C, ...): k pieces, one width
+        return _pieces_together(an, step, split[0], split[1])
     if axis is not None and stored_width(node, axis):  # e.g. gamma.view(self.shape): breaks when widened
         an.fix_all([src], f"{node.name} ({name_of(node.target)}) hard-codes {shape[axis]} channels")
     return an.moved(node, src, axis, node.name)
+
+
+def _pieces_together(an: ChannelAnalysis, step: Step, axis: int, count: int) -> Optional[Located]:
+    """The channels cut into ``count`` equal pieces that line up on dim ``axis`` (and merge there)."""
+    pieces = an.cut(step, [an.groups.total(step.src[1]) // count] * count, "equal", ())
+    aligned = an.groups.align([piece for _, piece in pieces])
+    merged = list(aligned[0])
+    for piece in aligned[1:]:
+        merged = [an.groups.union(a, b) for a, b in zip(merged, piece)]
+    return axis, tuple(merged)
+
+
+@register_node_rule(torch.stack)
+def stack(an: ChannelAnalysis, step: Step) -> Any:
+    """stack: the operands' channels merge (SKNet's kernel paths); the channel dim moves past a new dim before it"""
+    if not step.located or len(step.located) != len(step.args) or step.shape is None:
+        return NotImplemented
+    dim = step.node.kwargs.get("dim", step.node.args[1] if len(step.node.args) > 1 else 0)
+    if not isinstance(dim, int):
+        return NotImplemented
+    merged = an.merge(step.located, step.node)
+    axis = step.located[0][1][0]
+    return merged if merged is None or dim % len(step.shape) <= axis else (axis, merged[1])
+
+
+@register_node_rule(torch.softmax, torch.log_softmax, F.softmax, F.log_softmax, methods=("softmax", "log_softmax"))
+def softmax(an: ChannelAnalysis, step: Step) -> Any:
+    """softmax over another dim keeps the channels (SKNet's path attention); over the channels it normalises them"""
+    dim = step.node.kwargs.get("dim", step.node.args[1] if len(step.node.args) > 1 else None)
+    if step.src is None or not isinstance(dim, int):
+        return NotImplemented
+    if dim % len(step.src_shape) == step.src[0]:
+        for g in step.src[1]:
+            an.groups.normalise(g)
+    return step.src
 
 
 @register_node_rule(*_SPATIAL)
@@ -178,16 +218,6 @@ def concat(an: ChannelAnalysis, step: Step) -> Any:
     if all(lo[0] == dim for _, lo in step.located):
         return dim, tuple(g for _, lo in step.located for g in lo[1])
     return an.merge(step.located, step.node)
-
-
-@register_node_rule(operator.getitem, getattr)
-def getitem(an: ChannelAnalysis, step: Step) -> Any:
-    """x[:, 0] (a ViT's cls token): indexing other dims keeps the channels; non-tensors have no layout"""
-    if step.shape is None:
-        return None
-    if step.node.target is not operator.getitem or step.src is None or step.src_shape is None:
-        return NotImplemented
-    return an.moved(step.node, step.src, indexed_axis(step.node.args[1], len(step.src_shape), step.src[0]), step.node.name)
 
 
 @register_node_rule(names=_PIXEL_SHUFFLING_FUNCTIONS)
@@ -232,9 +262,11 @@ def through_flattened(an: ChannelAnalysis, step: Step) -> bool:
     classifier). True when the node is fully handled here; else the visit goes on as usual."""
     node, args = step.node, step.args
     spread_src = next(a for a in args if a in an.spread)
-    handler = channel_handler(an.gm.get_submodule(node.target)) if node.op == "call_module" else None
+    module = an.gm.get_submodule(node.target) if node.op == "call_module" else None
+    handler = channel_handler(module) if module is not None else None
     single = len(args) == 1  # then src is the flattened tensor
-    if single and handler is not None and handler.kind == "linear" and handler.axis % len(step.src_shape) == step.src[0]:
+    if single and handler is not None and handler.kind in ("linear", "conv") and getattr(module, "groups", 1) == 1 \
+            and handler.axis % len(step.src_shape) == step.src[0]:  # a classifier; a conv after a channel shuffle
         an.spreads[node.target] = an.spread[spread_src]  # then read as usual
         return False
     if single and step.shape == step.src_shape and _keeps_every_entry(an, node):

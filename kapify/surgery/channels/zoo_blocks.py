@@ -1,0 +1,71 @@
+"""Block handlers for timm and torchvision blocks that split their channels at stored sizes.
+
+Each handler rewrites the attributes its block's forward reads the split sizes from; the reason
+for each is its docstring. Tested on the real blocks with function preservation
+(``tests/test_channel_slicing.py``).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .blocks import StoredSizes, register_block_handler
+
+__all__: list = []
+
+try:
+    from timm.layers import MixedConv2d, SelectiveKernel
+    from timm.models.cspnet import CrossStage, CrossStage3
+    from timm.models.dpn import DualPathBlock
+    from timm.models.fasternet import Partial_conv3
+    from timm.models.ghostnet import GhostModule, GhostModuleV2
+    from timm.models.inception_next import InceptionDWConv2d
+    from timm.models.res2net import Bottle2neck
+    from timm.models.rexnet import LinearBottleneck
+
+    @register_block_handler(CrossStage, CrossStage3)
+    def cross_stage(block: nn.Module, sizes: StoredSizes) -> None:
+        """CSPNet / CS3Darknet: ``x.split(self.expand_chs // 2, dim=1)`` after conv_exp"""
+        block.expand_chs = 2 * sizes(block.expand_chs // 2)
+
+    @register_block_handler(Bottle2neck)
+    def bottle2neck(block: nn.Module, sizes: StoredSizes) -> None:
+        """Res2Net: ``torch.split(out, self.width, 1)`` into ``scale`` pieces"""
+        block.width = sizes(block.width)
+
+    @register_block_handler(GhostModule, GhostModuleV2)
+    def ghost_module(block: nn.Module, sizes: StoredSizes) -> None:
+        """GhostNet: ``out[:, :self.out_chs]`` of the primary and cheap features"""
+        block.out_chs = sizes(block.out_chs)
+
+    @register_block_handler(LinearBottleneck)
+    def rexnet_bottleneck(block: nn.Module, sizes: StoredSizes) -> None:
+        """RexNet: the partial residual ``x[:, 0:self.in_channels] + shortcut``"""
+        block.in_channels = sizes(block.in_channels)
+
+    @register_block_handler(DualPathBlock)
+    def dual_path(block: nn.Module, sizes: StoredSizes) -> None:
+        """DPN: residual and dense paths ``x[:, :self.num_1x1_c]`` / ``x[:, self.num_1x1_c:]``"""
+        block.num_1x1_c = sizes(block.num_1x1_c)
+
+    @register_block_handler(SelectiveKernel)
+    def selective_kernel(block: nn.Module, sizes: StoredSizes) -> None:
+        """SKNet: ``torch.split(x, self.in_channels // self.num_paths, 1)`` across the kernel paths"""
+        block.in_channels = sizes(block.in_channels // block.num_paths) * block.num_paths
+
+    @register_block_handler(MixedConv2d)
+    def mixed_conv(block: nn.Module, sizes: StoredSizes) -> None:
+        """MixNet: ``torch.split(x, self.splits, 1)`` across kernel sizes"""
+        block.splits = sizes.pieces(block.splits)
+        block.in_channels = sum(block.splits)
+
+    @register_block_handler(Partial_conv3)
+    def partial_conv(block: nn.Module, sizes: StoredSizes) -> None:
+        """FasterNet: ``torch.split(x, [self.dim_conv3, self.dim_untouched], dim=1)``"""
+        block.dim_conv3, block.dim_untouched = sizes.pieces([block.dim_conv3, block.dim_untouched])
+
+    @register_block_handler(InceptionDWConv2d)
+    def inception_dw(block: nn.Module, sizes: StoredSizes) -> None:
+        """InceptionNeXt: ``torch.split(x, self.split_indexes, dim=1)`` into identity and band branches"""
+        block.split_indexes = tuple(sizes.pieces(block.split_indexes))
+except ImportError:  # pragma: no cover - timm is a dependency
+    pass
