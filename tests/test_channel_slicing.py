@@ -49,6 +49,7 @@ BLOCKS = [
     (lambda: timm.create_model("mixnet_s", num_classes=10), "MixedConv2d", "splits", 0.8),
     (lambda: timm.create_model("fasternet_t0", num_classes=10), "Partial_conv3", "dim_conv3", 1.0),
     (lambda: timm.create_model("inception_next_atto", num_classes=10), "InceptionDWConv2d", "split_indexes", 1.0),
+    (lambda: timm.create_model("coatnet_pico_rw_224", img_size=64, num_classes=10), "Attention2d", "num_heads", 0.8),
 ]
 
 
@@ -199,3 +200,14 @@ def test_groupset_cut_and_align_refine_every_use_of_a_group():
     assert [groups.width[g] for g in groups.expand(doubled)] == [3, 3, 3, 3]
     groups.fix(c, "model output")
     assert groups.is_fixed(c) and all(groups.is_fixed(g) for g in groups.leaves(c))
+
+
+def test_the_readme_block_handler_example_runs(monkeypatch, capsys):
+    import pathlib
+    import re
+
+    monkeypatch.setattr("kapify.surgery.channels.blocks._BLOCK_HANDLERS", dict(_BLOCK_HANDLERS))
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    example = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "register_block_handler" in b)
+    exec(compile(example, "README.md", "exec"), {"__name__": "readme_example"})
+    assert capsys.readouterr().out.split() == ["25", "16"]

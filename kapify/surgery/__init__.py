@@ -5,7 +5,7 @@ from .conv_sites import ConvSites, find_conv_sites
 from .conv_types import is_conv, register_conv_type
 from .convert import convert
 from .fold import fold
-from .channels import ChannelGroup, analyze_channels, channel_groups
+from .channels import ChannelGroup, StoredSizes, analyze_channels, channel_groups, register_block_handler, register_node_rule
 from .kap_conv import attach_kap, is_kap_conv, set_blend
 from .resize import ChannelHandler, register_channel_handler
 from .rewiden import rewiden, square_width, width_mult
@@ -19,6 +19,9 @@ __all__ = [
     "analyze_channels",
     "channel_groups",
     "register_channel_handler",
+    "register_block_handler",
+    "register_node_rule",
+    "StoredSizes",
     "rewiden",
     "square_width",
     "width_mult",

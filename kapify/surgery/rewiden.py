@@ -85,6 +85,9 @@ def _plan(graph: ChannelGraph, width_fn: WidthFn, function_preserving: bool, wid
         if new % g.divisor:
             new = -(-new // g.divisor) * g.divisor  # grouped convs: round up to a multiple of the groups
         widths[g.id] = new
+    for out, (inp, per_in, per_out) in graph.multiplied.items():  # grouped convs with a depth multiplier
+        if graph.groups[out].fixed is None:
+            widths[out] = widths[inp] // per_in * per_out
     units = _tie_units(graph, widths)
     if getattr(width_fn, "takes_divisor", False):  # the square rule: make split convs' whole outputs square too
         _square_split_outputs(graph, widths, units, width_fn)

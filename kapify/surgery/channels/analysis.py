@@ -153,6 +153,14 @@ class ChannelAnalysis:
             self.slices.append(SliceSite(owner, boundaries, kind, pieces))
         return [(axis, piece) for piece in pieces]
 
+    def stored(self, step: Step, axis: int, layout: Layout) -> bool:
+        """A reshape to a width a block stores (``view(B, self.num_heads, ...)``): followed when the block
+        has a handler, which rewrites it; the site is recorded."""
+        owner, _ = block_owner(step.node, self.root)
+        if owner is not None:
+            self.slices.append(SliceSite(owner, [(int(step.shape[axis]), self.groups.expand(layout))]))
+        return owner is not None
+
     def _prefix(self, leaves: Sequence[int], at: int) -> tuple:
         widths = itertools.accumulate(self.groups.width[g] for g in leaves)
         return tuple(g for g, end in zip(leaves, widths) if end <= at)
@@ -191,6 +199,14 @@ class ChannelAnalysis:
         gid = self.groups.new(int(shape[big[0]]))
         self.parameters[node.target] = (big[0], gid)
         return big[0], (gid,)
+
+    def table_parameter(self, node: fx.Node) -> Located:
+        """A table looked up by a tensor index (relative position bias): its last dim gets a group."""
+        shape = shape_of(node)
+        gid = self.groups.new(int(shape[-1]))
+        self.parameters[node.target] = (len(shape) - 1, gid)
+        self.layout[node] = (len(shape) - 1, (gid,))
+        return self.layout[node]
 
     def _check_width(self, node: fx.Node, shape: Optional[torch.Size]) -> None:
         lo = self.layout.get(node)

@@ -53,6 +53,7 @@ class ChannelGraph:
     slices: List[SliceSite] = field(default_factory=list)  # stored split sizes, rewritten by block handlers
     ties: List[Tuple[int, ...]] = field(default_factory=list)  # groups that must keep one width (equal pieces)
     grouped: List[str] = field(default_factory=list)  # depthwise/grouped convs (their output layout is in channelwise)
+    multiplied: Dict[int, Tuple[int, int, int]] = field(default_factory=dict)  # out group -> (in group, a, b): out = in / a * b
 
     def conv_outputs(self) -> Dict[str, Layout]:
         """Every conv's output layout, depthwise ones included: the channels each KAP pools."""
@@ -80,6 +81,7 @@ class GroupSet:
         self.normalised: set = set()
         self.parts: Dict[int, Tuple[int, int]] = {}  # a root cut in two at a split or slice: its segments
         self.ties: List[Tuple[List[Layout], str]] = []  # layouts that must keep equal widths (pieces of x.chunk(n)), why
+        self.multiplied: List[Tuple[int, int, int, int]] = []  # grouped conv: (input group, output group, in, out per conv group)
 
     def new(self, width: int, fixed: Optional[str] = None) -> int:
         self.parent.append(len(self.parent))
@@ -197,6 +199,7 @@ class GroupSet:
                 for layout in layouts:
                     for g in layout:
                         self.fix(g, f"{why}: its pieces were cut differently")
+        self._fix_multiplied()
         roots = sorted({self.find(g) for g in range(len(self.parent))} - set(self.parts))
         index = {r: i for i, r in enumerate(roots)}
         groups = [ChannelGroup(id=i, width=self.width[r], divisor=self.divisor.get(r, 1), fixed=self.fixed.get(r),
@@ -229,4 +232,28 @@ class GroupSet:
                     for s in slices],
             ties=[tuple(sorted({index[self.find(g)] for g in tie})) for tie in ties if len({self.find(g) for g in tie}) > 1],
             grouped=[n for n, entries in roles.items() if any(role == "grouped" for role, _ in entries)],
+            multiplied={index[self.find(o)]: (index[self.find(i)], a, b) for i, o, a, b in self.multiplied
+                        if self.find(i) in index and self.find(o) in index},
         )
+
+    def multiply(self, inp: int, out: int, per_in: int, per_out: int) -> None:
+        """A grouped conv with ``per_in`` -> ``per_out`` channels per group (a depth multiplier): widening
+        adds whole groups, so its output keeps ``per_out / per_in`` times its input's width."""
+        self.restrict(inp, per_in)
+        self.restrict(out, per_out)
+        self.multiplied.append((inp, out, per_in, per_out))
+
+    def _fix_multiplied(self) -> None:
+        """A grouped conv's input and output widths change together or not at all."""
+        for inp, out, _, _ in self.multiplied:
+            if len(self.leaves(inp)) > 1 or len(self.leaves(out)) > 1:
+                for g in (inp, out):
+                    self.fix(g, "widens in whole groups or heads, but is split into segments")
+        changed = True
+        while changed:
+            changed = False
+            for inp, out, _, _ in self.multiplied:
+                for this, other in ((inp, out), (out, inp)):
+                    if self.is_fixed(this) and not self.is_fixed(other):
+                        self.fix(other, f"widens in whole groups or heads with channels that cannot: {self.fixed[self.leaves(this)[0]]}")
+                        changed = True

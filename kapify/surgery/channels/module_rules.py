@@ -90,8 +90,8 @@ def _conv(an: ChannelAnalysis, step: Step, module: nn.Module, handler: ChannelHa
             an.groups.restrict(g, width)
         an.role(node.target, "grouped", src[1])
         return src
-    if groups > 1:
-        an.fix_all([src], f"grouped conv '{node.target}' with {c_in} in and {c_out} out channels")
+    if groups > 1 and len(src[1]) != 1:
+        an.fix_all([src], f"grouped conv '{node.target}' with {c_in} in and {c_out} out channels reads a concatenation")
         an.layout[node] = an.fresh(node, f"output of grouped conv '{node.target}' ({c_in} -> {c_out} channels)")
         an.pinned(node, module, handler)
         return an.layout[node]
@@ -100,6 +100,8 @@ def _conv(an: ChannelAnalysis, step: Step, module: nn.Module, handler: ChannelHa
             an.groups.normalise(g)
     an.inputs[node.target] = src[1]
     out = an.groups.new(c_out)
+    if groups > 1:  # a depth multiplier (out = m x in): widening adds whole groups on both sides
+        an.groups.multiply(src[1][0], out, c_in // groups, c_out // groups)
     an.outputs[node.target] = (out,)
     an.role(node.target, "conv", src[1])
     return axis, (out,)

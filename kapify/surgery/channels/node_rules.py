@@ -94,6 +94,10 @@ def function_layout(an: ChannelAnalysis, step: Step) -> Optional[Located]:
     if params and not step.located and node.op == "call_method" and node.target in _FLOATING_METHODS:
         an.floating[node] = an.floating.get(params[0], params[0])  # cls_token.expand(N, -1, -1)
         return None
+    if node.target is operator.getitem and params == [node.args[0]] and isinstance(node.args[1], fx.Node) \
+            and len(shape_of(params[0]) or ()) >= 2:  # table[index]: a bias/embedding table's last dim (heads) follows
+        step.src = an.table_parameter(params[0])
+        step.located, params = [(params[0], step.src)], []
     joins = _is_elementwise(node) or (node.target in (torch.cat, torch.concat) and step.located
                                       and step.located[0][1][0] != cat_dim(node))
     if params and step.located and joins:
@@ -136,9 +140,11 @@ def permute(an: ChannelAnalysis, step: Step) -> Optional[Located]:
     return an.moved(step.node, src, None if dims is None else permuted_axis(src[0], dims, ndim), step.node.name)
 
 
-@register_node_rule(torch.flatten, torch.reshape, methods=("view", "reshape", "flatten"))
+@register_node_rule(torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
+                    methods=("view", "reshape", "flatten", "squeeze", "unsqueeze"))
 def reshape(an: ChannelAnalysis, step: Step) -> Optional[Located]:
-    """view/reshape/flatten: followed when the channel dim survives whole or is flattened outermost (VGG's classifier)"""
+    """view/reshape/flatten/(un)squeeze: followed when the channel dim survives whole, is flattened outermost
+    (VGG's classifier) or split into pieces (SKNet's paths) or heads (attention)"""
     node, src, shape = step.node, step.src, step.shape
     axis = follow_axis(step.src_shape, shape, src[0]) if src and shape else None
     flat = flattened_axis(step.src_shape, shape, src[0]) if src and shape and axis is None else None
@@ -147,9 +153,23 @@ def reshape(an: ChannelAnalysis, step: Step) -> Optional[Located]:
     split = split_axis(step.src_shape, shape, src[0]) if src and shape and axis is None and flat is None else None
     if split is not None and not stored_width(node, split[0]):  # (N, k*C, ...) -> (N, k, C, ...): k pieces, one width
         return _pieces_together(an, step, split[0], split[1])
-    if axis is not None and stored_width(node, axis):  # e.g. gamma.view(self.shape): breaks when widened
+    if split is not None and split[0] >= 1 and shape[split[0] - 1] == split[1] and len(src[1]) == 1:
+        return _heads(an, step, split[0] - 1, split[1])  # (N, h*d, ...) -> (N, h, d, ...) with d stored: attention heads
+    if axis is not None and stored_width(node, axis) and not an.stored(step, axis, src[1]):  # gamma.view(self.shape)
         an.fix_all([src], f"{node.name} ({name_of(node.target)}) hard-codes {shape[axis]} channels")
     return an.moved(node, src, axis, node.name)
+
+
+def _heads(an: ChannelAnalysis, step: Step, axis: int, heads: int) -> Optional[Located]:
+    """(N, h*d, ...) -> (N, h, d, ...) with a stored d: the heads dim carries the channels in whole heads
+    of d; widening adds heads (their count, if stored, rewritten by the block's handler)."""
+    node, group = step.node, step.src[1][0]
+    per_head = an.groups.width[an.groups.find(group)] // heads
+    head = an.groups.new(heads)
+    an.groups.multiply(group, head, per_head, 1)
+    if stored_width(node, axis) and not an.stored(step, axis, (head,)):
+        an.fix_all([step.src], f"{node.name} ({name_of(node.target)}) hard-codes {heads} heads")
+    return axis, (head,)
 
 
 def _pieces_together(an: ChannelAnalysis, step: Step, axis: int, count: int) -> Optional[Located]:
@@ -160,6 +180,14 @@ def _pieces_together(an: ChannelAnalysis, step: Step, axis: int, count: int) -> 
     for piece in aligned[1:]:
         merged = [an.groups.union(a, b) for a, b in zip(merged, piece)]
     return axis, tuple(merged)
+
+
+@register_node_rule(F.scaled_dot_product_attention)
+def attention(an: ChannelAnalysis, step: Step) -> Any:
+    """scaled_dot_product_attention with the channels on the heads dim: q, k, v (and a per-head mask) merge"""
+    if not step.located or any(lo[0] >= len(shape_of(a)) - 2 for a, lo in step.located):
+        return NotImplemented  # channels on the token or feature dims: not followed
+    return an.merge(step.located, step.node)
 
 
 @register_node_rule(torch.stack)

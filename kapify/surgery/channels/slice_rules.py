@@ -89,7 +89,11 @@ def getitem(an: ChannelAnalysis, step: Step) -> Any:
     items = list(node.args[1]) if isinstance(node.args[1], tuple) else [node.args[1]]
     cut = items[src[0]] if Ellipsis not in items and None not in items and len(items) > src[0] else slice(None)
     if not isinstance(cut, slice) or cut == slice(None):
-        return an.moved(node, src, indexed_axis(node.args[1], len(step.src_shape), src[0]), node.name)
+        axis = indexed_axis(node.args[1], len(step.src_shape), src[0])
+        if axis is None and isinstance(cut, slice) and all(i == slice(None) for i in items[src[0] + 1:]):
+            axis = len(step.shape) - (len(step.src_shape) - src[0])  # x[index_tensor]: trailing dims stay trailing
+            axis = axis if 0 <= axis < len(step.shape) and step.shape[axis] == step.src_shape[src[0]] else None
+        return an.moved(node, src, axis, node.name)
     if cut.step not in (None, 1) or not all(v is None or (_literal(v) and v >= 0) for v in (cut.start, cut.stop)):
         return NotImplemented
     axis = indexed_axis(tuple(items[:src[0]] + [slice(None)] + items[src[0] + 1:]), len(step.src_shape), src[0])

@@ -19,6 +19,7 @@ try:
     from timm.models.fasternet import Partial_conv3
     from timm.models.ghostnet import GhostModule, GhostModuleV2
     from timm.models.inception_next import InceptionDWConv2d
+    from timm.models.maxxvit import Attention2d
     from timm.models.res2net import Bottle2neck
     from timm.models.rexnet import LinearBottleneck
 
@@ -67,5 +68,17 @@ try:
     def inception_dw(block: nn.Module, sizes: StoredSizes) -> None:
         """InceptionNeXt: ``torch.split(x, self.split_indexes, dim=1)`` into identity and band branches"""
         block.split_indexes = tuple(sizes.pieces(block.split_indexes))
+
+    @register_block_handler(Attention2d)
+    def attention_2d(block: nn.Module, sizes: StoredSizes) -> None:
+        """MaxViT / CoAtNet: ``qkv(x).view(B, self.num_heads, self.dim_head * 3, -1)``: widening adds heads,
+        and the relative position bias (its table is widened with the heads) reshapes to the new count"""
+        block.num_heads = sizes(block.num_heads)
+        rel_pos = getattr(block, "rel_pos", None)
+        if rel_pos is not None:
+            if hasattr(rel_pos, "bias_shape"):
+                rel_pos.bias_shape = (*rel_pos.bias_shape[:-1], block.num_heads)
+            if hasattr(rel_pos, "num_heads"):
+                rel_pos.num_heads = block.num_heads
 except ImportError:  # pragma: no cover - timm is a dependency
     pass
