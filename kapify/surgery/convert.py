@@ -84,7 +84,7 @@ def _why_not_square(graph: ChannelGraph, name: str) -> str:
         return stuck
     multiplied = graph.multiplied.get(layout[0])
     if len(layout) == 1 and multiplied is not None:
-        return f"a grouped conv's output: {multiplied[2]}/{multiplied[1]} times its input's width (whole groups)"
+        return f"widens with its input in whole groups or heads ({multiplied[2]} per {multiplied[1]} input channels)"
     if len(layout) > 1:
         return f"its output is split into {len(layout)} segments ({' + '.join(str(graph.groups[g].width) for g in layout)} channels) whose widths other convs set"
     return f"no square within 4x is divisible by the {graph.groups[layout[0]].divisor} groups"
