@@ -211,3 +211,31 @@ def test_the_readme_block_handler_example_runs(monkeypatch, capsys):
     example = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "register_block_handler" in b)
     exec(compile(example, "README.md", "exec"), {"__name__": "readme_example"})
     assert capsys.readouterr().out.split() == ["25", "16"]
+
+
+class DepthMultiplier(nn.Module):
+    """A depthwise conv with a depth multiplier of 2 (out = 2 x in), as in PiT, FastViT and SENet154's grouped convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.dw = nn.Conv2d(12, 24, 3, padding=1, groups=12)
+        self.grouped = nn.Conv2d(24, 48, 3, padding=1, groups=4)  # 6 -> 12 channels per group
+        self.head = nn.Conv2d(48, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.grouped(self.dw(self.stem(x)))).mean((2, 3))
+
+
+def test_a_depth_multiplier_widens_by_whole_groups_and_keeps_its_ratio():
+    model, x = DepthMultiplier(), torch.rand(1, 3, 6, 6)
+    graph = analyze_channels(model, x)
+    dw = graph.outputs["dw"][0]
+    assert graph.multiplied[dw] == (graph.outputs["stem"][0], 1, 2)
+    wide = _widen(model, x)
+    # the stem's width must be a square that makes dw's output (2x) a whole number of grouped's groups of 6: 36
+    assert (wide.stem.out_channels, wide.dw.groups, wide.dw.out_channels) == (36, 36, 72)
+    assert (wide.grouped.in_channels, wide.grouped.groups, wide.grouped.out_channels) == (72, 12, 144)
+    kap = kapify.convert(model, example_input=x.double())  # _widen made the model float64
+    why = kapify.get_config(kap).fixed_widths
+    assert "widens with its input in whole groups or heads" in why["dw"]

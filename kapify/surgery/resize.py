@@ -129,8 +129,10 @@ def resize_layer(
             and torch.equal(out_index, torch.arange(old_out)):  # no new channels, none moved
         return
     groups = getattr(module, "groups", 1)
-    grouped = handler.kind == "conv" and groups > 1 and (  # widening adds whole groups (depth multipliers too)
-        old_in == old_out or new_in * (old_out // groups) == new_out * (old_in // groups))
+    grouped = handler.kind == "conv" and groups > 1  # widening adds whole groups (depth multipliers too)
+    if grouped and (new_in % (old_in // groups) or new_in // (old_in // groups) * (old_out // groups) != new_out):
+        raise ValueError(f"{type(module).__name__} has {groups} groups of {old_in // groups} -> {old_out // groups} channels: "
+                         f"{new_in} -> {new_out} channels is not a whole number of such groups")
     transposed = handler.kind == "conv" and getattr(module, "transposed", False)  # weight is (in, out / groups, ...)
     fresh = copy.deepcopy(module)
     handler.set_count(fresh, handler.in_attr, new_in)

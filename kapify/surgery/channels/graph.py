@@ -244,7 +244,11 @@ class GroupSet:
         self.multiplied.append((inp, out, per_in, per_out))
 
     def _fix_multiplied(self) -> None:
-        """A grouped conv's input and output widths change together or not at all."""
+        """A grouped conv's input and output widths change together or not at all; its input's width must
+        make the output's a multiple of what the output needs (chained grouped convs)."""
+        for inp, out, per_in, per_out in reversed(self.multiplied):
+            need = self.divisor.get(self.find(out), 1)
+            self.restrict(inp, per_in * need // math.gcd(per_out, need))
         for inp, out, _, _ in self.multiplied:
             if len(self.leaves(inp)) > 1 or len(self.leaves(out)) > 1:
                 for g in (inp, out):
