@@ -137,10 +137,27 @@ def _square_split_outputs(graph: ChannelGraph, widths: Dict[int, int], units: Di
             continue
         free = [units[g] for g in layout if not (set(units[g]) & (whole | locked)) and graph.groups[g].fixed is None
                 and graph.groups[g].producers and set(units[g]) <= set(layout)]
-        for unit in free:
-            if _square_total(graph, widths, layout, unit, width_fn, caps):
-                break
+        if not any(_square_total(graph, widths, layout, unit, width_fn, caps) for unit in free):
+            _grow_whole_segment(graph, widths, layout, free, units, whole - locked, width_fn, caps)
         locked.update(layout)
+
+
+def _grow_whole_segment(graph: ChannelGraph, widths: Dict[int, int], layout: Tuple[int, ...], free: List[Tuple[int, ...]],
+                        units: Dict[int, Tuple[int, ...]], grown: set, width_fn: WidthFn, caps: Dict[int, Tuple[int, ...]]) -> None:
+    """No free segment squares the total alone (CS3Darknet: 36 + at most 36 has no square): try the next
+    squares (up to two) for a segment that is a conv's whole output (with the pieces tied to it), then the free ones again."""
+    for unit in dict.fromkeys(units[g] for g in layout if g in grown):
+        if any(graph.groups[g].fixed is not None or g not in grown for g in unit):
+            continue
+        old = widths[unit[0]]
+        divisor = math.lcm(*(graph.groups[g].divisor for g in unit))
+        for _ in range(2):
+            for g in unit:
+                widths[g] = width_fn(widths[g] + 1, divisor=divisor)
+            if any(_square_total(graph, widths, layout, free_unit, width_fn, caps) for free_unit in free):
+                return
+        for g in unit:
+            widths[g] = old
 
 
 def _square_total(graph: ChannelGraph, widths: Dict[int, int], layout: Tuple[int, ...], unit: Tuple[int, ...],
