@@ -187,6 +187,10 @@ def attention(an: ChannelAnalysis, step: Step) -> Any:
     """scaled_dot_product_attention with the channels on the heads dim: q, k, v (and a per-head mask) merge"""
     if not step.located or any(lo[0] >= len(shape_of(a)) - 2 for a, lo in step.located):
         return NotImplemented  # channels on the token or feature dims: not followed
+    offset = len(shape_of(step.located[0][0])) - step.located[0][1][0]  # the heads dim, counted from the right
+    located = {a for a, _ in step.located}
+    if any(a not in located and len(shape_of(a) or ()) >= offset and shape_of(a)[-offset] > 1 for a in step.args):
+        return NotImplemented  # a mask with a heads dim the analysis did not follow
     return an.merge(step.located, step.node)
 
 

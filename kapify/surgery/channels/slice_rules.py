@@ -12,18 +12,12 @@ import operator
 from typing import Any, Sequence
 
 import torch
-from torch import fx
 
 from .analysis import ChannelAnalysis, Step
 from .axes import indexed_axis, name_of
 from .node_rules import register_node_rule
 
-__all__: list = []
-
-
-
-def _dim(node: fx.Node, position: int, default: int = 0) -> Any:
-    return node.kwargs.get("dim", node.args[position] if len(node.args) > position else default)
+__all__: list = []  # rules only: they register themselves
 
 
 def _literal(value: Any) -> bool:
@@ -37,7 +31,7 @@ def split(an: ChannelAnalysis, step: Step) -> Any:
     metas = node.meta.get("tensor_meta")
     if src is None or not isinstance(metas, (tuple, list)) or not all(hasattr(m, "shape") for m in metas):
         return NotImplemented
-    dim = _dim(node, 2)
+    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
     if not _literal(dim):
         return NotImplemented
     ndim = len(step.src_shape)
