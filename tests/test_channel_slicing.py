@@ -111,6 +111,13 @@ def test_a_user_block_handler_widens_the_split_and_rewrites_its_size(halves_hand
         assert math.isqrt(conv.out_channels) ** 2 == conv.out_channels
 
 
+def test_register_block_handler_wants_module_classes():
+    with pytest.raises(TypeError, match="nn.Module classes"):
+        register_block_handler(Halves())
+    with pytest.raises(TypeError, match="nn.Module classes"):
+        register_block_handler()
+
+
 def test_a_failing_block_handler_leaves_the_model_untouched(monkeypatch):
     monkeypatch.setattr("kapify.surgery.channels.blocks._BLOCK_HANDLERS", dict(_BLOCK_HANDLERS))
 

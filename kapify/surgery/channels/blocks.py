@@ -58,6 +58,10 @@ _BLOCK_HANDLERS: Dict[Type[nn.Module], BlockHandler] = {}
 
 def register_block_handler(*block_types: Type[nn.Module]) -> Callable[[BlockHandler], BlockHandler]:
     """Register ``handler(block, sizes)`` for blocks that store the sizes of their channel splits."""
+    bad = [t for t in block_types if not (isinstance(t, type) and issubclass(t, nn.Module))]
+    if bad or not block_types:
+        raise TypeError(f"register_block_handler takes nn.Module classes, got {bad or 'none'}; e.g. @register_block_handler(MyBlock)")
+
     def register(handler: BlockHandler) -> BlockHandler:
         _BLOCK_HANDLERS.update(dict.fromkeys(block_types, handler))
         return handler
