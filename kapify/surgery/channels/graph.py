@@ -193,7 +193,7 @@ class GroupSet:
         ties = []
         for layouts, why in self.ties:
             pieces = [self.expand(layout) for layout in layouts]
-            if len({len(p) for p in pieces}) == 1:
+            if len({tuple(self.width[g] for g in p) for p in pieces}) == 1:  # cut alike: tie segment by segment
                 ties += [tuple(column) for column in zip(*pieces)]
             else:
                 for layout in layouts:
