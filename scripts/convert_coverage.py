@@ -144,7 +144,7 @@ def _kinds(r: dict) -> dict:
     return fixed if isinstance(fixed, dict) else {k: 1 for k in fixed}  # older rows list up to 3 kinds
 
 
-def write_report(rows: dict, path: str, grid: str = "square", limit=None, compare: dict = None) -> None:
+def write_report(rows: dict, path: str, grid: str = "square", limit=None, compare: tuple = None) -> None:
     sample = f" --limit {limit}" if limit else ""
     lines = ["# `kapify.convert` coverage", "",
              f"Produced by `python scripts/convert_coverage.py --grid {grid}{sample}` (k=3, sigma=0.1, pool=avg; eval-mode "
@@ -203,19 +203,19 @@ def write_report(rows: dict, path: str, grid: str = "square", limit=None, compar
                 lines.append(f"| {reason.replace('|', '/')} | {len(names)}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''} |")
             lines.append("")
     if compare:
-        lines += _comparison(rows, compare)
+        lines += _comparison(rows, *compare)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
-def _comparison(rows: dict, before: dict) -> list:
+def _comparison(rows: dict, before: dict, label: str) -> list:
     """Against an earlier run (``--compare``): models that stopped converting, square counts, convert time."""
     both = [n for n in rows if n in before and rows[n]["status"] == before[n]["status"] == "converted"]
     lost = sorted(n for n in before if before[n]["status"] == "converted" and n in rows and rows[n]["status"] != "converted")
     ratios = sorted(rows[n]["seconds"] / before[n]["seconds"] for n in both if before[n].get("seconds"))
     was = sum(before[n]["square_layers"] == before[n]["convs"] for n in both if "square_layers" in before[n])
     now = sum(_fully_square(rows[n]) for n in both if "square_layers" in rows[n])
-    lines = ["## Compared with the earlier run", "",
+    lines = [f"## Compared with the earlier run ({label})", "",
              f"- models converted in both runs: {len(both)}; converted before but not now: {len(lost)}"
              + (f" ({', '.join(lost)})" if lost else ""),
              f"- fully square among them: {was} before (no output-bound exception), {now} now",
@@ -272,7 +272,7 @@ def main() -> int:
     compare = None
     if args.compare:
         with open(args.compare) as f:
-            compare = {r["model"]: r for r in map(json.loads, f)}
+            compare = ({r["model"]: r for r in map(json.loads, f)}, f"`{args.compare}`")
     write_report(rows, args.out + ".md", args.grid, args.limit, compare)
     print(f"wrote {args.out}.md")
     return 0

@@ -246,3 +246,13 @@ def test_a_depth_multiplier_widens_by_whole_groups_and_keeps_its_ratio():
     kap = kapify.convert(model, example_input=x.double())  # _widen made the model float64
     why = kapify.get_config(kap).fixed_widths
     assert "widens with its input in whole groups or heads" in why["dw"]
+
+
+def test_a_converted_model_with_rewritten_split_sizes_saves_and_loads(tmp_path):
+    model, x = timm.create_model("cs3darknet_s", num_classes=10).eval(), torch.rand(2, 3, 64, 64)
+    kap = kapify.convert(model, example_input=x[:1]).eval()
+    kapify.save(kap, tmp_path / "cs3.safetensors")
+    loaded = kapify.load(tmp_path / "cs3.safetensors").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), kap(x))
+    assert [b.expand_chs for b in loaded.stages] == [b.expand_chs for b in kap.stages] != [b.expand_chs for b in model.stages]
