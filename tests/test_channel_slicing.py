@@ -256,3 +256,12 @@ def test_a_converted_model_with_rewritten_split_sizes_saves_and_loads(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), kap(x))
     assert [b.expand_chs for b in loaded.stages] == [b.expand_chs for b in kap.stages] != [b.expand_chs for b in model.stages]
+
+
+def test_metaformer_scale_pow_and_repeat_are_followed():
+    model, x = timm.create_model("convformer_s18", num_classes=10), torch.rand(1, 3, 64, 64)
+    before = {n: m.shape for n, m in model.named_modules() if type(m).__name__ == "Scale"}
+    kap = kapify.convert(model, example_input=x)  # StarReLU's ** 2, Scale's view(self.shape)
+    assert not kapify.get_config(kap).fixed_widths
+    after = {n: m.shape for n, m in kap.named_modules() if n in before}
+    assert any(after[n] != before[n] for n in before)

@@ -7,7 +7,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch import fx
 
-REDUCTIONS = {"mean": torch.mean, "sum": torch.sum, "amax": torch.amax, "amin": torch.amin, "norm": torch.norm}
+REDUCTIONS = {"mean": torch.mean, "sum": torch.sum, "amax": torch.amax, "amin": torch.amin, "norm": torch.norm,
+              "var": torch.var, "std": torch.std}
 
 
 def shape_of(node: Any) -> Optional[torch.Size]:
@@ -108,8 +109,10 @@ def permuted_axis(axis: int, dims: Sequence[int], ndim: int) -> int:
 
 
 def reduced_dims(node: fx.Node, ndim: int) -> Optional[Tuple[set, bool]]:
-    """(the dims a mean/sum/amax/amin/norm reduces, keepdim), None if not known from the graph."""
+    """(the dims a mean/sum/amax/amin/norm/var/std reduces, keepdim), None if not known from the graph."""
     first = 2 if name_of(node.target) == "norm" else 1  # norm(input, p, dim, keepdim)
+    if name_of(node.target) in ("var", "std") and len(node.args) > first + 1:  # var(input, dim, unbiased, keepdim)
+        return None
     dim = node.kwargs.get("dim", node.args[first] if len(node.args) > first else None)
     keepdim = node.kwargs.get("keepdim", node.args[first + 1] if len(node.args) > first + 1 else False)
     dims = dim if isinstance(dim, (list, tuple)) else [dim]

@@ -54,7 +54,7 @@ def node_rule(node: fx.Node) -> Optional[NodeRule]:
 
 
 _ELEMENTWISE = {
-    operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.isub, operator.truediv,
+    operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.isub, operator.truediv, operator.pow, torch.pow,
     torch.add, torch.mul, torch.sub, torch.div, torch.addcmul, torch.relu, torch.sigmoid, torch.tanh, torch.clamp,
     F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.leaky_relu, F.elu, F.mish,
     F.dropout, F.dropout2d, F.hardtanh,
@@ -65,7 +65,7 @@ try:  # torchvision's per-sample drop path (EfficientNet, ConvNeXt, ...) scales 
     _ELEMENTWISE.add(stochastic_depth)
 except ImportError:  # pragma: no cover - torchvision is a dependency
     pass
-_ELEMENTWISE_METHODS = {"add", "add_", "mul", "mul_", "sub", "div", "relu", "relu_", "sigmoid", "sigmoid_", "tanh",
+_ELEMENTWISE_METHODS = {"add", "add_", "mul", "mul_", "sub", "div", "pow", "relu", "relu_", "sigmoid", "sigmoid_", "tanh",
                         "clamp", "clamp_", "hardswish", "exp", "neg", "addcmul",
                         "expand", "expand_as"}  # broadcasting
 _FLOATING_METHODS = {"expand", "expand_as", "contiguous", "to", "type_as", "float", "half", "bfloat16"}  # keep trailing dims
@@ -216,6 +216,16 @@ def softmax(an: ChannelAnalysis, step: Step) -> Any:
     if dim % len(step.src_shape) == step.src[0]:
         for g in step.src[1]:
             an.groups.normalise(g)
+    return step.src
+
+
+@register_node_rule(torch.Tensor.repeat, methods=("repeat",))
+def repeat(an: ChannelAnalysis, step: Step) -> Any:
+    """repeat over other dims (XCiT's positional encoding over the batch) keeps the channels; over them it is not followed"""
+    sizes = list(step.node.args[1:])
+    sizes = list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)) else sizes
+    if step.src is None or step.shape is None or len(sizes) != len(step.src_shape) or sizes[step.src[0]] != 1:
+        return NotImplemented
     return step.src
 
 

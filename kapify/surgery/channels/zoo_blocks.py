@@ -20,6 +20,7 @@ try:
     from timm.models.ghostnet import GhostModule, GhostModuleV2
     from timm.models.inception_next import InceptionDWConv2d
     from timm.models.maxxvit import Attention2d
+    from timm.models.metaformer import Scale
     from timm.models.res2net import Bottle2neck
     from timm.models.rexnet import LinearBottleneck
 
@@ -80,5 +81,10 @@ try:
                 rel_pos.bias_shape = (*rel_pos.bias_shape[:-1], block.num_heads)
             if hasattr(rel_pos, "num_heads"):
                 rel_pos.num_heads = block.num_heads
+
+    @register_block_handler(Scale)
+    def metaformer_scale(block: nn.Module, sizes: StoredSizes) -> None:
+        """MetaFormer (CAFormer, ConvFormer): ``x * self.scale.view(self.shape)`` with ``shape = (dim, 1, 1)``"""
+        block.shape = (sizes(block.shape[0]), *block.shape[1:])
 except ImportError:  # pragma: no cover - timm is a dependency
     pass
