@@ -82,10 +82,7 @@ class ChannelAnalysis:
         if len(offsets) > 1 or len({len(lo[1]) for _, lo in operands}) > 1 or len(shape_of(node) or ()) < max(offsets):
             self.fix_all([lo for _, lo in operands], f"operands of {node.name} are laid out differently")
             return self.fresh(node, f"output of {node.name}")
-        merged = list(operands[0][1][1])
-        for _, lo in operands[1:]:
-            merged = [self.groups.union(a, b) for a, b in zip(merged, lo[1])]
-        return len(shape_of(node)) - offsets.pop(), tuple(merged)
+        return len(shape_of(node)) - offsets.pop(), self.groups.union_layouts([lo[1] for _, lo in operands])
 
     def moved(self, node: fx.Node, src: Optional[Located], axis: Optional[int], what: str) -> Optional[Located]:
         """The channels moved to ``axis`` (None: they did not survive the op: their groups become fixed)."""
@@ -194,19 +191,18 @@ class ChannelAnalysis:
     def _parameter(self, node: fx.Node, shape: Optional[torch.Size]) -> Optional[Located]:
         """A parameter with one channel-sized dim (LayerScale gamma) joins whatever it meets."""
         big = [d for d, size in enumerate(shape or ()) if size > 1]
-        if len(big) != 1:
-            return None
-        gid = self.groups.new(int(shape[big[0]]))
-        self.parameters[node.target] = (big[0], gid)
-        return big[0], (gid,)
+        return self._parameter_group(node, big[0]) if len(big) == 1 else None
 
     def table_parameter(self, node: fx.Node) -> Located:
         """A table looked up by a tensor index (relative position bias): its last dim gets a group."""
-        shape = shape_of(node)
-        gid = self.groups.new(int(shape[-1]))
-        self.parameters[node.target] = (len(shape) - 1, gid)
-        self.layout[node] = (len(shape) - 1, (gid,))
+        self.layout[node] = self._parameter_group(node, len(shape_of(node)) - 1)
         return self.layout[node]
+
+    def _parameter_group(self, node: fx.Node, dim: int) -> Located:
+        """A new group for dim ``dim`` of the parameter ``node`` reads (resized with it)."""
+        gid = self.groups.new(int(shape_of(node)[dim]))
+        self.parameters[node.target] = (dim, gid)
+        return dim, (gid,)
 
     def _check_width(self, node: fx.Node, shape: Optional[torch.Size]) -> None:
         lo = self.layout.get(node)

@@ -149,8 +149,7 @@ class GroupSet:
         if a == b:
             return a
         if (a in self.parts or b in self.parts) and self.width[a] == self.width[b]:  # merge segment by segment
-            for x, y in zip(*self.align([(a,), (b,)])):
-                self.union(x, y)
+            self.union_layouts(self.align([(a,), (b,)]))
             return a
         self.parent[b] = a
         if b in self.fixed:
@@ -162,6 +161,13 @@ class GroupSet:
         self.divisor[a] = math.lcm(self.divisor.get(a, 1), self.divisor.get(b, 1))
         return a
 
+    def union_layouts(self, layouts: List[Layout]) -> Layout:
+        """Merge layouts with as many segments segment by segment (an add, aligned pieces); the merged layout."""
+        merged = list(layouts[0])
+        for layout in layouts[1:]:
+            merged = [self.union(a, b) for a, b in zip(merged, layout)]
+        return tuple(merged)
+
     def fix(self, g: int, why: str) -> None:
         for leaf in self.leaves(g):
             self.fixed.setdefault(leaf, why)
@@ -171,9 +177,8 @@ class GroupSet:
 
     def normalise(self, g: int, divisor: int = 1) -> None:
         """Mark g's channels as mixed by statistics (GroupNorm: widths stay multiples of its groups)."""
-        for leaf in self.leaves(g):
-            self.normalised.add(leaf)
-            self.restrict(leaf, divisor)
+        self.normalised.update(self.leaves(g))
+        self.restrict(g, divisor)
 
     def restrict(self, g: int, divisor: int) -> None:
         """g's width must stay a multiple of ``divisor`` (grouped convs, GroupNorm)."""

@@ -142,7 +142,7 @@ def permute(an: ChannelAnalysis, step: Step) -> Optional[Located]:
 
 @register_node_rule(torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
                     methods=("view", "reshape", "flatten", "squeeze", "unsqueeze"))
-def reshape(an: ChannelAnalysis, step: Step) -> Optional[Located]:
+def reshape(an: ChannelAnalysis, step: Step) -> Any:
     """view/reshape/flatten/(un)squeeze: followed when the channel dim survives whole, is flattened outermost
     (VGG's classifier) or split into pieces (SKNet's paths) or heads (attention)"""
     node, src, shape = step.node, step.src, step.shape
@@ -172,14 +172,12 @@ def _heads(an: ChannelAnalysis, step: Step, axis: int, heads: int) -> Optional[L
     return axis, (head,)
 
 
-def _pieces_together(an: ChannelAnalysis, step: Step, axis: int, count: int) -> Optional[Located]:
+def _pieces_together(an: ChannelAnalysis, step: Step, axis: int, count: int) -> Any:
     """The channels cut into ``count`` equal pieces that line up on dim ``axis`` (and merge there)."""
     pieces = an.cut(step, [an.groups.total(step.src[1]) // count] * count, "equal", ())
-    aligned = an.groups.align([piece for _, piece in pieces])
-    merged = list(aligned[0])
-    for piece in aligned[1:]:
-        merged = [an.groups.union(a, b) for a, b in zip(merged, piece)]
-    return axis, tuple(merged)
+    if pieces is None:  # the traced layout does not add up: not followed
+        return NotImplemented
+    return axis, an.groups.union_layouts(an.groups.align([piece for _, piece in pieces]))
 
 
 @register_node_rule(F.scaled_dot_product_attention)
