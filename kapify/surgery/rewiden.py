@@ -85,14 +85,20 @@ def _plan(graph: ChannelGraph, width_fn: WidthFn, function_preserving: bool, wid
         if new % g.divisor:
             new = -(-new // g.divisor) * g.divisor  # grouped convs: round up to a multiple of the groups
         widths[g.id] = new
-    for out, (inp, per_in, per_out) in graph.multiplied.items():  # grouped convs with a depth multiplier
-        if graph.groups[out].fixed is None:
-            widths[out] = widths[inp] // per_in * per_out
+    _derive_multiplied(graph, widths)
     units = _tie_units(graph, widths)
     if getattr(width_fn, "takes_divisor", False):  # the square rule: make split convs' whole outputs square too
         _square_split_outputs(graph, widths, units, width_fn)
     _keep_leading_pieces_widest(graph, widths)
+    _derive_multiplied(graph, widths)  # again, from inputs those steps grew
     return widths
+
+
+def _derive_multiplied(graph: ChannelGraph, widths: Dict[int, int]) -> None:
+    """Grouped convs with a depth multiplier, attention heads: the output width follows the input's."""
+    for out, (inp, per_in, per_out) in graph.multiplied.items():
+        if graph.groups[out].fixed is None:
+            widths[out] = widths[inp] // per_in * per_out
 
 
 def _tie_units(graph: ChannelGraph, widths: Dict[int, int]) -> Dict[int, Tuple[int, ...]]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
@@ -32,16 +33,28 @@ def follow_axis(before: Sequence[int], after: Sequence[int], axis: int) -> Optio
     return None
 
 
-def split_axis(before: Sequence[int], after: Sequence[int], axis: int) -> Optional[Tuple[int, int]]:
-    """(output dim, number of pieces) when a reshape splits dim ``axis`` into consecutive dims
-    (pieces, ..., size): SKNet's ``view(B, paths, C // paths, H, W)``, attention heads; else None."""
+def split_axis(before: Sequence[int], after: Sequence[int], axis: int) -> Optional[Tuple[int, int, int]]:
+    """(first, last, pieces) when a reshape splits dim ``axis`` into the consecutive output dims
+    first..last (pieces = its size // after[last]): SKNet's ``view(B, paths, C // paths, H, W)``,
+    attention's ``reshape(B, N, 3, heads, head_dim)``; else None."""
     outer, channels = math.prod(before[:axis]), before[axis]
     for d in range(len(after)):
         if math.prod(after[:d]) != outer:
             continue
         for end in range(d + 2, len(after) + 1):
             if math.prod(after[d:end]) == channels and after[end - 1] < channels:
-                return end - 1, channels // after[end - 1]
+                return d, end - 1, channels // after[end - 1]
+    return None
+
+
+def merged_axis(before: Sequence[int], after: Sequence[int], axis: int) -> Optional[Tuple[int, int]]:
+    """(output dim, copies) when a reshape merges dim ``axis`` with dims before it, the channels
+    innermost (attention heads back together: (N, h, d) -> (N, h*d) with the channels on d), else None."""
+    for first in range(axis - 1, -1, -1):
+        outer, merged = math.prod(before[:first]), math.prod(before[first:axis + 1])
+        for d, size in enumerate(after):
+            if size == merged > before[axis] and math.prod(after[:d]) == outer:
+                return d, merged // before[axis]
     return None
 
 
@@ -121,16 +134,44 @@ def reduced_dims(node: fx.Node, ndim: int) -> Optional[Tuple[set, bool]]:
     return {d % ndim for d in dims}, keepdim
 
 
-def stored_width(node: fx.Node, axis: int) -> bool:
-    """Whether a view/reshape writes the channel count at ``axis`` as a literal (from a stored
-    attribute, not -1 or a size read off the tensor): widening would break it at run time."""
-    if name_of(node.target) not in ("view", "reshape"):
-        return False
+def reshape_sizes(node: fx.Node) -> List[Any]:
+    """The sizes a view/reshape node asks for (ints, or nodes computed at run time)."""
     sizes = list(node.args[2:] if node.op == "call_function" else node.args[1:])
     if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
         sizes = list(sizes[0])
-    sizes = sizes or list(node.kwargs.get("shape", node.kwargs.get("size", ())))
-    return axis < len(sizes) and isinstance(sizes[axis], int) and sizes[axis] > 1
+    return sizes or list(node.kwargs.get("shape", node.kwargs.get("size", ())))
+
+
+def stored_width(node: fx.Node, axis: int, least: int = 2) -> bool:
+    """Whether a view/reshape writes the channel count at ``axis`` as a literal of at least ``least``
+    (from a stored attribute, not -1 or a size read off the tensor): widening would break it at run time."""
+    if name_of(node.target) not in ("view", "reshape"):
+        return False
+    sizes = reshape_sizes(node)
+    return axis < len(sizes) and isinstance(sizes[axis], int) and sizes[axis] >= least
+
+
+def size_read(value: Any) -> Optional[Tuple[fx.Node, int, int, int]]:
+    """(tensor, dim, num, den) when ``value`` is ``tensor.shape[dim] * num // den`` computed at run time
+    (``C`` of ``B, N, C = x.shape``, ``x.size(1)``, ``C // self.num_heads``), else None."""
+    if not isinstance(value, fx.Node) or value.op not in ("call_function", "call_method"):
+        return None
+    args = value.args
+    if value.target in (operator.floordiv, operator.mul) and len(args) == 2:
+        node, k = (args[1], args[0]) if isinstance(args[0], int) else args
+        read = size_read(node) if isinstance(k, int) and k > 0 and not (value.target is operator.floordiv and node is args[1]) else None
+        if read is None:
+            return None
+        tensor, dim, num, den = read
+        return (tensor, dim, num, den * k) if value.target is operator.floordiv else (tensor, dim, num * k, den)
+    if value.target == "size" and len(args) == 2 and isinstance(args[1], int):
+        return args[0], args[1], 1, 1
+    if value.target is operator.getitem and isinstance(args[1], int) and isinstance(args[0], fx.Node):
+        base = args[0]
+        whole = (base.op == "call_function" and base.target is getattr and base.args[1] == "shape") or \
+                (base.op == "call_method" and base.target == "size" and len(base.args) == 1)
+        return (base.args[0], args[1], 1, 1) if whole else None
+    return None
 
 
 def cat_dim(node: fx.Node) -> int:

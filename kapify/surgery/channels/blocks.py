@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Type
 
 from torch import fx, nn
 
-__all__ = ["BlockHandler", "StoredSizes", "register_block_handler", "block_handler", "block_owner"]
+__all__ = ["BlockHandler", "StoredSizes", "register_block_handler", "block_handler", "block_owner", "counts_heads"]
 
 
 class StoredSizes:
@@ -46,6 +46,11 @@ class StoredSizes:
             raise ValueError(f"block '{self.block}' cuts at {old} channels in places that now differ ({sorted(new)})")
         return next(iter(new))
 
+    def get(self, old: int) -> int:
+        """The new value of ``old`` if the block cuts or reshapes at it, else ``old`` (an attribute the
+        traced forward did not read, e.g. ``attn_dim`` when the block reshapes to ``x.shape[-1]``)."""
+        return self(old) if old in self.offsets else old
+
     def pieces(self, old_sizes: Sequence[int]) -> List[int]:
         """New piece sizes of a split by the list ``old_sizes`` (``torch.split(x, self.splits, 1)``)."""
         ends = [self(end) for end in itertools.accumulate(old_sizes)]
@@ -56,16 +61,28 @@ BlockHandler = Callable[[nn.Module, StoredSizes], None]
 _BLOCK_HANDLERS: Dict[Type[nn.Module], BlockHandler] = {}
 
 
-def register_block_handler(*block_types: Type[nn.Module]) -> Callable[[BlockHandler], BlockHandler]:
-    """Register ``handler(block, sizes)`` for blocks that store the sizes of their channel splits."""
+_HEAD_COUNTING: Set[Type[nn.Module]] = set()
+
+
+def register_block_handler(*block_types: Type[nn.Module], heads: bool = False) -> Callable[[BlockHandler], BlockHandler]:
+    """Register ``handler(block, sizes)`` for blocks that store the sizes of their channel splits.
+    ``heads=True``: an attention block whose handler rewrites its stored head count; its channels
+    widen by whole heads even where it computes the head dim (``reshape(B, N, self.num_heads, -1)``)."""
     bad = [t for t in block_types if not (isinstance(t, type) and issubclass(t, nn.Module))]
     if bad or not block_types:
         raise TypeError(f"register_block_handler takes nn.Module classes, got {bad or 'none'}; e.g. @register_block_handler(MyBlock)")
 
     def register(handler: BlockHandler) -> BlockHandler:
         _BLOCK_HANDLERS.update(dict.fromkeys(block_types, handler))
+        (_HEAD_COUNTING.update if heads else _HEAD_COUNTING.difference_update)(block_types)
         return handler
     return register
+
+
+def counts_heads(node: fx.Node, root: type) -> bool:
+    """Whether ``node`` is in an attention block registered with ``heads=True``."""
+    _, block_type = block_owner(node, root)
+    return any(cls in _HEAD_COUNTING for cls in getattr(block_type, "__mro__", ()))
 
 
 def block_handler(block_type: Type[nn.Module]) -> Optional[BlockHandler]:

@@ -248,9 +248,23 @@ class GroupSet:
         self.restrict(out, per_out)
         self.multiplied.append((inp, out, per_in, per_out))
 
+    def _join_multiplied(self) -> None:
+        """Two relations with one ratio and one side in common have the other side in common too (the q
+        and k projections behind heads that attention merged must keep one width)."""
+        changed = True
+        while changed:
+            changed, seen = False, {}
+            for inp, out, a, b in self.multiplied:
+                for key, other in (((0, self.find(out), a, b), inp), ((1, self.find(inp), a, b), out)):
+                    if key in seen and self.find(seen[key]) != self.find(other):
+                        self.union(seen[key], other)
+                        changed = True
+                    seen.setdefault(key, other)
+
     def _fix_multiplied(self) -> None:
         """A grouped conv's input and output widths change together or not at all; its input's width must
         make the output's a multiple of what the output needs (chained grouped convs)."""
+        self._join_multiplied()
         for inp, out, per_in, per_out in reversed(self.multiplied):
             need = self.divisor.get(self.find(out), 1)
             self.restrict(inp, per_in * need // math.gcd(per_out, need))

@@ -24,8 +24,9 @@ from torch import fx
 
 from ..resize import channel_handler
 from .analysis import ChannelAnalysis, Located, Step
-from .axes import (REDUCTIONS, cat_dim, flattened_axis, follow_axis, name_of, pads_only_other_dims,
-                   permutation, permuted_axis, reduced_dims, shape_of, split_axis, stored_width)
+from .blocks import counts_heads
+from .axes import (REDUCTIONS, cat_dim, flattened_axis, follow_axis, merged_axis, name_of, pads_only_other_dims,
+                   permutation, permuted_axis, reduced_dims, reshape_sizes, shape_of, size_read, split_axis, stored_width)
 
 __all__ = ["NodeRule", "register_node_rule", "node_rule", "function_layout"]
 
@@ -54,7 +55,7 @@ def node_rule(node: fx.Node) -> Optional[NodeRule]:
 
 
 _ELEMENTWISE = {
-    operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.isub, operator.truediv, operator.pow, torch.pow,
+    operator.add, operator.iadd, operator.neg, torch.neg, operator.mul, operator.imul, operator.sub, operator.isub, operator.truediv, operator.pow, torch.pow,
     torch.add, torch.mul, torch.sub, torch.div, torch.addcmul, torch.relu, torch.sigmoid, torch.tanh, torch.clamp,
     F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.leaky_relu, F.elu, F.mish,
     F.dropout, F.dropout2d, F.hardtanh,
@@ -101,6 +102,8 @@ def function_layout(an: ChannelAnalysis, step: Step) -> Optional[Located]:
     joins = _is_elementwise(node) or (node.target in (torch.cat, torch.concat) and step.located
                                       and step.located[0][1][0] != cat_dim(node))
     if params and step.located and joins:
+        offset = len(shape_of(step.located[0][0])) - step.located[0][1][0]  # a parameter short of the channel dim broadcasts over it (RoPE)
+        params = [a for a in params if len(shape_of(a) or ()) >= offset]
         for param in params:
             placed = an.lined_up(param, step.located[0])
             if placed is not None:
@@ -144,32 +147,94 @@ def permute(an: ChannelAnalysis, step: Step) -> Optional[Located]:
                     methods=("view", "reshape", "flatten", "squeeze", "unsqueeze"))
 def reshape(an: ChannelAnalysis, step: Step) -> Any:
     """view/reshape/flatten/(un)squeeze: followed when the channel dim survives whole, is flattened outermost
-    (VGG's classifier) or split into pieces (SKNet's paths) or heads (attention)"""
+    (VGG's classifier), split into pieces (SKNet's paths) or heads (attention), or heads merge back"""
     node, src, shape = step.node, step.src, step.shape
-    axis = follow_axis(step.src_shape, shape, src[0]) if src and shape else None
-    flat = flattened_axis(step.src_shape, shape, src[0]) if src and shape and axis is None else None
-    if flat is not None:  # (N, C, H, W) -> (N, C*H*W): each channel spans H*W consecutive entries
-        axis, an.spread[node] = flat
-    split = split_axis(step.src_shape, shape, src[0]) if src and shape and axis is None and flat is None else None
-    if split is not None and not stored_width(node, split[0]):  # (N, k*C, ...) -> (N, k, C, ...): k pieces, one width
-        return _pieces_together(an, step, split[0], split[1])
-    if split is not None and split[0] >= 1 and shape[split[0] - 1] == split[1] and len(src[1]) == 1:
-        return _heads(an, step, split[0] - 1, split[1])  # (N, h*d, ...) -> (N, h, d, ...) with d stored: attention heads
-    if axis is not None and stored_width(node, axis) and not an.stored(step, axis, src[1]):  # gamma.view(self.shape)
-        an.fix_all([src], f"{node.name} ({name_of(node.target)}) hard-codes {shape[axis]} channels")
-    return an.moved(node, src, axis, node.name)
+    if src is None or shape is None:
+        return an.moved(node, src, None, node.name)
+    before, axis = step.src_shape, src[0]
+    moved, flat = follow_axis(before, shape, axis), flattened_axis(before, shape, axis)
+    merged, split = merged_axis(before, shape, axis), split_axis(before, shape, axis)
+    if moved is not None and moved >= 1 and stored_width(node, moved - 1, least=1) and shape[moved - 1] == 1 \
+            and counts_heads(node, an.root):  # (N, C) -> (N, 1, C) in attention: one head
+        return _split(an, step, moved - 1, moved, 1)
+    if moved is not None:
+        located = (moved, src[1])
+    elif flat is not None:  # (N, C, H, W) -> (N, C*H*W); (N, heads, d) -> (N, heads*d)
+        located = _heads_together(an, src, *flat) or _spread(an, node, src, *flat)
+    elif merged is not None:  # (N, h, d) -> (N, h*d) with the channels on d: h copies of them
+        located = (merged[0], src[1] * merged[1])
+    elif split is not None:
+        return _split(an, step, *split)
+    else:
+        return an.moved(node, src, None, node.name)
+    located = _size_coupled(an, node, located)
+    if stored_width(node, located[0]) and not an.stored(step, located[0], located[1]):  # gamma.view(self.shape)
+        an.fix_all([src], f"{node.name} ({name_of(node.target)}) hard-codes {shape[located[0]]} channels")
+    return located
 
 
-def _heads(an: ChannelAnalysis, step: Step, axis: int, heads: int) -> Optional[Located]:
+def _spread(an: ChannelAnalysis, node: fx.Node, src: Located, axis: int, entries: int) -> Located:
+    """Channels flattened outermost: each spans ``entries`` consecutive entries (read in blocks)."""
+    an.spread[node] = entries
+    return axis, src[1]
+
+
+def _split(an: ChannelAnalysis, step: Step, first: int, last: int, pieces: int) -> Any:
+    """(N, C) -> (N, ..., d): with d computed, ``pieces`` equal pieces of d on the last dim; with d
+    stored (or a stored head count in an attention block, see ``register_block_handler(heads=True)``), heads (N, k, h, d): k equal pieces
+    (q, k, v) of h heads each, the channels on the heads dim."""
+    node = step.node
+    stored_heads = last - 1 >= first and stored_width(node, last - 1, least=1) and counts_heads(node, an.root)
+    if not stored_width(node, last) and not stored_heads:  # widen d
+        return _size_coupled(an, node, _pieces_together(an, step, last, pieces))
+    if last - 1 < first:
+        return an.moved(node, step.src, None, node.name)
+    heads = int(step.shape[last - 1])
+    lead = pieces // heads
+    layout = step.src[1] if lead == 1 else _pieces_together(an, step, last - 1, lead)
+    if layout is NotImplemented:
+        return NotImplemented
+    layout = layout if lead == 1 else layout[1]
+    if len(layout) != 1:
+        return an.moved(node, step.src, None, node.name)
+    return _heads(an, step, last - 1, heads, layout[0])
+
+
+def _heads(an: ChannelAnalysis, step: Step, axis: int, heads: int, group: int) -> Optional[Located]:
     """(N, h*d, ...) -> (N, h, d, ...) with a stored d: the heads dim carries the channels in whole heads
     of d; widening adds heads (their count, if stored, rewritten by the block's handler)."""
-    node, group = step.node, step.src[1][0]
+    node = step.node
     per_head = an.groups.width[an.groups.find(group)] // heads
     head = an.groups.new(heads)
     an.groups.multiply(group, head, per_head, 1)
-    if stored_width(node, axis) and not an.stored(step, axis, (head,)):
+    if stored_width(node, axis, least=1) and not an.stored(step, axis, (head,)):
         an.fix_all([step.src], f"{node.name} ({name_of(node.target)}) hard-codes {heads} heads")
     return axis, (head,)
+
+
+def _heads_together(an: ChannelAnalysis, src: Located, axis: int, per_head: int) -> Optional[Located]:
+    """(N, h, d) -> (N, h*d) with the channels on h, heads made by :func:`_heads`: the channels they came from."""
+    if len(src[1]) != 1:
+        return None
+    head = an.groups.find(src[1][0])
+    came = [inp for inp, out, a, b in an.groups.multiplied if an.groups.find(out) == head and (a, b) == (per_head, 1)]
+    return (axis, an.groups.expand(came[:1])) if came else None
+
+
+def _size_coupled(an: ChannelAnalysis, node: fx.Node, located: Any) -> Any:
+    """A reshape whose channel dim is sized at run time off another tensor (``reshape(B, N, C)`` with
+    ``B, N, C = x.shape``; ``C // self.num_heads``): its channels widen with that tensor's."""
+    if not isinstance(located, tuple) or name_of(node.target) not in ("view", "reshape"):
+        return located
+    sizes = reshape_sizes(node)
+    read = size_read(sizes[located[0]]) if located[0] < len(sizes) else None
+    source = an.lay(read[0]) if read is not None else None
+    if source is None or read[0] in an.spread or read[1] % len(shape_of(read[0])) != source[0] or read[2] != 1:
+        return located
+    if an.groups.total(located[1]) * read[3] != an.groups.total(source[1]):
+        return located
+    an.groups.union_layouts(an.groups.align([located[1] * read[3], source[1]]))
+    return located[0], an.groups.expand(located[1])
 
 
 def _pieces_together(an: ChannelAnalysis, step: Step, axis: int, count: int) -> Any:
@@ -185,11 +250,24 @@ def attention(an: ChannelAnalysis, step: Step) -> Any:
     """scaled_dot_product_attention with the channels on the heads dim: q, k, v (and a per-head mask) merge"""
     if not step.located or any(lo[0] >= len(shape_of(a)) - 2 for a, lo in step.located):
         return NotImplemented  # channels on the token or feature dims: not followed
-    offset = len(shape_of(step.located[0][0])) - step.located[0][1][0]  # the heads dim, counted from the right
-    located = {a for a, _ in step.located}
-    if any(a not in located and len(shape_of(a) or ()) >= offset and shape_of(a)[-offset] > 1 for a in step.args):
+    if _unfollowed_operand(step):
         return NotImplemented  # a mask with a heads dim the analysis did not follow
     return an.merge(step.located, step.node)
+
+
+def _unfollowed_operand(step: Step) -> bool:
+    """An operand without a layout that has a dim > 1 lined up with the channels of the others."""
+    offset = len(shape_of(step.located[0][0])) - step.located[0][1][0]  # the channel dim, counted from the right
+    located = {a for a, _ in step.located}
+    return any(a not in located and len(shape_of(a) or ()) >= offset and shape_of(a)[-offset] > 1 for a in step.args)
+
+
+@register_node_rule(torch.matmul, operator.matmul, methods=("matmul",))
+def matmul(an: ChannelAnalysis, step: Step) -> Any:
+    """matmul with the channels on a batch dim (attention heads: ``q @ k.transpose(-2, -1)``, ``attn @ v``): they merge"""
+    if not step.located or any(lo[0] >= len(shape_of(a)) - 2 for a, lo in step.located):
+        return NotImplemented  # channels on a matrix dim: contracted or moved, not followed
+    return NotImplemented if _unfollowed_operand(step) else an.merge(step.located, step.node)
 
 
 @register_node_rule(torch.stack)

@@ -1,4 +1,4 @@
-"""Rules for ops that cut the channel axis: ``split``, ``chunk``, ``narrow`` and ``x[:, a:b]``.
+"""Rules for ops that cut the channel axis: ``split``, ``chunk``, ``narrow``, ``x[:, a:b]`` (and ``unbind``).
 
 A cut refines the groups it crosses into segments (everything carrying those channels is cut too),
 so each piece can widen on its own. ``chunk(n)`` needs no stored size (its pieces keep one width);
@@ -51,6 +51,17 @@ def split(an: ChannelAnalysis, step: Step) -> Any:
     if pieces is None:
         return NotImplemented
     an.pieces[node] = pieces
+    return None
+
+
+@register_node_rule(torch.unbind, methods=("unbind",))
+def unbind(an: ChannelAnalysis, step: Step) -> Any:
+    """unbind along another dim (attention's ``q, k, v = qkv.unbind(0)``): each piece keeps the channels"""
+    node, src = step.node, step.src
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    if src is None or step.src_shape is None or not _literal(dim) or dim % len(step.src_shape) == src[0]:
+        return NotImplemented
+    an.pieces[node] = [(src[0] - (dim % len(step.src_shape) < src[0]), src[1])] * int(step.src_shape[dim])
     return None
 
 

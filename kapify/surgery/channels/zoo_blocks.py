@@ -14,6 +14,17 @@ __all__: list = []
 
 try:
     from timm.layers import MixedConv2d, SelectiveKernel
+    from timm.layers import Attention, AttentionPoolLatent
+    from timm.models.cait import ClassAttn, TalkingHeadAttn
+    from timm.models.coat import FactorAttnConvRelPosEnc
+    from timm.models.crossvit import CrossAttention
+    from timm.models.davit import ChannelAttention, ChannelAttentionV2, WindowAttention
+    from timm.models.eva import EvaAttention
+    from timm.models.metaformer import Attention as MetaFormerAttention
+    from timm.models.nest import Attention as NestAttention
+    from timm.models.pvt_v2 import Attention as PvtAttention
+    from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn
+    from timm.models.vision_transformer_relpos import RelPosAttention
     from timm.models.cspnet import CrossStage, CrossStage3
     from timm.models.dpn import DualPathBlock
     from timm.models.fasternet import Partial_conv3
@@ -70,17 +81,26 @@ try:
         """InceptionNeXt: ``torch.split(x, self.split_indexes, dim=1)`` into identity and band branches"""
         block.split_indexes = tuple(sizes.pieces(block.split_indexes))
 
-    @register_block_handler(Attention2d)
-    def attention_2d(block: nn.Module, sizes: StoredSizes) -> None:
-        """MaxViT / CoAtNet: ``qkv(x).view(B, self.num_heads, self.dim_head * 3, -1)``: widening adds heads,
-        and the relative position bias (its table is widened with the heads) reshapes to the new count"""
-        block.num_heads = sizes(block.num_heads)
+    @register_block_handler(Attention2d, Attention, AttentionPoolLatent, ClassAttn, TalkingHeadAttn, FactorAttnConvRelPosEnc,
+                            CrossAttention, ChannelAttention, ChannelAttentionV2, WindowAttention, EvaAttention,
+                            MetaFormerAttention, NestAttention, PvtAttention, GlobalSubSampleAttn, LocallyGroupedAttn,
+                            RelPosAttention, heads=True)
+    def attention_heads(block: nn.Module, sizes: StoredSizes) -> None:
+        """Attention that reshapes to its stored head count (``reshape(B, N, 3, self.num_heads, head_dim)``,
+        MaxViT's ``view(B, self.num_heads, self.dim_head * 3, -1)``; DaViT's channel attention calls them
+        ``groups``): widening adds heads, the head dim stays. Its inner width (``attn_dim``), when stored,
+        and a relative position bias (its table widened with the heads) follow."""
+        heads = "groups" if isinstance(block, ChannelAttentionV2) else "num_heads"
+        setattr(block, heads, sizes(getattr(block, heads)))
+        for inner in ("attn_dim", "attention_dim"):
+            if hasattr(block, inner):
+                setattr(block, inner, sizes.get(getattr(block, inner)))
         rel_pos = getattr(block, "rel_pos", None)
         if rel_pos is not None:
             if hasattr(rel_pos, "bias_shape"):
-                rel_pos.bias_shape = (*rel_pos.bias_shape[:-1], block.num_heads)
+                rel_pos.bias_shape = (*rel_pos.bias_shape[:-1], getattr(block, heads))
             if hasattr(rel_pos, "num_heads"):
-                rel_pos.num_heads = block.num_heads
+                rel_pos.num_heads = getattr(block, heads)
 
     @register_block_handler(Scale)
     def metaformer_scale(block: nn.Module, sizes: StoredSizes) -> None:
