@@ -5,7 +5,7 @@ pass (:mod:`.analysis`) gives each tensor's channel axis a layout of *channel gr
 kind of node: :mod:`.node_rules` (functions and tensor methods: residual adds merge groups, a
 concat along dim 1 makes a tensor of several groups' segments, permutes/reshapes move the axis)
 and :mod:`.module_rules` (layers, through the channel-handler registry of :mod:`..resize`).
-A split or slice of the channels (:mod:`.slice_rules`) cuts groups into segments that widen on
+Calls that read a layer's weights (:mod:`.functional_rules`) count as the layer. A split or slice of the channels (:mod:`.slice_rules`) cuts groups into segments that widen on
 their own; sizes a block stores are rewritten by its block handler (:mod:`.blocks`, built-in ones in
 :mod:`.zoo_blocks`). Statistics over the channels (LayerNorm, GroupNorm) mark a group *normalised*;
 anything the rules do not know *fixes* a group, with the reason. :mod:`.graph` holds the group model.
@@ -14,7 +14,7 @@ from .analysis import ChannelAnalysis, Step, analyze_channels, channel_groups
 from .blocks import StoredSizes, block_handler, register_block_handler
 from .graph import ChannelGraph, ChannelGroup, SliceSite
 from .node_rules import register_node_rule
-from . import slice_rules, zoo_blocks  # noqa: F401,E402 - register the slicing rules and built-in block handlers
+from . import functional_rules, slice_rules, zoo_blocks  # noqa: F401,E402 - register the slicing and functional rules, built-in block handlers
 
 __all__ = ["ChannelAnalysis", "ChannelGraph", "ChannelGroup", "SliceSite", "Step", "StoredSizes", "analyze_channels",
            "block_handler", "channel_groups", "register_block_handler", "register_node_rule"]

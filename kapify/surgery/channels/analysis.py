@@ -42,8 +42,9 @@ class Step:
 class ChannelAnalysis:
     """The state of one pass: each node's layout, the groups, and each layer's role in them."""
 
-    def __init__(self, gm: fx.GraphModule, root: type = nn.Module) -> None:
+    def __init__(self, gm: fx.GraphModule, root: type = nn.Module, model: Optional[nn.Module] = None) -> None:
         self.gm, self.root = gm, root  # root: the traced model's class (a block handler may own its forward)
+        self.model = model if model is not None else gm  # the traced model (a layer read through its weight keeps its type there)
         self.groups = GroupSet()
         self.layout: Dict[fx.Node, Optional[Located]] = {}
         self.inputs: Dict[str, Layout] = {}
@@ -150,12 +151,12 @@ class ChannelAnalysis:
             self.slices.append(SliceSite(owner, boundaries, kind, pieces))
         return [(axis, piece) for piece in pieces]
 
-    def stored(self, step: Step, axis: int, layout: Layout) -> bool:
-        """A reshape to a width a block stores (``view(B, self.num_heads, ...)``): followed when the block
-        has a handler, which rewrites it; the site is recorded."""
+    def stored(self, step: Step, old: int, layout: Layout) -> bool:
+        """A width ``old`` a block stores (``view(B, self.num_heads, ...)``), now that of ``layout``:
+        followed when the block has a handler, which rewrites it; the site is recorded."""
         owner, _ = block_owner(step.node, self.root)
         if owner is not None:
-            self.slices.append(SliceSite(owner, [(int(step.shape[axis]), self.groups.expand(layout))]))
+            self.slices.append(SliceSite(owner, [(old, self.groups.expand(layout))]))
         return owner is not None
 
     def _prefix(self, leaves: Sequence[int], at: int) -> tuple:
@@ -189,20 +190,22 @@ class ChannelAnalysis:
         return self.groups.to_graph(self.inputs, self.outputs, self.roles, self.parameters, self.spreads, self.slices)
 
     def _parameter(self, node: fx.Node, shape: Optional[torch.Size]) -> Optional[Located]:
-        """A parameter with one channel-sized dim (LayerScale gamma) joins whatever it meets."""
+        """A parameter with one channel-sized dim (LayerScale gamma) joins whatever it meets; a layer's
+        own weight or bias (read by ``F.linear(x, layer.weight)``) is resized with its layer."""
+        owner = self.model.get_submodule(node.target.rpartition(".")[0]) if "." in node.target else self.model
         big = [d for d, size in enumerate(shape or ()) if size > 1]
-        return self._parameter_group(node, big[0]) if len(big) == 1 else None
+        return self.parameter_group(node, big[0]) if len(big) == 1 and channel_handler(owner) is None else None
 
     def table_parameter(self, node: fx.Node) -> Located:
         """A table looked up by a tensor index (relative position bias): its last dim gets a group."""
-        self.layout[node] = self._parameter_group(node, len(shape_of(node)) - 1)
-        return self.layout[node]
+        return self.parameter_group(node, len(shape_of(node)) - 1)
 
-    def _parameter_group(self, node: fx.Node, dim: int) -> Located:
+    def parameter_group(self, node: fx.Node, dim: int) -> Located:
         """A new group for dim ``dim`` of the parameter ``node`` reads (resized with it)."""
         gid = self.groups.new(int(shape_of(node)[dim]))
         self.parameters[node.target] = (dim, gid)
-        return dim, (gid,)
+        self.layout[node] = dim, (gid,)
+        return self.layout[node]
 
     def _check_width(self, node: fx.Node, shape: Optional[torch.Size]) -> None:
         lo = self.layout.get(node)
@@ -223,7 +226,7 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
     """
     handled = {type(m) for m in model.modules() if channel_handler(m) is not None}  # e.g. timm's Linear: a leaf, not F.linear
     x = example_input if example_input is not None else default_input(model)
-    return ChannelAnalysis(_shaped_graph(model, tuple(leaf_modules) + tuple(handled), x), type(model)).run()
+    return ChannelAnalysis(_shaped_graph(model, tuple(leaf_modules) + tuple(handled), x), type(model), model).run()
 
 
 def _shaped_graph(model: nn.Module, leaves: Tuple[type, ...], x: torch.Tensor) -> fx.GraphModule:

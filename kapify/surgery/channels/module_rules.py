@@ -16,7 +16,7 @@ from ..resize import ChannelHandler, channel_handler
 from .analysis import ChannelAnalysis, Located, Step
 from .axes import follow_axis, permuted_axis
 
-__all__ = ["module_layout"]
+__all__ = ["module_layout", "layer_layout"]
 
 try:  # torchvision's ConvNeXt moves channels last with a Permute module
     from torchvision.ops.misc import Permute as _Permute
@@ -53,7 +53,7 @@ def module_layout(an: ChannelAnalysis, step: Step, module: nn.Module) -> Optiona
         return an.layout[node]
     if handler.kind == "channelwise":
         return _channelwise(an, step, module, handler, src)
-    return _conv(an, step, module, handler, src)
+    return layer_layout(an, step, node.target, module, handler, src)
 
 
 def _without_handler(an: ChannelAnalysis, step: Step, module: nn.Module) -> Optional[Located]:
@@ -77,31 +77,34 @@ def _channelwise(an: ChannelAnalysis, step: Step, module: nn.Module, handler: Ch
     return src
 
 
-def _conv(an: ChannelAnalysis, step: Step, module: nn.Module, handler: ChannelHandler, src: Located) -> Optional[Located]:
-    """A conv/linear starts a new group; a depthwise/grouped conv with equal in and out channels carries its input's."""
+def layer_layout(an: ChannelAnalysis, step: Step, name: str, module: nn.Module, handler: ChannelHandler,
+                 src: Located) -> Optional[Located]:
+    """A conv/linear (module ``name``, called as a layer or through its weight) starts a new group; a
+    depthwise/grouped conv with equal in and out channels carries its input's."""
     node, axis = step.node, src[0]
     groups = getattr(module, "groups", 1)
     c_in, c_out = handler.count(module, handler.in_attr), handler.count(module, handler.out_attr)
     if groups > 1 and c_in == c_out:  # depthwise / grouped: channel i in feeds group of channel i out
         width = c_in // groups
         if any(an.groups.width[g] % width for g in src[1]):  # a segment boundary inside a group
-            an.fix_all([src], f"grouped conv '{node.target}' reads segments that cut its groups of {width}")
+            an.fix_all([src], f"grouped conv '{name}' reads segments that cut its groups of {width}")
         for g in src[1]:  # widening adds whole groups: each segment stays a multiple of the group width
             an.groups.restrict(g, width)
-        an.role(node.target, "grouped", src[1])
+        an.role(name, "grouped", src[1])
         return src
     if groups > 1 and len(src[1]) != 1:
-        an.fix_all([src], f"grouped conv '{node.target}' with {c_in} in and {c_out} out channels reads a concatenation")
-        an.layout[node] = an.fresh(node, f"output of grouped conv '{node.target}' ({c_in} -> {c_out} channels)")
-        an.pinned(node, module, handler)
+        an.fix_all([src], f"grouped conv '{name}' with {c_in} in and {c_out} out channels reads a concatenation")
+        an.layout[node] = an.fresh(node, f"output of grouped conv '{name}' ({c_in} -> {c_out} channels)")
+        if name == node.target:
+            an.pinned(node, module, handler)
         return an.layout[node]
     if handler.channels_normalised:  # weight standardisation over the input channels
         for g in src[1]:
             an.groups.normalise(g)
-    an.inputs[node.target] = src[1]
+    an.inputs[name] = src[1]
     out = an.groups.new(c_out)
     if groups > 1:  # a depth multiplier (out = m x in): widening adds whole groups on both sides
         an.groups.multiply(src[1][0], out, c_in // groups, c_out // groups)
-    an.outputs[node.target] = (out,)
-    an.role(node.target, "conv", src[1])
+    an.outputs[name] = (out,)
+    an.role(name, "conv", src[1])
     return axis, (out,)

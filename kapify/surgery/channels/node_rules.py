@@ -36,13 +36,20 @@ _METHOD_RULES: Dict[str, NodeRule] = {}
 _NAMED_RULES: Dict[str, NodeRule] = {}
 
 
-def register_node_rule(*functions: Callable, methods: Iterable[str] = (), names: Iterable[str] = ()) -> Callable[[NodeRule], NodeRule]:
+_READS_PARAMETERS: set = set()
+
+
+def register_node_rule(*functions: Callable, methods: Iterable[str] = (), names: Iterable[str] = (),
+                       parameters: bool = False) -> Callable[[NodeRule], NodeRule]:
     """Register a rule for call targets: ``functions`` (``torch.cat``), tensor ``methods`` (``"view"``)
-    and functions matched by ``names`` (timm's wrapped helpers, ``roll``). Usable as a decorator."""
+    and functions matched by ``names`` (timm's wrapped helpers, ``roll``). ``parameters=True``: the rule
+    places the parameters the call reads itself (``F.linear(x, self.qkv.weight)``). Usable as a decorator."""
     def register(rule: NodeRule) -> NodeRule:
         _FUNCTION_RULES.update(dict.fromkeys(functions, rule))
         _METHOD_RULES.update(dict.fromkeys(methods, rule))
         _NAMED_RULES.update(dict.fromkeys(names, rule))
+        if parameters:
+            _READS_PARAMETERS.add(rule)
         return rule
     return register
 
@@ -109,10 +116,10 @@ def function_layout(an: ChannelAnalysis, step: Step) -> Optional[Located]:
             if placed is not None:
                 step.located.append((param, placed))
         params = [a for a in params if an.lay(a) is None]
-    if params:
+    rule = node_rule(node)
+    if params and rule not in _READS_PARAMETERS:
         an.fix_all([lo for _, lo in step.located], f"{node.name} uses parameter '{params[0].target}' directly")
         return an.fresh(node, f"output of {node.name}")
-    rule = node_rule(node)
     result = rule(an, step) if rule is not None else NotImplemented
     if result is NotImplemented:
         flat = next((an.spread[a] for a in step.args if a in an.spread), None)
@@ -168,7 +175,7 @@ def reshape(an: ChannelAnalysis, step: Step) -> Any:
     else:
         return an.moved(node, src, None, node.name)
     located = _size_coupled(an, node, located)
-    if stored_width(node, located[0]) and not an.stored(step, located[0], located[1]):  # gamma.view(self.shape)
+    if stored_width(node, located[0]) and not an.stored(step, int(shape[located[0]]), located[1]):  # gamma.view(self.shape)
         an.fix_all([src], f"{node.name} ({name_of(node.target)}) hard-codes {shape[located[0]]} channels")
     return located
 
@@ -207,7 +214,7 @@ def _heads(an: ChannelAnalysis, step: Step, axis: int, heads: int, group: int) -
     per_head = an.groups.width[an.groups.find(group)] // heads
     head = an.groups.new(heads)
     an.groups.multiply(group, head, per_head, 1)
-    if stored_width(node, axis, least=1) and not an.stored(step, axis, (head,)):
+    if stored_width(node, axis, least=1) and not an.stored(step, heads, (head,)):
         an.fix_all([step.src], f"{node.name} ({name_of(node.target)}) hard-codes {heads} heads")
     return axis, (head,)
 
@@ -346,6 +353,15 @@ def pixel_shuffling(an: ChannelAnalysis, step: Step) -> Any:
     axis = len(step.shape) - (len(step.src_shape) - step.src[0])
     kept = 0 <= axis < len(step.shape) and step.shape[axis] == step.src_shape[step.src[0]]
     return an.moved(step.node, step.src, axis if kept else None, step.node.name)
+
+
+@register_node_rule(names=("_patch_merging_pad",))
+def patch_merging(an: ChannelAnalysis, step: Step) -> Any:
+    """torchvision's Swin: the four pixels of each 2x2 patch of an NHWC image side by side (4 x the channels)"""
+    src = step.src
+    if src is None or step.shape is None or src[0] != len(step.src_shape) - 1 or step.shape[-1] != 4 * step.src_shape[-1]:
+        return NotImplemented
+    return src[0], src[1] * 4
 
 
 @register_node_rule(names=("roll",))

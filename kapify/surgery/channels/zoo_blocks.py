@@ -25,6 +25,7 @@ try:
     from timm.models.pvt_v2 import Attention as PvtAttention
     from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn
     from timm.models.vision_transformer_relpos import RelPosAttention
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
     from timm.models.cspnet import CrossStage, CrossStage3
     from timm.models.dpn import DualPathBlock
     from timm.models.fasternet import Partial_conv3
@@ -101,6 +102,12 @@ try:
                 rel_pos.bias_shape = (*rel_pos.bias_shape[:-1], getattr(block, heads))
             if hasattr(rel_pos, "num_heads"):
                 rel_pos.num_heads = getattr(block, heads)
+
+    @register_block_handler(ShiftedWindowAttention)
+    def swin_attention(block: nn.Module, sizes: StoredSizes) -> None:
+        """torchvision's Swin: ``shifted_window_attention(..., self.num_heads, ...)`` (V2: ``view(-1, self.num_heads)``
+        of its bias MLP): widening adds heads"""
+        block.num_heads = sizes(block.num_heads)
 
     @register_block_handler(Scale)
     def metaformer_scale(block: nn.Module, sizes: StoredSizes) -> None:

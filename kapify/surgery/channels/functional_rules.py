@@ -1,0 +1,98 @@
+"""Rules for calls that read a layer's parameters instead of calling the layer.
+
+``F.linear(x, self.qkv.weight, bias)`` (BEiT, EVA: a bias made of separate q and v parameters) is
+the layer ``qkv`` to the analysis; torchvision's Swin hands its layers' weights to one traced
+function, ``shifted_window_attention``, whose q, k, v have the input's width in whole heads.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..resize import channel_handler
+from .analysis import ChannelAnalysis, Located, Step
+from .axes import shape_of
+from .module_rules import layer_layout
+from .node_rules import register_node_rule
+
+__all__: list = []  # rules only: they register themselves
+
+
+def _owner(an: ChannelAnalysis, param: Any, attr: str) -> Optional[Tuple[str, nn.Module]]:
+    """(path, layer) when ``param`` is the get_attr of a conv/linear layer's own ``attr`` parameter."""
+    if not isinstance(param, fx.Node) or param.op != "get_attr":
+        return None
+    path, _, name = param.target.rpartition(".")
+    layer = an.model.get_submodule(path) if name == attr else None
+    handler = channel_handler(layer) if layer is not None else None
+    return (path, layer) if handler is not None and handler.kind in ("conv", "linear") else None
+
+
+def _argument(node: fx.Node, at: int, name: str) -> Any:
+    return node.kwargs.get(name, node.args[at] if len(node.args) > at else None)
+
+
+@register_node_rule(F.linear, F.conv1d, F.conv2d, F.conv3d, torch.conv2d, parameters=True)
+def functional_layer(an: ChannelAnalysis, step: Step) -> Any:
+    """``F.linear(x, layer.weight, bias)``: the layer, called through its weight; a bias that is not the
+    layer's own (a concatenation of q/k/v bias parameters) takes the output's channels"""
+    node = step.node
+    owner = _owner(an, _argument(node, 1, "weight"), "weight")
+    if owner is None or step.src is None or node.args[0] is not step.args[0]:
+        return NotImplemented
+    path, layer = owner
+    bias = _argument(node, 2, "bias")
+    own_bias = bias is None or (isinstance(bias, fx.Node) and bias.op == "get_attr" and bias.target == f"{path}.bias")
+    if not own_bias and (an.lay(bias) is None or an.lay(bias)[0] != 0):
+        return NotImplemented
+    located = layer_layout(an, step, path, layer, channel_handler(layer), step.src)
+    if not own_bias and located is not None:  # the output (one group) lines up with the bias's segments
+        segments = an.groups.align([an.lay(bias)[1], an.outputs[path]])
+        an.groups.union_layouts(segments)
+        an.outputs[path] = an.groups.expand(an.outputs[path])
+        located = located[0], an.outputs[path]
+    return located
+
+
+@register_node_rule(names=("_get_relative_position_bias",), parameters=True)
+def relative_position_bias(an: ChannelAnalysis, step: Step) -> Any:
+    """torchvision's Swin: ``table[index]`` as a (1, heads, N, N) bias: the table's last dim (heads) on dim 1"""
+    table = step.node.args[0]
+    src = an.lay(table) if an.lay(table) is not None else an.table_parameter(table) if isinstance(table, fx.Node) \
+        and table.op == "get_attr" else None
+    if src is None or src[0] != len(shape_of(table)) - 1:
+        return NotImplemented
+    return 1, src[1]
+
+
+@register_node_rule(names=("shifted_window_attention",), parameters=True)
+def shifted_window_attention(an: ChannelAnalysis, step: Step) -> Any:
+    """torchvision's Swin attention: q, k, v have the input's width (``C // num_heads`` per head), in
+    whole heads of a fixed dim; the head count (the block stores it) follows the bias and logit scale"""
+    node, src = step.node, step.src
+    qkv, proj = _owner(an, _argument(node, 1, "qkv_weight"), "weight"), _owner(an, _argument(node, 2, "proj_weight"), "weight")
+    heads, bias = _argument(node, 5, "num_heads"), an.lay(_argument(node, 3, "relative_position_bias"))
+    biases = [(_argument(node, at, name), layer) for at, name, layer in ((9, "qkv_bias", qkv), (10, "proj_bias", proj))]
+    if src is None or qkv is None or proj is None or not isinstance(heads, int) or bias is None or bias[0] != 1 \
+            or src[0] != len(step.src_shape) - 1 or len(src[1]) != 1 or len(bias[1]) != 1 \
+            or any(b is not None and getattr(b, "target", None) != f"{layer[0]}.bias" for b, layer in biases):
+        return NotImplemented
+    stream = src[1][0]
+    an.inputs[qkv[0]] = an.inputs[proj[0]] = src[1]
+    an.outputs[qkv[0]] = src[1] * 3
+    an.role(qkv[0], "conv", src[1])
+    an.role(proj[0], "conv", src[1])
+    out = an.groups.new(int(proj[1].out_features))
+    an.outputs[proj[0]] = (out,)
+    head = bias[1][0]
+    an.groups.multiply(stream, head, an.groups.width[an.groups.find(stream)] // heads, 1)
+    scale = _argument(node, 11, "logit_scale")
+    if isinstance(scale, fx.Node) and scale.op == "get_attr":  # Swin V2: a (heads, 1, 1) parameter
+        placed = an.lay(scale) or an.parameter_group(scale, 0)
+        an.groups.union(head, placed[1][0])
+    if not an.stored(step, heads, (head,)):
+        an.fix_all([src, bias], f"{node.name} (shifted_window_attention) hard-codes {heads} heads")
+    return src[0], (out,)
