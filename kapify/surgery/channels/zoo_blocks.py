@@ -15,6 +15,7 @@ __all__: list = []
 try:
     from timm.layers import MixedConv2d, SelectiveKernel
     from timm.layers import Attention, AttentionPoolLatent
+    from timm.models.beit import Attention as BeitAttention
     from timm.models.cait import ClassAttn, TalkingHeadAttn
     from timm.models.coat import FactorAttnConvRelPosEnc
     from timm.models.crossvit import CrossAttention
@@ -85,7 +86,7 @@ try:
     @register_block_handler(Attention2d, Attention, AttentionPoolLatent, ClassAttn, TalkingHeadAttn, FactorAttnConvRelPosEnc,
                             CrossAttention, ChannelAttention, ChannelAttentionV2, WindowAttention, EvaAttention,
                             MetaFormerAttention, NestAttention, PvtAttention, GlobalSubSampleAttn, LocallyGroupedAttn,
-                            RelPosAttention, heads=True)
+                            RelPosAttention, BeitAttention, heads=True)
     def attention_heads(block: nn.Module, sizes: StoredSizes) -> None:
         """Attention that reshapes to its stored head count (``reshape(B, N, 3, self.num_heads, head_dim)``,
         MaxViT's ``view(B, self.num_heads, self.dim_head * 3, -1)``; DaViT's channel attention calls them
