@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .channels import ChannelGraph, StoredSizes, analyze_channels, block_handler
+from .conv_types import is_conv
 from .resize import resize_layer, resize_parameter
 from .tracing import eval_mode, example_input as default_input
 
@@ -69,7 +70,9 @@ def resolve_width_rule(rule: Union[str, Dict, WidthFn]) -> WidthFn:
     return WIDTH_RULES[rule["name"]](**options)
 
 
-def _plan(graph: ChannelGraph, width_fn: WidthFn, function_preserving: bool, widen_normalised: bool) -> Dict[int, int]:
+def _plan(graph: ChannelGraph, width_fn: WidthFn, function_preserving: bool, widen_normalised: bool,
+          convs: Iterable[str] = ()) -> Dict[int, int]:
+    """Each group's new width. ``convs``: the conv layers (KAP pools them), whose outputs the square rule makes square."""
     widths: Dict[int, int] = {}
     for g in graph.groups:
         if function_preserving and not widen_normalised and g.normalised and g.fixed is None:
@@ -88,7 +91,7 @@ def _plan(graph: ChannelGraph, width_fn: WidthFn, function_preserving: bool, wid
     _derive_multiplied(graph, widths)
     units = _tie_units(graph, widths)
     if getattr(width_fn, "takes_divisor", False):  # the square rule: make split convs' whole outputs square too
-        _square_split_outputs(graph, widths, units, width_fn)
+        _square_split_outputs(graph, widths, units, width_fn, set(convs))
     _keep_leading_pieces_widest(graph, widths)
     _derive_multiplied(graph, widths)  # again, from inputs those steps grew
     return widths
@@ -130,10 +133,11 @@ def _tie_units(graph: ChannelGraph, widths: Dict[int, int]) -> Dict[int, Tuple[i
     return units
 
 
-def _square_split_outputs(graph: ChannelGraph, widths: Dict[int, int], units: Dict[int, Tuple[int, ...]], width_fn: WidthFn) -> None:
+def _square_split_outputs(graph: ChannelGraph, widths: Dict[int, int], units: Dict[int, Tuple[int, ...]], width_fn: WidthFn,
+                          convs: set) -> None:
     """A conv whose output is later split (CSPNet, Res2Net, DPN) has several segments; where one of them
     (or one tied set) is no conv's whole output, size it so that the conv's total is a square too."""
-    outputs = graph.conv_outputs()
+    outputs = {name: layout for name, layout in graph.conv_outputs().items() if name in convs}
     whole = {layout[0] for layout in outputs.values() if len(layout) == 1}
     caps = {site.pieces[-1][0]: site.pieces[0] for site in graph.slices  # x.split(size): the last piece is no wider
             if site.kind == "leading" and len(site.pieces) > 1 and len(site.pieces[-1]) == 1}
@@ -239,7 +243,7 @@ def _rewiden(model: nn.Module, width_fn: Union[str, Dict, WidthFn], function_pre
             + "; ".join(f"{', '.join(g.producers[:3])}: {g.fixed}" for g in stuck[:5])
             + ". Register a channel handler (kapify.register_channel_handler) or a leaf module for these layers, or pass strict=False"
         )
-    widths = _plan(graph, fn, function_preserving, widen_normalised)
+    widths = _plan(graph, fn, function_preserving, widen_normalised, [n for n in graph.conv_outputs() if is_conv(new.get_submodule(n))])
     index = {g.id: torch.arange(g.width) for g in graph.groups}  # old channels first; grouped convs gain whole groups
     apply_layout(new, graph, widths, index, function_preserving)
     _sync_head_width(model, new)

@@ -1,0 +1,96 @@
+"""Attention heads: widening a stream that attention reads adds whole heads (the head dim stays), the
+stored head counts are rewritten by the attention block handler, q/k/v splits, merges back to the
+stream (``reshape(B, N, C)`` sized off the input), RoPE, talking heads, channel attention, layer
+weights read by ``F.linear`` and torchvision's Swin are followed. Real timm/torchvision blocks, float64.
+
+Their LayerNorms are swapped for identities: a norm over the channels keeps a group's width under
+``function_preserving`` (new channels would enter its statistics), and these tests need the stream
+itself widened, to check that everything coupled to it follows exactly.
+"""
+import math
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import kapify
+from kapify.surgery.conv_types import is_conv
+
+
+def _heads(model: nn.Module) -> dict:
+    return {n: getattr(m, "num_heads", getattr(m, "groups", None)) for n, m in model.named_modules()
+            if ("Attention" in type(m).__name__ or type(m).__name__.endswith("Attn")) and not is_conv(m)}
+
+
+def _without_layernorm(model: nn.Module) -> nn.Module:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.LayerNorm) or type(module).__name__.startswith("LayerNorm"):
+            model.set_submodule(name, nn.Identity())
+    return model
+
+
+def _tv_swin(v2: bool) -> nn.Module:
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+
+    extra = dict(block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2) if v2 else {}
+    return SwinTransformer(patch_size=[4, 4], embed_dim=24, depths=[1, 1], num_heads=[2, 4], window_size=[4, 4],
+                           num_classes=10, **extra)
+
+
+MODELS = {  # name -> (builder, input side)
+    "vit (Attention)": (lambda: timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, num_classes=10), 32),
+    "vit attention pool": (lambda: timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, num_classes=10, global_pool="map"), 32),
+    "cait (talking heads, class attention)": (lambda: timm.models.cait.Cait(
+        img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, depth_token_only=1, num_classes=10), 32),
+    "pvt_v2 (one head, kv of a pooled stream)": (lambda: timm.models.pvt_v2.PyramidVisionTransformerV2(
+        depths=(1, 1), embed_dims=(16, 32), num_heads=(1, 2), sr_ratios=(2, 1), mlp_ratios=(2, 2), num_classes=10), 32),
+    "eva (RoPE, F.linear with a q/v bias)": (lambda: timm.models.eva.Eva(
+        img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, qkv_bias=True, use_rot_pos_emb=True,
+        num_classes=10), 32),
+    "davit (window and channel attention)": (lambda: timm.models.davit.DaVit(
+        depths=(1, 1), embed_dims=(24, 48), num_heads=(2, 4), window_size=4, num_classes=10), 32),
+    "torchvision swin": (lambda: _tv_swin(False), 32),
+    "torchvision swin v2": (lambda: _tv_swin(True), 32),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_widening_adds_whole_heads_and_keeps_the_function(name):
+    build, side = MODELS[name]
+    torch.manual_seed(0)
+    model = _without_layernorm(build()).double().eval()
+    x = torch.rand(2, 3, side, side, dtype=torch.float64)
+    before = _heads(model)
+    assert before, "no attention block found"
+    wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), model(x), rtol=1e-9, atol=1e-9)
+    after = _heads(wide)
+    assert any(after[n] > before[n] for n in before), f"no head count grew: {before} -> {after}"
+    convs = [m for m in wide.modules() if is_conv(m)]
+    assert convs and all(math.isqrt(c.out_channels) ** 2 == c.out_channels for c in convs)
+
+
+def test_convert_widens_normalised_attention_streams_to_squares():
+    """With LayerNorm (timm's and torchvision's defaults) ``convert`` still widens the stream, heads and all."""
+    for model in (timm.create_model("pvt_v2_b0", num_classes=10), torchvision.models.swin_t(num_classes=10)):
+        kap = kapify.convert(model.eval(), k=3, sigma=0.1, example_input=torch.rand(1, 3, 224, 224))
+        cfg = kapify.get_config(kap)
+        assert all(math.isqrt(r.out_channels) ** 2 == r.out_channels for r in cfg.layers), cfg.fixed_widths
+        with torch.no_grad():
+            assert kap.eval()(torch.rand(1, 3, 224, 224)).shape == (1, 10)
+
+
+def test_split_by_a_count_that_is_not_heads_is_not_widened_by_heads():
+    """SKNet's ``view(B, self.num_paths, C // self.num_paths, H, W)`` in a block with a handler that is
+    not an attention block: the paths stay two, the channels per path widen."""
+    model = timm.create_model("skresnet18", num_classes=10).double().eval()
+    x = torch.rand(1, 3, 64, 64, dtype=torch.float64)
+    wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
+    assert {m.num_paths for m in wide.modules() if type(m).__name__ == "SelectiveKernel"} == {2}
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), model(x), rtol=1e-9, atol=1e-9)
