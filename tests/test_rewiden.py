@@ -259,10 +259,11 @@ def test_linear_over_another_dim_and_channel_statistics():
 
     groups = kapify.channel_groups(Tokens(), torch.rand(1, 3, 2, 2))
     conv = next(g for g in groups if "conv" in g.producers)
-    assert conv.normalised and "'proj' reads dim 2, the channels are on dim 1" in conv.fixed
+    assert conv.normalised and "reads dim" not in conv.fixed  # the Linear mixes positions: the channels pass through it
+    assert not any("proj" in g.producers or "proj" in g.consumers for g in groups)
 
 
-def test_a_token_mixing_linear_keeps_its_own_width():
+def test_a_token_mixing_linear_keeps_its_own_width_and_lets_the_channels_widen():
     class TokenMixer(nn.Module):  # MLP-Mixer / ViT rel-pos: a Linear over the 4 positions of (N, 6, 4) tokens
         def __init__(self):
             super().__init__()
@@ -273,7 +274,7 @@ def test_a_token_mixing_linear_keeps_its_own_width():
 
     model, x = TokenMixer().eval(), torch.rand(2, 3, 2, 2)
     wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x)
-    assert wide.mix.weight.shape == (5, 4) and wide.conv.out_channels == 6
+    assert wide.mix.weight.shape == (5, 4) and wide.conv.out_channels == wide.head.in_features == 9
     torch.testing.assert_close(wide.eval()(x), model(x))
 
 
