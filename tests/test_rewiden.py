@@ -286,7 +286,8 @@ def test_a_vit_stream_widens_with_its_tokens_and_position_embedding():
     kap = kapify.convert(model, example_input=x)
     assert kap.patch_embed.proj.out_channels == 256 and not kapify.get_config(kap).fixed_widths
     assert kap.pos_embed.shape == (1, model.pos_embed.shape[1], 256) and kap.reg_token.shape == (1, 2, 256) and kap.cls_token.shape == (1, 1, 256)
-    assert kap.blocks[0].attn.qkv.weight.shape == (576, 256) and kap(x).shape == (2, 10)
+    attn = kap.blocks[0].attn  # its inner width (3 heads of 64) widens by whole heads to a square: 4 heads
+    assert attn.qkv.weight.shape == (3 * 256, 256) and attn.num_heads == 4 and kap(x).shape == (2, 10)
 
 
 @pytest.mark.parametrize("index,axis,expected", [

@@ -39,16 +39,16 @@ def _argument(node: fx.Node, at: int, name: str) -> Any:
 def functional_layer(an: ChannelAnalysis, step: Step) -> Any:
     """``F.linear(x, layer.weight, bias)``: the layer, called through its weight; a bias that is not the
     layer's own (a concatenation of q/k/v bias parameters) takes the output's channels"""
-    node = step.node
+    node, src = step.node, an.lay(_argument(step.node, 0, "input"))
     owner = _owner(an, _argument(node, 1, "weight"), "weight")
-    if owner is None or step.src is None or node.args[0] is not step.args[0]:
+    if owner is None or src is None:
         return NotImplemented
     path, layer = owner
     bias = _argument(node, 2, "bias")
     own_bias = bias is None or (isinstance(bias, fx.Node) and bias.op == "get_attr" and bias.target == f"{path}.bias")
     if not own_bias and (an.lay(bias) is None or an.lay(bias)[0] != 0):
         return NotImplemented
-    located = layer_layout(an, step, path, layer, channel_handler(layer), step.src)
+    located = layer_layout(an, step, path, layer, channel_handler(layer), src)
     if not own_bias and located is not None:  # the output (one group) lines up with the bias's segments
         segments = an.groups.align([an.lay(bias)[1], an.outputs[path]])
         an.groups.union_layouts(segments)

@@ -46,9 +46,9 @@ def module_layout(an: ChannelAnalysis, step: Step, module: nn.Module) -> Optiona
         return src
     if src[0] != axis and all(an.groups.is_fixed(g) for g in src[1]):  # the traced axis was only a guess
         src = (axis, (an.groups.new(int(step.src_shape[axis]), f"input of '{node.target}' has no traced channel layout"),))
-    if src[0] != axis and handler.kind == "linear" and step.shape is not None and len(step.shape) == len(step.src_shape) \
-            and step.shape[src[0]] == step.src_shape[src[0]]:  # MLP-Mixer's token mixing: the channels stay on their dim
-        return src
+    if src[0] != axis and handler.kind in ("linear", "channelwise") and step.shape is not None \
+            and len(step.shape) == len(step.src_shape) and step.shape[src[0]] == step.src_shape[src[0]]:
+        return src  # MLP-Mixer's token mixing, a norm over the head dim: the channels stay on their dim
     if src[0] != axis:  # e.g. a conv reading a dim other than the channels
         an.fix_all([src], f"{type(module).__name__} '{node.target}' reads dim {axis}, the channels are on dim {src[0]}")
         an.layout[node] = an.fresh(node, f"output of {type(module).__name__} '{node.target}', which reads dim {axis}")

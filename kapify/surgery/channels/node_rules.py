@@ -24,6 +24,7 @@ from torch import fx
 
 from ..resize import channel_handler
 from .analysis import ChannelAnalysis, Located, Step
+from .graph import Layout
 from .blocks import counts_heads
 from .axes import (REDUCTIONS, cat_dim, flattened_axis, follow_axis, merged_axis, name_of, pads_only_other_dims,
                    permutation, permuted_axis, reduced_dims, reshape_sizes, shape_of, size_read, split_axis, stored_width)
@@ -109,8 +110,8 @@ def function_layout(an: ChannelAnalysis, step: Step) -> Optional[Located]:
     joins = _is_elementwise(node) or (node.target in (torch.cat, torch.concat) and step.located
                                       and step.located[0][1][0] != cat_dim(node))
     if params and step.located and joins:
-        offset = len(shape_of(step.located[0][0])) - step.located[0][1][0]  # a parameter short of the channel dim broadcasts over it (RoPE)
-        params = [a for a in params if len(shape_of(a) or ()) >= offset]
+        offset = len(shape_of(step.located[0][0])) - step.located[0][1][0]  # a parameter short of the channel dim or of
+        params = [a for a in params if len(shape_of(a) or ()) >= offset and shape_of(a)[-offset] > 1]  # size 1 there broadcasts (RoPE, masks)
         for param in params:
             placed = an.lined_up(param, step.located[0])
             if placed is not None:
@@ -161,7 +162,7 @@ def reshape(an: ChannelAnalysis, step: Step) -> Any:
     before, axis = step.src_shape, src[0]
     moved, flat = follow_axis(before, shape, axis), flattened_axis(before, shape, axis)
     merged, split = merged_axis(before, shape, axis), split_axis(before, shape, axis)
-    if moved is not None and moved >= 1 and stored_width(node, moved - 1, least=1) and shape[moved - 1] == 1 \
+    if moved == axis + 1 and list(shape) == [*before[:axis], 1, *before[axis:]] and stored_width(node, axis, least=1) \
             and counts_heads(node, an.root):  # (N, C) -> (N, 1, C) in attention: one head
         return _split(an, step, moved - 1, moved, 1)
     if moved is not None:
@@ -204,7 +205,19 @@ def _split(an: ChannelAnalysis, step: Step, first: int, last: int, pieces: int) 
     layout = layout if lead == 1 else layout[1]
     if len(layout) != 1:
         return an.moved(node, step.src, None, node.name)
+    _head_dim_coupled(an, node, last, heads, layout)
     return _heads(an, step, last - 1, heads, layout[0])
+
+
+def _head_dim_coupled(an: ChannelAnalysis, node: fx.Node, axis: int, heads: int, layout: Layout) -> None:
+    """A head dim computed off another tensor (``C // self.num_heads`` with ``C = x.shape[-1]``): widening
+    by whole heads keeps it only if that tensor's channels widen with the heads' (C = heads x d)."""
+    sizes = reshape_sizes(node)
+    read = size_read(sizes[axis]) if axis < len(sizes) else None
+    source = an.lay(read[0]) if read is not None else None
+    if source is not None and read[0] not in an.spread and read[1] % len(shape_of(read[0])) == source[0] \
+            and read[2] * heads == read[3] and an.groups.total(source[1]) == an.groups.total(layout):
+        an.groups.union_layouts(an.groups.align([layout, source[1]]))
 
 
 def _heads(an: ChannelAnalysis, step: Step, axis: int, heads: int, group: int) -> Optional[Located]:
@@ -220,12 +233,20 @@ def _heads(an: ChannelAnalysis, step: Step, axis: int, heads: int, group: int) -
 
 
 def _heads_together(an: ChannelAnalysis, src: Located, axis: int, per_head: int) -> Optional[Located]:
-    """(N, h, d) -> (N, h*d) with the channels on h, heads made by :func:`_heads`: the channels they came from."""
+    """(N, h, e) -> (N, h*e) with the channels on h, heads made by :func:`_heads` from channels with d per
+    head: those channels (e = d), or new ones with e per head (LowFormer: q, k, v of 3e per head, then e)."""
     if len(src[1]) != 1:
         return None
     head = an.groups.find(src[1][0])
-    came = [inp for inp, out, a, b in an.groups.multiplied if an.groups.find(out) == head and (a, b) == (per_head, 1)]
-    return (axis, an.groups.expand(came[:1])) if came else None
+    came = [(inp, a) for inp, out, a, b in an.groups.multiplied if an.groups.find(out) == head and b == 1]
+    if not came:
+        return None
+    inp, d = came[0]
+    if d == per_head:
+        return axis, an.groups.expand((inp,))
+    merged = an.groups.new(an.groups.width[head] * per_head)
+    an.groups.multiply(inp, merged, d, per_head)
+    return axis, (merged,)
 
 
 def _size_coupled(an: ChannelAnalysis, node: fx.Node, located: Any) -> Any:
@@ -294,6 +315,18 @@ def stack(an: ChannelAnalysis, step: Step) -> Any:
 def softmax(an: ChannelAnalysis, step: Step) -> Any:
     """softmax over another dim keeps the channels (SKNet's path attention); over the channels it normalises them"""
     dim = step.node.kwargs.get("dim", step.node.args[1] if len(step.node.args) > 1 else None)
+    if step.src is None or not isinstance(dim, int):
+        return NotImplemented
+    if dim % len(step.src_shape) == step.src[0]:
+        for g in step.src[1]:
+            an.groups.normalise(g)
+    return step.src
+
+
+@register_node_rule(F.normalize)
+def normalize(an: ChannelAnalysis, step: Step) -> Any:
+    """F.normalize over another dim keeps the channels (cosine attention over the head dim); over them it normalises them"""
+    dim = step.node.kwargs.get("dim", step.node.args[2] if len(step.node.args) > 2 else 1)
     if step.src is None or not isinstance(dim, int):
         return NotImplemented
     if dim % len(step.src_shape) == step.src[0]:

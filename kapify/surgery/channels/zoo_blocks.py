@@ -25,7 +25,14 @@ try:
     from timm.models.nest import Attention as NestAttention
     from timm.models.pvt_v2 import Attention as PvtAttention
     from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn
+    from timm.models.lowformer import ConvAttention as LowFormerAttention
+    from timm.models.nextvit import EfficientAttention as NextViTAttention
+    from timm.models.swin_transformer import WindowAttention as SwinAttention
+    from timm.models.swin_transformer_v2 import WindowAttention as SwinV2Attention
+    from timm.models.swin_transformer_v2_cr import WindowMultiHeadAttention as SwinV2CrAttention
+    from timm.models.vision_transformer import ParallelScalingBlock
     from timm.models.vision_transformer_relpos import RelPosAttention
+    from timm.models.visformer import Attention as VisformerAttention
     from torchvision.models.swin_transformer import ShiftedWindowAttention
     from timm.models.cspnet import CrossStage, CrossStage3
     from timm.models.dpn import DualPathBlock
@@ -86,7 +93,8 @@ try:
     @register_block_handler(Attention2d, Attention, AttentionPoolLatent, ClassAttn, TalkingHeadAttn, FactorAttnConvRelPosEnc,
                             CrossAttention, ChannelAttention, ChannelAttentionV2, WindowAttention, EvaAttention,
                             MetaFormerAttention, NestAttention, PvtAttention, GlobalSubSampleAttn, LocallyGroupedAttn,
-                            RelPosAttention, BeitAttention, heads=True)
+                            RelPosAttention, BeitAttention, LowFormerAttention, NextViTAttention, SwinAttention,
+                            SwinV2Attention, SwinV2CrAttention, VisformerAttention, heads=True)
     def attention_heads(block: nn.Module, sizes: StoredSizes) -> None:
         """Attention that reshapes to its stored head count (``reshape(B, N, 3, self.num_heads, head_dim)``,
         MaxViT's ``view(B, self.num_heads, self.dim_head * 3, -1)``; DaViT's channel attention calls them
@@ -94,7 +102,7 @@ try:
         and a relative position bias (its table widened with the heads) follow."""
         heads = "groups" if isinstance(block, ChannelAttentionV2) else "num_heads"
         setattr(block, heads, sizes(getattr(block, heads)))
-        for inner in ("attn_dim", "attention_dim"):
+        for inner in ("attn_dim", "attention_dim", "o_proj_inpdim"):
             if hasattr(block, inner):
                 setattr(block, inner, sizes.get(getattr(block, inner)))
         rel_pos = getattr(block, "rel_pos", None)
@@ -103,6 +111,13 @@ try:
                 rel_pos.bias_shape = (*rel_pos.bias_shape[:-1], getattr(block, heads))
             if hasattr(rel_pos, "num_heads"):
                 rel_pos.num_heads = getattr(block, heads)
+
+    @register_block_handler(ParallelScalingBlock, heads=True)
+    def parallel_scaling(block: nn.Module, sizes: StoredSizes) -> None:
+        """ViT-22B's parallel block: ``torch.split(y, self.in_split, dim=-1)`` of one projection into the MLP and
+        q, k, v, then ``q.view(B, N, self.num_heads, self.head_dim)``: widening adds heads"""
+        block.in_split = sizes.pieces(block.in_split)
+        block.num_heads = sizes(block.num_heads)
 
     @register_block_handler(ShiftedWindowAttention)
     def swin_attention(block: nn.Module, sizes: StoredSizes) -> None:
