@@ -95,6 +95,37 @@ def test_resize_layer_places_old_channels_and_zeroes_new_inputs():
     assert bn.running_mean.tolist() == [5, 5, 5, 0, 0] and bn.weight.tolist() == [1] * 5
 
 
+def test_a_grouped_conv_widens_each_group_when_the_index_says_so():
+    conv = nn.Conv2d(6, 6, 3, padding=1, groups=3).double()
+    x = torch.rand(1, 6, 5, 5, dtype=torch.float64)
+    index = torch.tensor([0, 1, 4, 5, 8, 9])  # 3 groups of 2 -> 3 groups of 4, old channels first in each
+    want = conv(x)
+    resize_layer(conv, new_in=12, in_index=index, new_out=12, out_index=index, zero_new_inputs=True)
+    assert conv.groups == 3 and conv.weight.shape == (12, 4, 3, 3)
+    wide_x = torch.rand(1, 12, 5, 5, dtype=torch.float64)
+    wide_x[:, index] = x
+    torch.testing.assert_close(conv(wide_x)[:, index], want)
+    with pytest.raises(ValueError, match="nor each group wider"):
+        resize_layer(conv, new_in=14, new_out=14)
+
+
+def test_regnet_group_widths_widen_each_group_to_square_grids():
+    """RegNetX-6.4GF's first stage: 3 groups of 56 channels (with squeeze-excitation here). No square
+    within 4x of 168 is a whole number of groups of 56 (the first is 784), so each group widens (3 x 75 = 225)."""
+    from timm.models.regnet import Bottleneck
+
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), Bottleneck(32, 168, group_size=56), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(168, 10)).double().eval()
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64)
+    wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), model(x), rtol=1e-9, atol=1e-9)
+    convs = {n: m for n, m in wide.named_modules() if isinstance(m, nn.Conv2d)}
+    assert all(math.isqrt(c.out_channels) ** 2 == c.out_channels for c in convs.values())
+    old = dict(model.named_modules())
+    assert any(c.groups == old[n].groups > 1 and c.out_channels > old[n].out_channels for n, c in convs.items())
+
+
 def test_a_transposed_conv_keeps_its_filters_and_computes_the_same():
     model = nn.Sequential(nn.Conv2d(3, 5, 1), nn.ConvTranspose2d(5, 6, 4, stride=2, padding=1), nn.ReLU(), nn.Conv2d(6, 2, 1)).eval()
     x = torch.rand(2, 3, 4, 4)

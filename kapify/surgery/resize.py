@@ -103,6 +103,14 @@ def _place(old: torch.Tensor, new: torch.Tensor, out_index: torch.Tensor, in_ind
     return out.index_copy_(0, out_index, rows)
 
 
+def _widens_each_group(index: torch.Tensor, old: int, new: int, groups: int) -> bool:
+    """Whether ``index`` keeps ``groups`` groups, each wider: old channel j of group g at g * (new / groups) + j."""
+    if old == new or new % groups or old % groups:
+        return False
+    j = torch.arange(old)
+    return torch.equal(index, j // (old // groups) * (new // groups) + j % (old // groups))
+
+
 def resize_layer(
     module: nn.Module,
     new_in: Optional[int] = None,
@@ -129,15 +137,16 @@ def resize_layer(
             and torch.equal(out_index, torch.arange(old_out)):  # no new channels, none moved
         return
     groups = getattr(module, "groups", 1)
-    grouped = handler.kind == "conv" and groups > 1  # widening adds whole groups (depth multipliers too)
-    if grouped and (new_in % (old_in // groups) or new_in // (old_in // groups) * (old_out // groups) != new_out):
+    grouped = handler.kind == "conv" and groups > 1  # widening adds whole groups (depth multipliers too) or widens each
+    wider = grouped and _widens_each_group(in_index, old_in, new_in, groups) and _widens_each_group(out_index, old_out, new_out, groups)
+    if grouped and not wider and (new_in % (old_in // groups) or new_in // (old_in // groups) * (old_out // groups) != new_out):
         raise ValueError(f"{type(module).__name__} has {groups} groups of {old_in // groups} -> {old_out // groups} channels: "
-                         f"{new_in} -> {new_out} channels is not a whole number of such groups")
+                         f"{new_in} -> {new_out} channels is neither a whole number of such groups nor each group wider")
     transposed = handler.kind == "conv" and getattr(module, "transposed", False)  # weight is (in, out / groups, ...)
     fresh = copy.deepcopy(module)
     handler.set_count(fresh, handler.in_attr, new_in)
     handler.set_count(fresh, handler.out_attr, new_out)
-    if grouped:
+    if grouped and not wider:
         fresh.groups = new_in // (old_in // groups)
     shapes: Dict[str, tuple] = {}
     for name, tensor in list(fresh.named_parameters(recurse=False)) + list(fresh.named_buffers(recurse=False)):
@@ -163,7 +172,12 @@ def resize_layer(
         fresh.reset_running_stats()
     for name in shapes:
         old, new = getattr(module, name), getattr(fresh, name).detach()
-        if handler.kind in ("conv", "linear") and name == "weight" and not grouped:
+        if handler.kind in ("conv", "linear") and name == "weight" and wider:  # old channels first in each wider group
+            if zero_new_inputs:  # new inputs of a group feed its old outputs with 0
+                new = new.clone()
+                new[out_index, old_in // groups:] = 0
+            value = _place(old.detach(), new, out_index, torch.arange(old.shape[1]))
+        elif handler.kind in ("conv", "linear") and name == "weight" and not grouped:
             rows, inputs = (in_index, out_index) if transposed else (out_index, in_index)
             columns = inputs if handler.kind == "linear" or groups == 1 else torch.arange(old.shape[1])
             if zero_new_inputs:  # outgoing weights of new input channels start at 0 (Net2Net)

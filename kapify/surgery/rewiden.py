@@ -272,7 +272,7 @@ def apply_layout(model: nn.Module, graph: ChannelGraph, widths: Dict[int, int], 
         module = model.get_submodule(name)
         if name in graph.channelwise:
             size, idx = layout_map(graph.channelwise[name])
-            resize_layer(module, new_in=size, in_index=idx, new_out=size, out_index=idx)
+            resize_layer(module, new_in=size, in_index=idx, new_out=size, out_index=idx, zero_new_inputs=zero_new_inputs)
             continue
         kwargs = {}
         if name in graph.inputs:

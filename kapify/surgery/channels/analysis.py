@@ -151,6 +151,11 @@ class ChannelAnalysis:
             self.slices.append(SliceSite(owner, boundaries, kind, pieces))
         return [(axis, piece) for piece in pieces]
 
+    def equal_pieces(self, step: Step, count: int) -> Optional[Layout]:
+        """Cut ``step.src`` into ``count`` equal pieces that keep one width (merged: the layout of one piece)."""
+        pieces = self.cut(step, [self.groups.total(step.src[1]) // count] * count, "equal", ())
+        return None if pieces is None else self.groups.union_layouts(self.groups.align([piece for _, piece in pieces]))
+
     def stored(self, step: Step, old: int, layout: Layout) -> bool:
         """A width ``old`` a block stores (``view(B, self.num_heads, ...)``), now that of ``layout``:
         followed when the block has a handler, which rewrites it; the site is recorded."""

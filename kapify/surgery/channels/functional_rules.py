@@ -1,4 +1,4 @@
-"""Rules for calls that read a layer's parameters instead of calling the layer.
+"""Rules for calls that read a layer's (or the model's) parameters instead of calling the layer.
 
 ``F.linear(x, self.qkv.weight, bias)`` (BEiT, EVA: a bias made of separate q and v parameters) is
 the layer ``qkv`` to the analysis; torchvision's Swin hands its layers' weights to one traced
@@ -55,6 +55,18 @@ def functional_layer(an: ChannelAnalysis, step: Step) -> Any:
         an.outputs[path] = an.groups.expand(an.outputs[path])
         located = located[0], an.outputs[path]
     return located
+
+
+@register_node_rule(names=("resample_abs_pos_embed", "resample_abs_pos_embed_nhwc"), parameters=True)
+def resampled_position_embedding(an: ChannelAnalysis, step: Step) -> Any:
+    """timm's position embedding resampled to the input size (dynamic image size): its last dim, the channels, stays"""
+    embed = step.node.args[0] if step.node.args else None
+    if not isinstance(embed, fx.Node) or step.shape is None or shape_of(embed) is None or step.shape[-1] != shape_of(embed)[-1]:
+        return NotImplemented
+    src = an.lay(embed) or (an.parameter_group(embed, len(shape_of(embed)) - 1) if embed.op == "get_attr" else None)
+    if src is None or src[0] != len(shape_of(embed)) - 1:
+        return NotImplemented
+    return len(step.shape) - 1, src[1]
 
 
 @register_node_rule(names=("_get_relative_position_bias",), parameters=True)

@@ -267,10 +267,8 @@ def _size_coupled(an: ChannelAnalysis, node: fx.Node, located: Any) -> Any:
 
 def _pieces_together(an: ChannelAnalysis, step: Step, axis: int, count: int) -> Any:
     """The channels cut into ``count`` equal pieces that line up on dim ``axis`` (and merge there)."""
-    pieces = an.cut(step, [an.groups.total(step.src[1]) // count] * count, "equal", ())
-    if pieces is None:  # the traced layout does not add up: not followed
-        return NotImplemented
-    return axis, an.groups.union_layouts(an.groups.align([piece for _, piece in pieces]))
+    piece = an.equal_pieces(step, count)
+    return NotImplemented if piece is None else (axis, piece)  # None: the traced layout does not add up
 
 
 @register_node_rule(F.scaled_dot_product_attention)
