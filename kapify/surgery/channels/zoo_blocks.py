@@ -26,6 +26,7 @@ try:
     from timm.models.pvt_v2 import Attention as PvtAttention
     from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn
     from timm.models.lowformer import ConvAttention as LowFormerAttention
+    from timm.models.mambaout import GatedConvBlock
     from timm.models.nextvit import EfficientAttention as NextViTAttention
     from timm.models.swin_transformer import WindowAttention as SwinAttention
     from timm.models.swin_transformer_v2 import WindowAttention as SwinV2Attention
@@ -89,6 +90,11 @@ try:
     def inception_dw(block: nn.Module, sizes: StoredSizes) -> None:
         """InceptionNeXt: ``torch.split(x, self.split_indexes, dim=1)`` into identity and band branches"""
         block.split_indexes = tuple(sizes.pieces(block.split_indexes))
+
+    @register_block_handler(GatedConvBlock)
+    def gated_conv(block: nn.Module, sizes: StoredSizes) -> None:
+        """MambaOut: ``torch.split(x, self.split_indices, dim=-1)`` into the gate, an identity and a conv part"""
+        block.split_indices = tuple(sizes.pieces(block.split_indices))
 
     @register_block_handler(Attention2d, Attention, AttentionPoolLatent, ClassAttn, TalkingHeadAttn, FactorAttnConvRelPosEnc,
                             CrossAttention, ChannelAttention, ChannelAttentionV2, WindowAttention, EvaAttention,
