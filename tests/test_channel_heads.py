@@ -94,3 +94,22 @@ def test_split_by_a_count_that_is_not_heads_is_not_widened_by_heads():
     assert {m.num_paths for m in wide.modules() if type(m).__name__ == "SelectiveKernel"} == {2}
     with torch.no_grad():
         torch.testing.assert_close(wide(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+def test_one_head_over_conv_features_widens_v_and_treats_q_k_like_a_norm():
+    """iFormer's SHMA: q, k, v are convs, their channels on SDPA's feature dim. v's channels pass to the
+    output; q.k is scaled by 1/sqrt(their count), so function_preserving keeps q and k (as it keeps a
+    LayerNorm'd group) and convert widens them."""
+    from timm.models.iformer import SHMA
+
+    model = nn.Sequential(nn.Conv2d(3, 20, 1), SHMA(20), nn.Conv2d(20, 6, 1)).double().eval()
+    x = torch.rand(2, 3, 4, 4, dtype=torch.float64)
+    wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), model(x), rtol=1e-9, atol=1e-9)
+    shma = wide[1]
+    assert shma.q.c.out_channels == shma.k.c.out_channels == 10  # q, k: their width scales the attention
+    assert shma.v_gate.c.out_channels > 40 and shma.proj.c.in_channels == shma.v_gate.c.out_channels // 2  # v (and its gate)
+    config = kapify.get_config(kapify.convert(model.float(), example_input=x.float()))
+    assert config.fixed_widths == {"2": "model output"}  # the logits conv keeps its width; q and k widen to 16
+    assert all(math.isqrt(r.out_channels) ** 2 == r.out_channels for r in config.layers if r.name != "2")

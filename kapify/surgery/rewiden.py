@@ -76,7 +76,7 @@ def _plan(graph: ChannelGraph, width_fn: WidthFn, function_preserving: bool, wid
     widths: Dict[int, int] = {}
     for g in graph.groups:
         if function_preserving and not widen_normalised and g.normalised and g.fixed is None:
-            g.fixed = "a GroupNorm/LayerNorm normalises across these channels: new ones would change the function"
+            g.fixed = "a GroupNorm/LayerNorm normalises across these channels (or attention scales by their count): new ones would change the function"
         if g.fixed is not None or not g.producers:
             widths[g.id] = g.width
             continue

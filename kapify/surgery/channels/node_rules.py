@@ -273,12 +273,31 @@ def _pieces_together(an: ChannelAnalysis, step: Step, axis: int, count: int) -> 
 
 @register_node_rule(F.scaled_dot_product_attention)
 def attention(an: ChannelAnalysis, step: Step) -> Any:
-    """scaled_dot_product_attention with the channels on the heads dim: q, k, v (and a per-head mask) merge"""
+    """scaled_dot_product_attention with the channels on the heads dim: q, k, v (and a per-head mask) merge;
+    on the feature dim (one head over conv features, iFormer): q and k keep one width, the output has v's"""
+    if step.located and all(lo[0] == len(shape_of(a)) - 1 for a, lo in step.located):
+        return _feature_attention(an, step)
     if not step.located or any(lo[0] >= len(shape_of(a)) - 2 for a, lo in step.located):
-        return NotImplemented  # channels on the token or feature dims: not followed
+        return NotImplemented  # channels on the token dim: not followed
     if _unfollowed_operand(step):
         return NotImplemented  # a mask with a heads dim the analysis did not follow
     return an.merge(step.located, step.node)
+
+
+def _feature_attention(an: ChannelAnalysis, step: Step) -> Any:
+    """Attention whose q, k, v carry their channels on the feature dim: q.k sums over q's and k's channels,
+    scaled by 1/sqrt(their count) unless the call passes a scale: new ones change that scale, as new
+    channels change a LayerNorm's statistics (the group is marked normalised); v's channels pass."""
+    node = step.node
+    q, k, v = (an.lay(a) for a in node.args[:3])
+    if v is None or len(node.args) < 3 or shape_of(node.args[0])[-1] != shape_of(node.args[1])[-1]:
+        return NotImplemented
+    if q is not None and k is not None:
+        an.groups.union_layouts(an.groups.align([q[1], k[1]]))
+    if "scale" not in node.kwargs:  # like a norm over them: function_preserving keeps them, convert widens them
+        for g in (q[1] if q else ()) + (k[1] if k else ()):
+            an.groups.normalise(g)
+    return len(step.shape) - 1, an.lay(node.args[2])[1]
 
 
 def _unfollowed_operand(step: Step) -> bool:
