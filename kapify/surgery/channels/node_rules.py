@@ -328,22 +328,12 @@ def stack(an: ChannelAnalysis, step: Step) -> Any:
     return merged if merged is None or dim % len(step.shape) <= axis else (axis, merged[1])
 
 
-@register_node_rule(torch.softmax, torch.log_softmax, F.softmax, F.log_softmax, methods=("softmax", "log_softmax"))
-def softmax(an: ChannelAnalysis, step: Step) -> Any:
-    """softmax over another dim keeps the channels (SKNet's path attention); over the channels it normalises them"""
-    dim = step.node.kwargs.get("dim", step.node.args[1] if len(step.node.args) > 1 else None)
-    if step.src is None or not isinstance(dim, int):
-        return NotImplemented
-    if dim % len(step.src_shape) == step.src[0]:
-        for g in step.src[1]:
-            an.groups.normalise(g)
-    return step.src
-
-
-@register_node_rule(F.normalize)
-def normalize(an: ChannelAnalysis, step: Step) -> Any:
-    """F.normalize over another dim keeps the channels (cosine attention over the head dim); over them it normalises them"""
-    dim = step.node.kwargs.get("dim", step.node.args[2] if len(step.node.args) > 2 else 1)
+@register_node_rule(torch.softmax, torch.log_softmax, F.softmax, F.log_softmax, F.normalize, methods=("softmax", "log_softmax"))
+def normalising(an: ChannelAnalysis, step: Step) -> Any:
+    """softmax, F.normalize over another dim keep the channels (SKNet's path attention, cosine attention over
+    the head dim); over the channels they normalise them"""
+    at, default = (2, 1) if step.node.target is F.normalize else (1, None)  # normalize(input, p, dim=1)
+    dim = step.node.kwargs.get("dim", step.node.args[at] if len(step.node.args) > at else default)
     if step.src is None or not isinstance(dim, int):
         return NotImplemented
     if dim % len(step.src_shape) == step.src[0]:
