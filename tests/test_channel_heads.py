@@ -20,7 +20,7 @@ from kapify.surgery.conv_types import is_conv
 
 
 def _heads(model: nn.Module) -> dict:
-    return {n: getattr(m, "num_heads", getattr(m, "groups", None)) for n, m in model.named_modules()
+    return {n: next(getattr(m, a) for a in ("num_heads", "n_heads", "groups") if hasattr(m, a)) for n, m in model.named_modules()
             if ("Attention" in type(m).__name__ or type(m).__name__.endswith("Attn")) and not is_conv(m)}
 
 
@@ -53,6 +53,9 @@ MODELS = {  # name -> (builder, input side)
         num_classes=10), 32),
     "davit (window and channel attention)": (lambda: timm.models.davit.DaVit(
         depths=(1, 1), embed_dims=(24, 48), num_heads=(2, 4), window_size=4, num_classes=10), 32),
+    "torchvision maxvit (einsum, n_heads)": (lambda: torchvision.models.maxvit.MaxVit(
+        input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16, 32], block_layers=[1, 1], head_dim=8,
+        stochastic_depth_prob=0.0, num_classes=10), 32),
     "torchvision swin": (lambda: _tv_swin(False), 32),
     "torchvision swin v2": (lambda: _tv_swin(True), 32),
 }

@@ -315,6 +315,27 @@ def matmul(an: ChannelAnalysis, step: Step) -> Any:
     return NotImplemented if _unfollowed_operand(step) else an.merge(step.located, step.node)
 
 
+@register_node_rule(torch.einsum)
+def einsum(an: ChannelAnalysis, step: Step) -> Any:
+    """einsum with the channels on a letter the output keeps (torchvision MaxViT's heads): they follow it, merged"""
+    equation, operands = step.node.args[0], list(step.node.args[1:])
+    operands = list(operands[0]) if len(operands) == 1 and isinstance(operands[0], (list, tuple)) else operands
+    if not isinstance(equation, str) or "->" not in equation or "." in equation or not step.located:
+        return NotImplemented
+    terms, output = equation.replace(" ", "").split("->")
+    terms = terms.split(",")
+    if len(terms) != len(operands):
+        return NotImplemented
+    letters = {terms[operands.index(a)][lo[0]] for a, lo in step.located}
+    letter = letters.pop() if len(letters) == 1 else None
+    if letter is None or letter not in output or any(
+            a not in dict(step.located) and letter in term and shape_of(a)[term.index(letter)] > 1 for a, term in zip(operands, terms)):
+        return NotImplemented  # channels contracted, on different letters, or met by an operand not followed
+    if len({an.groups.total(lo[1]) for _, lo in step.located}) > 1:
+        return NotImplemented
+    return output.index(letter), an.groups.union_layouts(an.groups.align([lo[1] for _, lo in step.located]))
+
+
 @register_node_rule(torch.stack)
 def stack(an: ChannelAnalysis, step: Step) -> Any:
     """stack: the operands' channels merge (SKNet's kernel paths); the channel dim moves past a new dim before it"""

@@ -34,6 +34,7 @@ try:
     from timm.models.vision_transformer import ParallelScalingBlock
     from timm.models.vision_transformer_relpos import RelPosAttention
     from timm.models.visformer import Attention as VisformerAttention
+    from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
     from torchvision.models.swin_transformer import ShiftedWindowAttention
     from timm.models.cspnet import CrossStage, CrossStage3
     from timm.models.dpn import DualPathBlock
@@ -100,13 +101,14 @@ try:
                             CrossAttention, ChannelAttention, ChannelAttentionV2, WindowAttention, EvaAttention,
                             MetaFormerAttention, NestAttention, PvtAttention, GlobalSubSampleAttn, LocallyGroupedAttn,
                             RelPosAttention, BeitAttention, LowFormerAttention, NextViTAttention, SwinAttention,
-                            SwinV2Attention, SwinV2CrAttention, VisformerAttention, heads=True)
+                            SwinV2Attention, SwinV2CrAttention, VisformerAttention, RelativePositionalMultiHeadAttention,
+                            heads=True)
     def attention_heads(block: nn.Module, sizes: StoredSizes) -> None:
         """Attention that reshapes to its stored head count (``reshape(B, N, 3, self.num_heads, head_dim)``,
-        MaxViT's ``view(B, self.num_heads, self.dim_head * 3, -1)``; DaViT's channel attention calls them
-        ``groups``): widening adds heads, the head dim stays. Its inner width (``attn_dim``), when stored,
+        MaxViT's ``view(B, self.num_heads, self.dim_head * 3, -1)``; torchvision's MaxViT calls them ``n_heads``,
+        DaViT's channel attention ``groups``): widening adds heads, the head dim stays. Its inner width (``attn_dim``), when stored,
         and a relative position bias (its table widened with the heads) follow."""
-        heads = "groups" if isinstance(block, ChannelAttentionV2) else "num_heads"
+        heads = next(name for name in ("num_heads", "n_heads", "groups") if hasattr(block, name))
         setattr(block, heads, sizes(getattr(block, heads)))
         for inner in ("attn_dim", "attention_dim", "o_proj_inpdim"):
             if hasattr(block, inner):
