@@ -20,8 +20,9 @@ from kapify.surgery.conv_types import is_conv
 
 
 def _heads(model: nn.Module) -> dict:
-    return {n: next(getattr(m, a) for a in ("num_heads", "n_heads", "groups") if hasattr(m, a)) for n, m in model.named_modules()
-            if ("Attention" in type(m).__name__ or type(m).__name__.endswith("Attn")) and not is_conv(m)}
+    heads = {n: next((getattr(m, a) for a in ("num_heads", "n_heads", "groups") if hasattr(m, a)), None)
+             for n, m in model.named_modules() if "Attention" in type(m).__name__ or type(m).__name__.endswith("Attn")}
+    return {n: h for n, h in heads.items() if isinstance(h, int)}
 
 
 def _without_layernorm(model: nn.Module) -> nn.Module:
