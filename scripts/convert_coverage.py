@@ -27,7 +27,7 @@ import warnings
 import torch
 
 
-class _Timeout(Exception):
+class _Timeout(BaseException):  # not an Exception: no fallback inside convert may swallow it and go on
     pass
 
 
