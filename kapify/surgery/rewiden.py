@@ -172,19 +172,25 @@ def _grow_whole_segment(graph: ChannelGraph, widths: Dict[int, int], layout: Tup
 
 def _square_total(graph: ChannelGraph, widths: Dict[int, int], layout: Tuple[int, ...], unit: Tuple[int, ...],
                   width_fn: WidthFn, caps: Dict[int, Tuple[int, ...]]) -> bool:
-    """Give ``unit``'s groups the least width (from their old one) that makes ``layout``'s total a square."""
+    """Give ``unit``'s groups the least width (from their old one) that makes ``layout``'s total a square the
+    width rule would pick (a multiple of 16 from 64 on), or any square if that one is over twice as wide
+    (RegNet-128GF's 11 groups of 264: 11 x 275 = 3025, not 11 x 704 = 7744)."""
     count = sum(layout.count(g) for g in unit)
     others = sum(widths[g] for g in layout if g not in unit)
     old = graph.groups[unit[0]].width
     step = math.lcm(*(graph.groups[g].divisor for g in unit))
     cap = min((sum(widths[p] for p in caps[g]) for g in unit if g in caps), default=4 * (others + count * old))
-    for width in range(old, cap + 1, step):
-        total = others + count * width
-        if width_fn(total, divisor=1) == total:
-            for g in unit:
-                widths[g] = width
-            return True
-    return False
+
+    def least(square: Callable[[int], bool]) -> Optional[int]:
+        return next((w for w in range(old, cap + 1, step) if square(others + count * w)), None)
+
+    ruled, plain = least(lambda t: width_fn(t, divisor=1) == t), least(lambda t: math.isqrt(t) ** 2 == t)
+    width = ruled if ruled is not None and (plain is None or count * ruled + others <= 2 * (count * plain + others)) else plain
+    if width is None:
+        return False
+    for g in unit:
+        widths[g] = width
+    return True
 
 
 def _keep_leading_pieces_widest(graph: ChannelGraph, widths: Dict[int, int]) -> None:
