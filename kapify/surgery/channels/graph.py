@@ -255,10 +255,10 @@ class GroupSet:
         while changed:
             changed, seen = False, {}
             for inp, out, a, b in self.multiplied:
-                for key, other in (((0, self.find(out), a, b), inp), ((1, self.find(inp), a, b), out)):
-                    if key in seen and self.find(seen[key]) != self.find(other):
+                for key, other in (((0, self.expand((out,)), a, b), inp), ((1, self.expand((inp,)), a, b), out)):
+                    if key in seen and self.expand((seen[key],)) != self.expand((other,)):  # segment by segment (cut groups)
                         self.union(seen[key], other)
-                        changed = True
+                        changed |= self.expand((seen[key],)) == self.expand((other,))  # else they cannot meet: no rerun
                     seen.setdefault(key, other)
 
     def _fix_multiplied(self) -> None:
