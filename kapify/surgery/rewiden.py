@@ -11,30 +11,12 @@ from torch import nn
 from .channels import ChannelGraph, StoredSizes, analyze_channels, block_handler
 from .conv_types import is_conv
 from .resize import resize_layer, resize_parameter
+from .squares import square_width
 from .tracing import eval_mode, example_input as default_input
 
 __all__ = ["RewidenError", "apply_layout", "rewiden", "square_width", "width_mult", "WIDTH_RULES", "resolve_width_rule"]
 
 WidthFn = Callable[[int], int]
-
-
-def square_width(channels: int, align: int = 16, divisor: int = 1) -> int:
-    """The next usable perfect square >= ``channels``: for 64 channels and more, a square that is a
-    multiple of ``align`` (16: 144, 256, 576, ... tensor-core friendly); below 64 any square
-    (25, 36, 49). ``divisor`` (grouped convs) must divide it too; if no such square is within 4x,
-    the next multiple of ``divisor`` is returned (a rectangular grid).
-
-    Example:
-        >>> [square_width(c) for c in (16, 24, 64, 128, 192, 256, 512)]
-        [16, 25, 64, 144, 256, 256, 576]
-    """
-    step = math.lcm(align if channels >= 64 else 1, divisor)
-    n = math.isqrt(channels - 1) + 1 if channels > 1 else 1
-    while n * n <= 4 * channels:
-        if (n * n) % step == 0:
-            return n * n
-        n += 1
-    return -(-channels // divisor) * divisor
 
 
 def width_mult(m: float) -> WidthFn:

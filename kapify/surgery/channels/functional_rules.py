@@ -31,6 +31,15 @@ def _owner(an: ChannelAnalysis, param: Any, attr: str) -> Optional[Tuple[str, nn
     return (path, layer) if handler is not None and handler.kind in ("conv", "linear") else None
 
 
+def _on_last_dim(an: ChannelAnalysis, tensor: Any) -> Optional[Located]:
+    """The layout of a tensor whose channels are its last dim (a position embedding, a bias table): a
+    parameter's last dim gets a group; None when the channels are elsewhere or not known."""
+    if not isinstance(tensor, fx.Node) or shape_of(tensor) is None:
+        return None
+    src = an.lay(tensor) or (an.table_parameter(tensor) if tensor.op == "get_attr" else None)
+    return src if src is not None and src[0] == len(shape_of(tensor)) - 1 else None
+
+
 def _argument(node: fx.Node, at: int, name: str) -> Any:
     return node.kwargs.get(name, node.args[at] if len(node.args) > at else None)
 
@@ -61,10 +70,8 @@ def functional_layer(an: ChannelAnalysis, step: Step) -> Any:
 def resampled_position_embedding(an: ChannelAnalysis, step: Step) -> Any:
     """timm's position embedding resampled to the input size (dynamic image size): its last dim, the channels, stays"""
     embed = step.node.args[0] if step.node.args else None
-    if not isinstance(embed, fx.Node) or step.shape is None or shape_of(embed) is None or step.shape[-1] != shape_of(embed)[-1]:
-        return NotImplemented
-    src = an.lay(embed) or (an.parameter_group(embed, len(shape_of(embed)) - 1) if embed.op == "get_attr" else None)
-    if src is None or src[0] != len(shape_of(embed)) - 1:
+    src = _on_last_dim(an, embed)
+    if src is None or step.shape is None or step.shape[-1] != shape_of(embed)[-1]:
         return NotImplemented
     return len(step.shape) - 1, src[1]
 
@@ -72,12 +79,8 @@ def resampled_position_embedding(an: ChannelAnalysis, step: Step) -> Any:
 @register_node_rule(names=("_get_relative_position_bias",), parameters=True)
 def relative_position_bias(an: ChannelAnalysis, step: Step) -> Any:
     """torchvision's Swin: ``table[index]`` as a (1, heads, N, N) bias: the table's last dim (heads) on dim 1"""
-    table = step.node.args[0]
-    src = an.lay(table) if an.lay(table) is not None else an.table_parameter(table) if isinstance(table, fx.Node) \
-        and table.op == "get_attr" else None
-    if src is None or src[0] != len(shape_of(table)) - 1:
-        return NotImplemented
-    return 1, src[1]
+    src = _on_last_dim(an, step.node.args[0])
+    return NotImplemented if src is None else (1, src[1])
 
 
 @register_node_rule(names=("shifted_window_attention",), parameters=True)

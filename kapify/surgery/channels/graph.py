@@ -81,7 +81,7 @@ class GroupSet:
         self.normalised: set = set()
         self.parts: Dict[int, Tuple[int, int]] = {}  # a root cut in two at a split or slice: its segments
         self.ties: List[Tuple[List[Layout], str]] = []  # layouts that must keep equal widths (pieces of x.chunk(n)), why
-        self.multiplied: List[Tuple[int, int, int, int]] = []  # grouped conv: (input group, output group, in, out per conv group)
+        self.multiplied: List[Tuple[int, int, int, int]] = []  # (input group, output group, in, out per conv group or head)
 
     def new(self, width: int, fixed: Optional[str] = None) -> int:
         self.parent.append(len(self.parent))
@@ -242,8 +242,9 @@ class GroupSet:
         )
 
     def multiply(self, inp: int, out: int, per_in: int, per_out: int) -> None:
-        """A grouped conv with ``per_in`` -> ``per_out`` channels per group (a depth multiplier): widening
-        adds whole groups, so its output keeps ``per_out / per_in`` times its input's width."""
+        """A grouped conv with ``per_in`` -> ``per_out`` channels per group (a depth multiplier), or channels
+        of ``per_in`` per attention head (``per_out`` = 1: the heads): widening adds whole groups or heads,
+        so the output keeps ``per_out / per_in`` times its input's width."""
         self.restrict(inp, per_in)
         self.restrict(out, per_out)
         self.multiplied.append((inp, out, per_in, per_out))

@@ -8,12 +8,12 @@ handler (``nn.Flatten``, an activation) is followed like a reshape; any other on
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 from torch import nn
 
 from ..resize import ChannelHandler, channel_handler
+from ..squares import aligned_square
 from .analysis import ChannelAnalysis, Located, Step
 from .axes import follow_axis, permuted_axis
 
@@ -81,13 +81,6 @@ def _channelwise(an: ChannelAnalysis, step: Step, module: nn.Module, handler: Ch
     return src
 
 
-def _square_in_whole_groups(channels: int, width: int) -> bool:
-    """Whether adding whole groups of ``width`` reaches a square (a multiple of 16 from 64 channels) within 4x;
-    else a grouped conv keeps its group count and widens each group (RegNet's group widths of 8 x 29)."""
-    step = math.lcm(16 if channels >= 64 else 1, width)
-    return any(n * n % step == 0 for n in range(math.isqrt(channels - 1) + 1, math.isqrt(4 * channels) + 1))
-
-
 def layer_layout(an: ChannelAnalysis, step: Step, name: str, module: nn.Module, handler: ChannelHandler,
                  src: Located) -> Optional[Located]:
     """A conv/linear (module ``name``, called as a layer or through its weight) starts a new group; a
@@ -97,7 +90,8 @@ def layer_layout(an: ChannelAnalysis, step: Step, name: str, module: nn.Module, 
     c_in, c_out = handler.count(module, handler.in_attr), handler.count(module, handler.out_attr)
     if groups > 1 and c_in == c_out:  # depthwise / grouped: channel i in feeds group of channel i out
         width = c_in // groups
-        if width > 1 and src is step.src and len(src[1]) == 1 and not _square_in_whole_groups(c_in, width):  # RegNet: wider groups
+        if width > 1 and src is step.src and len(src[1]) == 1 and aligned_square(c_in, divisor=width) is None:
+            # no square within 4x is a whole number of groups (RegNet's 3 groups of 56): keep the count, widen each
             piece = an.equal_pieces(step, groups)
             if piece is not None:
                 an.role(name, "grouped", piece * groups)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -199,25 +199,32 @@ def _split(an: ChannelAnalysis, step: Step, first: int, last: int, pieces: int) 
         return an.moved(node, step.src, None, node.name)
     heads = int(step.shape[last - 1])
     lead = pieces // heads
-    layout = step.src[1] if lead == 1 else _pieces_together(an, step, last - 1, lead)
-    if layout is NotImplemented:
+    layout = step.src[1] if lead == 1 else an.equal_pieces(step, lead)
+    if layout is None:  # the traced layout does not add up
         return NotImplemented
-    layout = layout if lead == 1 else layout[1]
     if len(layout) != 1:
         return an.moved(node, step.src, None, node.name)
     _head_dim_coupled(an, node, last, heads, layout)
     return _heads(an, step, last - 1, heads, layout[0])
 
 
+def _size_source(an: ChannelAnalysis, node: fx.Node, axis: int) -> Optional[Tuple[Layout, int, int]]:
+    """(layout, num, den) when a view/reshape sizes dim ``axis`` at run time as num/den of the channel count of
+    a laid-out tensor (``reshape(B, N, C)`` with ``B, N, C = x.shape``; ``C // self.num_heads``), else None."""
+    sizes = reshape_sizes(node) if name_of(node.target) in ("view", "reshape") else []
+    read = size_read(sizes[axis]) if axis < len(sizes) else None
+    source = an.lay(read[0]) if read is not None else None
+    if source is None or read[0] in an.spread or read[1] % len(shape_of(read[0])) != source[0]:
+        return None
+    return source[1], read[2], read[3]
+
+
 def _head_dim_coupled(an: ChannelAnalysis, node: fx.Node, axis: int, heads: int, layout: Layout) -> None:
     """A head dim computed off another tensor (``C // self.num_heads`` with ``C = x.shape[-1]``): widening
     by whole heads keeps it only if that tensor's channels widen with the heads' (C = heads x d)."""
-    sizes = reshape_sizes(node)
-    read = size_read(sizes[axis]) if axis < len(sizes) else None
-    source = an.lay(read[0]) if read is not None else None
-    if source is not None and read[0] not in an.spread and read[1] % len(shape_of(read[0])) == source[0] \
-            and read[2] * heads == read[3] and an.groups.total(source[1]) == an.groups.total(layout):
-        an.groups.union_layouts(an.groups.align([layout, source[1]]))
+    found = _size_source(an, node, axis)
+    if found is not None and found[1] * heads == found[2] and an.groups.total(found[0]) == an.groups.total(layout):
+        an.groups.union_layouts(an.groups.align([layout, found[0]]))
 
 
 def _heads(an: ChannelAnalysis, step: Step, axis: int, heads: int, group: int) -> Optional[Located]:
@@ -252,16 +259,10 @@ def _heads_together(an: ChannelAnalysis, src: Located, axis: int, per_head: int)
 def _size_coupled(an: ChannelAnalysis, node: fx.Node, located: Any) -> Any:
     """A reshape whose channel dim is sized at run time off another tensor (``reshape(B, N, C)`` with
     ``B, N, C = x.shape``; ``C // self.num_heads``): its channels widen with that tensor's."""
-    if not isinstance(located, tuple) or name_of(node.target) not in ("view", "reshape"):
+    found = _size_source(an, node, located[0]) if isinstance(located, tuple) else None
+    if found is None or found[1] != 1 or an.groups.total(located[1]) * found[2] != an.groups.total(found[0]):
         return located
-    sizes = reshape_sizes(node)
-    read = size_read(sizes[located[0]]) if located[0] < len(sizes) else None
-    source = an.lay(read[0]) if read is not None else None
-    if source is None or read[0] in an.spread or read[1] % len(shape_of(read[0])) != source[0] or read[2] != 1:
-        return located
-    if an.groups.total(located[1]) * read[3] != an.groups.total(source[1]):
-        return located
-    an.groups.union_layouts(an.groups.align([located[1] * read[3], source[1]]))
+    an.groups.union_layouts(an.groups.align([located[1] * found[2], found[0]]))
     return located[0], an.groups.expand(located[1])
 
 
@@ -289,9 +290,9 @@ def _feature_attention(an: ChannelAnalysis, step: Step) -> Any:
     scaled by 1/sqrt(their count) unless the call passes a scale: new ones change that scale, as new
     channels change a LayerNorm's statistics (the group is marked normalised); v's channels pass."""
     node = step.node
-    q, k, v = (an.lay(a) for a in node.args[:3])
-    if v is None or len(node.args) < 3 or shape_of(node.args[0])[-1] != shape_of(node.args[1])[-1]:
-        return NotImplemented
+    if len(node.args) < 3 or an.lay(node.args[2]) is None or shape_of(node.args[0])[-1] != shape_of(node.args[1])[-1]:
+        return NotImplemented  # q, k, v passed by keyword, or v not followed
+    q, k = an.lay(node.args[0]), an.lay(node.args[1])
     if q is not None and k is not None:
         an.groups.union_layouts(an.groups.align([q[1], k[1]]))
     if "scale" not in node.kwargs:  # like a norm over them: function_preserving keeps them, convert widens them

@@ -1,0 +1,33 @@
+"""Square channel counts: the widths that give KAP a true sqrt(C) x sqrt(C) grid."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+__all__ = ["aligned_square", "square_width"]
+
+
+def aligned_square(channels: int, align: int = 16, divisor: int = 1) -> Optional[int]:
+    """The least perfect square >= ``channels`` and within 4x that is a multiple of ``divisor`` (and of
+    ``align`` from 64 channels on), or None if there is none."""
+    step = math.lcm(align if channels >= 64 else 1, divisor)
+    n = math.isqrt(channels - 1) + 1 if channels > 1 else 1
+    while n * n <= 4 * channels:
+        if (n * n) % step == 0:
+            return n * n
+        n += 1
+    return None
+
+
+def square_width(channels: int, align: int = 16, divisor: int = 1) -> int:
+    """The next usable perfect square >= ``channels``: for 64 channels and more, a square that is a
+    multiple of ``align`` (16: 144, 256, 576, ... tensor-core friendly); below 64 any square
+    (25, 36, 49). ``divisor`` (grouped convs) must divide it too; if no such square is within 4x,
+    the next multiple of ``divisor`` is returned (a rectangular grid).
+
+    Example:
+        >>> [square_width(c) for c in (16, 24, 64, 128, 192, 256, 512)]
+        [16, 25, 64, 144, 256, 256, 576]
+    """
+    square = aligned_square(channels, align, divisor)
+    return square if square is not None else -(-channels // divisor) * divisor
