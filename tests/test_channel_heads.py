@@ -59,6 +59,8 @@ MODELS = {  # name -> (builder, input side)
         stochastic_depth_prob=0.0, num_classes=10), 32),
     "torchvision swin": (lambda: _tv_swin(False), 32),
     "torchvision swin v2": (lambda: _tv_swin(True), 32),
+    "torchvision vit (nn.MultiheadAttention)": (lambda: torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=3, hidden_dim=48, mlp_dim=96, num_classes=10), 32),
 }
 
 
@@ -117,3 +119,41 @@ def test_one_head_over_conv_features_widens_v_and_treats_q_k_like_a_norm():
     config = kapify.get_config(kapify.convert(model.float(), example_input=x.float()))
     assert config.fixed_widths == {"2": "model output"}  # the logits conv keeps its width; q and k widen to 16
     assert all(math.isqrt(r.out_channels) ** 2 == r.out_channels for r in config.layers if r.name != "2")
+
+
+def test_multihead_attention_widens_by_heads_with_packed_projections():
+    """``nn.MultiheadAttention`` (sequence-first, learned key/value biases): its q, k, v rows of
+    ``in_proj_weight`` follow the channel index, new heads see the old channels unchanged, whatever the new
+    input channels hold (their weights are zero); a width that is not whole heads is refused."""
+    from kapify.surgery.resize import resize_layer
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, add_bias_kv=True).double().eval()
+    x = torch.rand(5, 3, 8, dtype=torch.float64)  # (tokens, batch, channels)
+    with torch.no_grad():
+        want = mha(x, x, x)[0]
+    index = torch.tensor([4, 5, 6, 7, 0, 1, 2, 3])  # the two old heads swap places
+    resize_layer(mha, new_out=12, out_index=index, zero_new_inputs=True)
+    assert (mha.embed_dim, mha.num_heads, mha.head_dim, tuple(mha.in_proj_weight.shape)) == (12, 3, 4, (36, 12))
+    wide = torch.rand(5, 3, 12, dtype=torch.float64)
+    wide[..., index] = x
+    with torch.no_grad():
+        torch.testing.assert_close(mha(wide, wide, wide)[0][..., index], want)
+    with pytest.raises(ValueError, match="whole heads"):
+        resize_layer(mha, new_out=14, out_index=torch.arange(12))
+
+
+def test_cross_attention_with_another_width_keeps_its_channels():
+    """Keys and values from a stream of another width: the layer's channels cannot follow, they stay."""
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.kv, self.attn = nn.Linear(4, 8), nn.Linear(4, 6), nn.MultiheadAttention(8, 2, kdim=6, vdim=6, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(self.q(x), self.kv(x), self.kv(x))[0].sum(1)
+
+    from kapify.surgery.channels import analyze_channels
+
+    graph = analyze_channels(Cross().eval(), torch.rand(2, 5, 4))
+    assert graph.group_of("q").fixed and graph.group_of("kv").fixed

@@ -139,7 +139,9 @@ def test_a_transposed_conv_keeps_its_filters_and_computes_the_same():
 def test_square_width_rule():
     assert [kapify.square_width(c) for c in (1, 9, 10, 63, 64, 65, 144, 145)] == [1, 9, 16, 64, 64, 144, 144, 256]
     assert kapify.square_width(128, divisor=3) == 144  # 144 = 12^2 is a multiple of 16 and of 3
-    assert kapify.square_width(100, divisor=7) == 105  # no square multiple of 16 and 7 within 4x: next multiple of 7
+    assert kapify.square_width(100, divisor=7) == 196  # no square multiple of 16 and 7 within 4x: one of 7 alone
+    assert kapify.square_width(240, divisor=30) == 900  # GroupNorm's 30 groups of 8 (EfficientNet-GN)
+    assert kapify.square_width(100, divisor=97) == 194  # no square multiple of 97 within 4x: next multiple
 
 
 @pytest.mark.parametrize("stride", [2, 3])
@@ -362,6 +364,42 @@ def test_timm_norms_over_dim_1_widen_with_their_conv(norm):
     kap = kapify.convert(model, example_input=torch.rand(1, 3, 4, 4))
     assert kap[0].out_channels == 9 and kap[1].normalized_shape == (9,) and kap[1].weight.shape == (9,)
     assert "0" in kapify.get_config(kap).widened_across_norm
+
+
+def test_blur_pool_widens_with_a_blur_filter_per_new_channel():
+    """timm's anti-aliased downsampling (ResNet-blur, TResNet): one fixed blur filter per channel."""
+    model = nn.Sequential(nn.Conv2d(3, 12, 1), timm.layers.BlurPool2d(12), nn.Conv2d(12, 4, 1)).double().eval()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
+    assert wide[1].channels == 16 and wide[1].filt.shape == (16, 1, 3, 3)
+    torch.testing.assert_close(wide[1].filt, wide[1].filt[:1].expand(16, 1, 3, 3))  # the same blur for the new channels
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), model(x))
+
+
+def test_group_norm_widens_by_whole_groups_and_keeps_the_function():
+    """GroupNorm(3, 24): new channels form new groups of 8, so the old groups keep their statistics and
+    function_preserving widens it; GroupNorm(1, C) normalises over all channels and keeps its width."""
+    x = torch.rand(2, 3, 4, 4, dtype=torch.float64)
+    for groups, width in ((3, 64), (1, 24)):
+        model = nn.Sequential(nn.Conv2d(3, 24, 1), nn.GroupNorm(groups, 24), nn.ReLU(), nn.Conv2d(24, 5, 1)).double().eval()
+        wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
+        assert (wide[1].num_channels, wide[1].num_groups) == (width, width // 8 if groups > 1 else 1)
+        with torch.no_grad():
+            torch.testing.assert_close(wide(x), model(x))
+
+
+def test_a_leaf_block_with_a_layer_rule_widens_its_input():
+    """VGG's ConvMlp: a leaf for FX (it pools a small input first); its rule says fc1 reads the input."""
+    from timm.models.vgg import ConvMlp
+
+    model = nn.Sequential(nn.Conv2d(3, 20, 3), ConvMlp(20, 36, kernel_size=2, mlp_ratio=1.0), nn.Flatten(), nn.Linear(36 * 9, 5))
+    model = model.double().eval()
+    x = torch.rand(2, 3, 6, 6, dtype=torch.float64)
+    wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
+    assert wide[0].out_channels == wide[1].fc1.in_channels == 25 and wide[1].fc2.out_channels == 36
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), model(x))
 
 
 def test_the_analysis_looks_inside_blocks_timm_keeps_whole():

@@ -5,7 +5,8 @@ from .conv_sites import ConvSites, find_conv_sites
 from .conv_types import is_conv, register_conv_type
 from .convert import convert
 from .fold import fold
-from .channels import ChannelGroup, StoredSizes, analyze_channels, channel_groups, register_block_handler, register_node_rule
+from .channels import ChannelGroup, StoredSizes, analyze_channels, channel_groups, register_block_handler, register_layer_rule, \
+    register_node_rule
 from .kap_conv import attach_kap, is_kap_conv, set_blend
 from .resize import ChannelHandler, register_channel_handler
 from .rewiden import rewiden, square_width, width_mult
@@ -21,6 +22,7 @@ __all__ = [
     "register_channel_handler",
     "register_block_handler",
     "register_node_rule",
+    "register_layer_rule",
     "StoredSizes",
     "rewiden",
     "square_width",

@@ -22,11 +22,15 @@ class ChannelHandler:
     """How one layer type exposes and changes its channels.
 
     ``kind``: "conv"/"linear" (in and out channels are independent, except depthwise convs),
-    "channelwise" (one channel count, e.g. BatchNorm: output channels = input channels).
+    "channelwise" (one channel count, e.g. BatchNorm: output channels = input channels), "attention"
+    (self-attention whose query, key, value and output share one width, widened by whole heads of
+    ``unit_attr`` channels: ``nn.MultiheadAttention``).
     ``channels_normalised``: the layer mixes statistics across its input channels (GroupNorm,
     LayerNorm, weight-standardised convs), so adding channels changes its outputs for the old ones.
     ``axis``: the input dim that holds the channels (1 for NCHW layers, -1 for Linear and
     channels-last LayerNorm). An attribute holding a shape (``normalized_shape``) counts its last entry.
+    ``resize``: ``resize(module, size, index, zero_new_inputs)`` for a one-width layer whose parameters
+    the generic code cannot lay out (packed q, k, v projections).
     """
 
     kind: str
@@ -34,6 +38,8 @@ class ChannelHandler:
     out_attr: str
     channels_normalised: bool = False
     axis: int = 1
+    unit_attr: Optional[str] = None
+    resize: Optional[Callable[[nn.Module, int, torch.Tensor, bool], None]] = None
 
     @staticmethod
     def count(module: nn.Module, attr: str) -> int:
@@ -75,6 +81,9 @@ try:  # timm's weight-standardised convs normalise each filter over its input ch
     for _rms, _axis in ((RmsNorm, -1), (RmsNormFp32, -1), (SimpleNorm, -1), (SimpleNormFp32, -1),  # RMS norms: plain nn.Modules
                         (RmsNorm2d, 1), (RmsNorm2dFp32, 1), (SimpleNorm2d, 1), (SimpleNorm2dFp32, 1)):
         register_channel_handler(_rms, ChannelHandler("channelwise", "normalized_shape", "normalized_shape", True, axis=_axis))
+    from timm.layers import BlurPool2d
+
+    register_channel_handler(BlurPool2d, ChannelHandler("channelwise", "channels", "channels"))  # anti-aliasing: one blur filter per channel
 except ImportError:  # pragma: no cover - timm is a dependency
     pass
 try:  # torchvision's ConvNeXt LayerNorm2d, also over dim 1
@@ -126,8 +135,10 @@ def resize_layer(
     handler = channel_handler(module)
     if handler is None:
         raise TypeError(f"no channel handler for {type(module).__name__}; register one with kapify.register_channel_handler")
+    if getattr(module, handler.in_attr) is None:  # a layer that takes any width (BlurPool2d(channels=None))
+        return
     old_in, old_out = handler.count(module, handler.in_attr), handler.count(module, handler.out_attr)
-    if handler.kind == "channelwise":
+    if handler.kind in ("channelwise", "attention"):
         new_in = new_out = new_out or new_in
         in_index = out_index = out_index if out_index is not None else in_index
     new_in, new_out = new_in or old_in, new_out or old_out
@@ -135,6 +146,9 @@ def resize_layer(
     out_index = torch.arange(old_out) if out_index is None else out_index
     if (new_in, new_out) == (old_in, old_out) and torch.equal(in_index, torch.arange(old_in)) \
             and torch.equal(out_index, torch.arange(old_out)):  # no new channels, none moved
+        return
+    if handler.resize is not None:
+        handler.resize(module, new_out, out_index, zero_new_inputs)
         return
     groups = getattr(module, "groups", 1)
     grouped = handler.kind == "conv" and groups > 1  # widening adds whole groups (depth multipliers too) or widens each
@@ -197,6 +211,8 @@ def resize_layer(
     handler.set_count(module, handler.out_attr, new_out)
     if grouped:
         module.groups = fresh.groups
+    if isinstance(module, nn.GroupNorm) and module.num_groups > 1 and new_out % (old_out // module.num_groups) == 0:
+        module.num_groups = new_out // (old_out // module.num_groups)  # new channels are new groups of the same size
 
 
 def resize_parameter(owner: nn.Module, name: str, dim: int, size: int, index: torch.Tensor) -> None:
@@ -208,3 +224,36 @@ def resize_parameter(owner: nn.Module, name: str, dim: int, size: int, index: to
     value = torch.full(shape, old.detach().mean().item(), dtype=old.dtype, device=old.device)
     value.index_copy_(dim, index.to(old.device), old.detach())
     setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value)
+
+
+def _resize_multihead_attention(module: nn.MultiheadAttention, size: int, index: torch.Tensor, zero_new_inputs: bool) -> None:
+    """``nn.MultiheadAttention`` with ``size`` channels: the q, k and v rows of the packed ``in_proj_weight``,
+    its columns and ``out_proj`` follow ``index``; the head dim stays, so the new channels are new heads."""
+    if size % module.head_dim or not module._qkv_same_embed_dim:
+        raise ValueError(f"MultiheadAttention with heads of {module.head_dim} channels (keys/values of {module.kdim}/{module.vdim}) "
+                         f"cannot take {size} channels: it widens by whole heads, with keys and values of its own width")
+    weight = module.in_proj_weight
+    fresh = nn.MultiheadAttention(size, size // module.head_dim, bias=module.in_proj_bias is not None,
+                                  add_bias_kv=module.bias_k is not None, batch_first=module.batch_first,
+                                  device=weight.device, dtype=weight.dtype)
+    rows = torch.cat([piece * size + index for piece in range(3)])  # q, k, v: one head layout each
+    new_weight = fresh.in_proj_weight.detach()
+    if zero_new_inputs:
+        new_weight[:, ~torch.isin(torch.arange(size), index)] = 0
+    module.in_proj_weight = nn.Parameter(_place(weight.detach(), new_weight, rows, index), weight.requires_grad)
+    if module.in_proj_bias is not None:
+        module.in_proj_bias = nn.Parameter(_place(module.in_proj_bias.detach(), fresh.in_proj_bias.detach(), rows),
+                                           module.in_proj_bias.requires_grad)
+    for name in ("bias_k", "bias_v"):  # (1, 1, E) learned key/value rows
+        old = getattr(module, name)
+        if old is not None:
+            value = getattr(fresh, name).detach().clone()
+            value[..., index] = old.detach()
+            setattr(module, name, nn.Parameter(value, old.requires_grad))
+    resize_layer(module.out_proj, new_in=size, in_index=index, new_out=size, out_index=index, zero_new_inputs=zero_new_inputs)
+    module.embed_dim = module.kdim = module.vdim = size
+    module.num_heads = size // module.head_dim
+
+
+register_channel_handler(nn.MultiheadAttention, ChannelHandler(  # self-attention: query, key, value and output share one width
+    "attention", "embed_dim", "embed_dim", axis=-1, unit_attr="head_dim", resize=_resize_multihead_attention))

@@ -3,21 +3,46 @@
 The layer's :class:`~kapify.surgery.resize.ChannelHandler` (the registry users extend with
 :func:`kapify.register_channel_handler`) says which kind it is: a conv/linear reads its input
 channels and produces a new group; a channelwise layer (BatchNorm) and a depthwise conv carry their
-input's groups; a GroupNorm/LayerNorm also marks them normalised. A stateless layer without a
-handler (``nn.Flatten``, an activation) is followed like a reshape; any other one fixes the channels.
+input's groups; a GroupNorm/LayerNorm also marks them normalised; self-attention
+(``nn.MultiheadAttention``) carries them in whole heads. A stateless layer without a
+handler (``nn.Flatten``, an activation) is followed like a reshape; any other one fixes the channels,
+unless a rule is registered for its type (:func:`register_layer_rule`: a block FX keeps whole).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Dict, Optional, Sequence, Type
 
 from torch import nn
 
 from ..resize import ChannelHandler, channel_handler
 from ..squares import aligned_square
 from .analysis import ChannelAnalysis, Located, Step
+from .graph import Layout
 from .axes import follow_axis, permuted_axis
 
-__all__ = ["module_layout", "layer_layout"]
+__all__ = ["LayerRule", "module_layout", "layer_layout", "register_layer_rule", "layers_in_sequence"]
+
+LayerRule = Callable[[ChannelAnalysis, Step, nn.Module], Optional[Located]]
+_LAYER_RULES: Dict[Type[nn.Module], LayerRule] = {}
+
+
+def register_layer_rule(*layer_types: Type[nn.Module]) -> Callable[[LayerRule], LayerRule]:
+    """Register ``rule(analysis, step, layer)`` for a block FX keeps whole (a leaf, e.g. one with
+    data-dependent control flow): the layout of its output, given the layers it calls."""
+    def register(rule: LayerRule) -> LayerRule:
+        _LAYER_RULES.update(dict.fromkeys(layer_types, rule))
+        return rule
+    return register
+
+
+def layers_in_sequence(an: ChannelAnalysis, step: Step, names: Sequence[str]) -> Optional[Located]:
+    """A leaf block that calls its conv/linear layers ``names`` one after the other on its input."""
+    located = step.src
+    for name in names:
+        path = f"{step.node.target}.{name}"
+        layer = an.gm.get_submodule(path)
+        located = layer_layout(an, step, path, layer, channel_handler(layer), located)
+    return located
 
 try:  # torchvision's ConvNeXt moves channels last with a Permute module
     from torchvision.ops.misc import Permute as _Permute
@@ -28,6 +53,9 @@ except ImportError:  # pragma: no cover - torchvision is a dependency
 
 def module_layout(an: ChannelAnalysis, step: Step, module: nn.Module) -> Optional[Located]:
     """The layout of a layer's output, recording the layer's role in the groups it touches."""
+    rule = next((_LAYER_RULES[cls] for cls in type(module).__mro__ if cls in _LAYER_RULES), None)
+    if rule is not None and step.src is not None:
+        return rule(an, step, module)
     handler = channel_handler(module)
     if handler is None:
         return _without_handler(an, step, module)
@@ -57,6 +85,8 @@ def module_layout(an: ChannelAnalysis, step: Step, module: nn.Module) -> Optiona
         return an.layout[node]
     if handler.kind == "channelwise":
         return _channelwise(an, step, module, handler, src)
+    if handler.kind == "attention":
+        return _attention(an, step, module, handler, src)
     return layer_layout(an, step, node.target, module, handler, src)
 
 
@@ -73,12 +103,40 @@ def _without_handler(an: ChannelAnalysis, step: Step, module: nn.Module) -> Opti
 
 
 def _channelwise(an: ChannelAnalysis, step: Step, module: nn.Module, handler: ChannelHandler, src: Located) -> Located:
-    """BatchNorm, LayerNorm, GroupNorm: the channels pass through; norms over channels mark them normalised."""
+    """BatchNorm, LayerNorm, GroupNorm: the channels pass through; norms over channels mark them normalised,
+    except a GroupNorm of several groups, which widens by whole new groups (the old ones keep their statistics)."""
     an.role(step.node.target, "channelwise", src[1])
-    if handler.channels_normalised:  # GroupNorm/LayerNorm: statistics mix channels; widths stay multiples of its groups
+    if handler.channels_normalised:  # statistics mix channels
+        groups = getattr(module, "num_groups", 1)
+        size = handler.count(module, handler.in_attr) // groups
+        whole_groups = groups > 1 and not any(an.groups.width[g] % size for g in src[1])
         for g in src[1]:
-            an.groups.normalise(g, getattr(module, "num_groups", 1))
+            an.groups.restrict(g, size) if whole_groups else an.groups.normalise(g, groups)  # else widen each group
     return src
+
+
+def _attention(an: ChannelAnalysis, step: Step, module: nn.Module, handler: ChannelHandler, src: Located) -> None:
+    """Self-attention (``nn.MultiheadAttention``): query, key and value, read by one packed projection, and the
+    output share their channels; widening adds whole heads. Its output is (attention, weights)."""
+    node = step.node
+    qkv = [node.kwargs.get(k, node.args[i] if len(node.args) > i else None) for i, k in enumerate(("query", "key", "value"))]
+    operands = [an.lay(a) for a in qkv]
+    if any(lo is None or lo[0] != src[0] for lo in operands) or len({an.groups.total(lo[1]) for lo in operands}) != 1:
+        an.fix_all(operands, f"{type(module).__name__} '{node.target}' reads keys or values laid out unlike its queries")
+        return None
+    layout = an.groups.union_layouts(an.groups.align([lo[1] for lo in operands]))
+    _whole_units(an, node.target, layout, getattr(module, handler.unit_attr), "attention", "heads")
+    an.role(node.target, "channelwise", layout)
+    an.pieces[node] = [(src[0], layout), None]
+    return None
+
+
+def _whole_units(an: ChannelAnalysis, name: str, layout: Layout, width: int, what: str, units: str) -> None:
+    """Widening adds whole units of ``width`` channels (a grouped conv's groups, attention heads) to each segment."""
+    if any(an.groups.width[g] % width for g in layout):  # a segment boundary inside a unit
+        an.fix_all([(0, layout)], f"{what} '{name}' reads segments that cut its {units} of {width}")
+    for g in layout:
+        an.groups.restrict(g, width)
 
 
 def layer_layout(an: ChannelAnalysis, step: Step, name: str, module: nn.Module, handler: ChannelHandler,
@@ -96,10 +154,7 @@ def layer_layout(an: ChannelAnalysis, step: Step, name: str, module: nn.Module, 
             if piece is not None:
                 an.role(name, "grouped", piece * groups)
                 return axis, piece * groups
-        if any(an.groups.width[g] % width for g in src[1]):  # a segment boundary inside a group
-            an.fix_all([src], f"grouped conv '{name}' reads segments that cut its groups of {width}")
-        for g in src[1]:  # widening adds whole groups: each segment stays a multiple of the group width
-            an.groups.restrict(g, width)
+        _whole_units(an, name, src[1], width, "grouped conv", "groups")
         an.role(name, "grouped", src[1])
         return src
     if groups > 1 and len(src[1]) != 1:

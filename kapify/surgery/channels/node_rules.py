@@ -152,7 +152,7 @@ def permute(an: ChannelAnalysis, step: Step) -> Optional[Located]:
 
 
 @register_node_rule(torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
-                    methods=("view", "reshape", "flatten", "squeeze", "unsqueeze"))
+                    methods=("view", "reshape", "flatten", "squeeze", "unsqueeze", "view_as", "reshape_as"))
 def reshape(an: ChannelAnalysis, step: Step) -> Any:
     """view/reshape/flatten/(un)squeeze: followed when the channel dim survives whole, is flattened outermost
     (VGG's classifier), split into pieces (SKNet's paths) or heads (attention), or heads merge back"""

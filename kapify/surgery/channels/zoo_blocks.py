@@ -1,4 +1,5 @@
-"""Block handlers for timm and torchvision blocks that split their channels at stored sizes.
+"""Block handlers for timm and torchvision blocks that split their channels at stored sizes, and
+rules for blocks FX keeps whole.
 
 Each handler rewrites the attributes its block's forward reads the split sizes from; the reason
 for each is its docstring. Tested on the real blocks with function preservation
@@ -9,6 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from .blocks import StoredSizes, register_block_handler
+from .module_rules import layers_in_sequence, register_layer_rule
 
 __all__: list = []
 
@@ -36,6 +38,7 @@ try:
     from timm.models.visformer import Attention as VisformerAttention
     from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
     from torchvision.models.swin_transformer import ShiftedWindowAttention
+    from torchvision.models.vision_transformer import VisionTransformer
     from timm.models.cspnet import CrossStage, CrossStage3
     from timm.models.dpn import DualPathBlock
     from timm.models.fasternet import Partial_conv3
@@ -45,6 +48,7 @@ try:
     from timm.models.metaformer import Scale
     from timm.models.res2net import Bottle2neck
     from timm.models.rexnet import LinearBottleneck
+    from timm.models.vgg import ConvMlp
 
     @register_block_handler(CrossStage, CrossStage3)
     def cross_stage(block: nn.Module, sizes: StoredSizes) -> None:
@@ -132,6 +136,16 @@ try:
         """torchvision's Swin: ``shifted_window_attention(..., self.num_heads, ...)`` (V2: ``view(-1, self.num_heads)``
         of its bias MLP): widening adds heads"""
         block.num_heads = sizes(block.num_heads)
+
+    @register_block_handler(VisionTransformer)
+    def vision_transformer(block: nn.Module, sizes: StoredSizes) -> None:
+        """torchvision's ViT: the patch embedding's ``x.reshape(n, self.hidden_dim, n_h * n_w)``"""
+        block.hidden_dim = sizes(block.hidden_dim)
+
+    @register_layer_rule(ConvMlp)
+    def vgg_conv_mlp(an, step, layer):
+        """VGG's pre-logits (a leaf: it pools a small input first): ``fc1`` (a 7x7 conv), then ``fc2``"""
+        return layers_in_sequence(an, step, ("fc1", "fc2"))
 
     @register_block_handler(Scale)
     def metaformer_scale(block: nn.Module, sizes: StoredSizes) -> None:
