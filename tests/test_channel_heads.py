@@ -59,6 +59,8 @@ MODELS = {  # name -> (builder, input side)
         stochastic_depth_prob=0.0, num_classes=10), 32),
     "torchvision swin": (lambda: _tv_swin(False), 32),
     "torchvision swin v2": (lambda: _tv_swin(True), 32),
+    "xcit (cross-covariance attention, Fourier position encoding)": (lambda: timm.models.xcit.Xcit(
+        img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, cls_attn_layers=1, num_classes=10), 32),
     "torchvision vit (nn.MultiheadAttention)": (lambda: torchvision.models.VisionTransformer(
         image_size=32, patch_size=8, num_layers=2, num_heads=3, hidden_dim=48, mlp_dim=96, num_classes=10), 32),
 }
@@ -157,3 +159,26 @@ def test_cross_attention_with_another_width_keeps_its_channels():
 
     graph = analyze_channels(Cross().eval(), torch.rand(2, 5, 4))
     assert graph.group_of("q").fixed and graph.group_of("kv").fixed
+
+
+def test_a_position_embedding_unsqueezed_to_the_batch_widens_with_the_stream():
+    """CLIP ResNets' attention pool: ``resample_abs_pos_embed(self.pos_embed.unsqueeze(0), ...) + x``."""
+    model = nn.Sequential(nn.Conv2d(3, 12, 1), timm.layers.AttentionPool2d(12, feat_size=4, num_heads=2, out_features=10))
+    model = model.double().eval()
+    x = torch.rand(2, 3, 4, 4, dtype=torch.float64)
+    wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
+    assert wide[0].out_channels == 16 and wide[1].pos_embed.shape == (17, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), model(x))
+
+
+def test_reshape_as_follows_the_channels():
+    """LeViT's LinearNorm: ``self.bn(x.flatten(0, 1)).reshape_as(x)`` after its linear."""
+    from timm.models.levit import LinearNorm
+
+    model = nn.Sequential(LinearNorm(6, 20), nn.GELU(), nn.Linear(20, 3)).double().eval()
+    x = torch.rand(2, 5, 6, dtype=torch.float64)
+    wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
+    assert wide[0].linear.out_features == wide[0].bn.num_features == 25
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), model(x))

@@ -377,6 +377,16 @@ def test_blur_pool_widens_with_a_blur_filter_per_new_channel():
         torch.testing.assert_close(wide(x), model(x))
 
 
+def test_global_context_matmul_keeps_the_channels_on_its_rows():
+    """GCNet: ``x.reshape(B, 1, C, HW) @ attn`` with attention logits from a 1-channel conv: row i is channel i."""
+    model = nn.Sequential(nn.Conv2d(3, 12, 1), timm.layers.GlobalContext(12), nn.Conv2d(12, 5, 1)).double().eval()
+    x = torch.rand(2, 3, 4, 4, dtype=torch.float64)
+    wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
+    assert wide[0].out_channels == 16 and wide[1].mlp_scale.fc1.in_channels == 16
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), model(x))
+
+
 def test_group_norm_widens_by_whole_groups_and_keeps_the_function():
     """GroupNorm(3, 24): new channels form new groups of 8, so the old groups keep their statistics and
     function_preserving widens it; GroupNorm(1, C) normalises over all channels and keeps its width."""

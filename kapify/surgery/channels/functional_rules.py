@@ -36,8 +36,11 @@ def _on_last_dim(an: ChannelAnalysis, tensor: Any) -> Optional[Located]:
     parameter's last dim gets a group; None when the channels are elsewhere or not known."""
     if not isinstance(tensor, fx.Node) or shape_of(tensor) is None:
         return None
-    src = an.lay(tensor) or (an.table_parameter(tensor) if tensor.op == "get_attr" else None)
-    return src if src is not None and src[0] == len(shape_of(tensor)) - 1 else None
+    laid = an.lay(tensor)
+    if laid is not None:
+        return laid if laid[0] == len(shape_of(tensor)) - 1 else None
+    root = an.floating.get(tensor, tensor)  # CLIP's pos_embed.unsqueeze(0): the parameter's last dim is the tensor's
+    return (len(shape_of(tensor)) - 1, an.table_parameter(root)[1]) if root.op == "get_attr" else None
 
 
 def _argument(node: fx.Node, at: int, name: str) -> Any:
@@ -66,9 +69,9 @@ def functional_layer(an: ChannelAnalysis, step: Step) -> Any:
     return located
 
 
-@register_node_rule(names=("resample_abs_pos_embed", "resample_abs_pos_embed_nhwc"), parameters=True)
+@register_node_rule(names=("resample_abs_pos_embed", "resample_abs_pos_embed_nhwc", "resample_pos_embed_grid"), parameters=True)
 def resampled_position_embedding(an: ChannelAnalysis, step: Step) -> Any:
-    """timm's position embedding resampled to the input size (dynamic image size): its last dim, the channels, stays"""
+    """timm's position embedding resampled to the input size (dynamic image size; Qwen3-ViT's grid): its last dim, the channels, stays"""
     embed = step.node.args[0] if step.node.args else None
     src = _on_last_dim(an, embed)
     if src is None or step.shape is None or step.shape[-1] != shape_of(embed)[-1]:

@@ -69,11 +69,12 @@ def module_layout(an: ChannelAnalysis, step: Step, module: nn.Module) -> Optiona
     if multi:  # e.g. LayerNorm over (C, H, W): not one channel dim
         an.fix_all([src], f"{type(module).__name__} '{node.target}' has a multi-dim {multi[0]}")
         return an.fresh(node, f"output of {type(module).__name__} '{node.target}'")
-    if handler.kind == "conv" and src[0] >= 2 and step.shape is not None and step.shape[src[0]] == step.src_shape[src[0]]:
+    guessed = all(an.groups.is_fixed(g) for g in src[1])  # e.g. XCiT's Fourier features: no traced channels
+    if handler.kind == "conv" and src[0] >= 2 and not guessed and step.shape is not None and step.shape[src[0]] == step.src_shape[src[0]]:
         for g in src[1]:  # a conv sliding along the channels (ECA's Conv1d): any width runs, but the
             an.groups.normalise(g)  # last old channels see new neighbours instead of zero padding
         return src
-    if src[0] != axis and all(an.groups.is_fixed(g) for g in src[1]):  # the traced axis was only a guess
+    if src[0] != axis and guessed:  # the traced axis was only a guess
         src = (axis, (an.groups.new(int(step.src_shape[axis]), f"input of '{node.target}' has no traced channel layout"),))
     if src[0] != axis and handler.kind in ("linear", "channelwise") and step.shape is not None \
             and len(step.shape) == len(step.src_shape) and step.shape[src[0]] == step.src_shape[src[0]]:

@@ -100,8 +100,9 @@ def function_layout(an: ChannelAnalysis, step: Step) -> Optional[Located]:
     step.located = [(a, an.lay(a)) for a in step.args if an.lay(a) is not None]
     params = [a for a in step.args if (a.op == "get_attr" or a in an.floating) and an.lay(a) is None
               and math.prod(shape_of(a) or (2,)) > 1]
-    if params and not step.located and node.op == "call_method" and node.target in _FLOATING_METHODS:
-        an.floating[node] = an.floating.get(params[0], params[0])  # cls_token.expand(N, -1, -1)
+    leading = node.op == "call_method" and node.target == "unsqueeze" and node.args[1:] == (0,)  # a batch dim in front
+    if params and not step.located and node.op == "call_method" and (node.target in _FLOATING_METHODS or leading):
+        an.floating[node] = an.floating.get(params[0], params[0])  # cls_token.expand(N, -1, -1), pos_embed.unsqueeze(0)
         return None
     if node.target is operator.getitem and params == [node.args[0]] and isinstance(node.args[1], fx.Node) \
             and len(shape_of(params[0]) or ()) >= 2:  # table[index]: a bias/embedding table's last dim (heads) follows
@@ -310,9 +311,17 @@ def _unfollowed_operand(step: Step) -> bool:
 
 @register_node_rule(torch.matmul, operator.matmul, methods=("matmul",))
 def matmul(an: ChannelAnalysis, step: Step) -> Any:
-    """matmul with the channels on a batch dim (attention heads: ``q @ k.transpose(-2, -1)``, ``attn @ v``): they merge"""
+    """matmul with the channels on a batch dim (attention heads: ``q @ k.transpose(-2, -1)``, ``attn @ v``): they
+    merge; on the rows of the left operand or the columns of the right one (GCNet's ``x @ attn``): they stay"""
+    node = step.node
+    wide = [(a, lo) for a, lo in step.located if an.groups.total(lo[1]) > 1]  # one channel (GCNet's attention logits) broadcasts
+    if len(wide) == 1 and len(step.args) == 2 and step.shape is not None and len(step.shape) >= 2:
+        (a, (axis, layout)), = wide
+        from_right = len(shape_of(a)) - axis
+        if (a is node.args[0] and from_right == 2) or (a is node.args[1] and from_right == 1 and a is not node.args[0]):
+            return len(step.shape) - from_right, layout  # each output row (column) reads one row (column) of these
     if not step.located or any(lo[0] >= len(shape_of(a)) - 2 for a, lo in step.located):
-        return NotImplemented  # channels on a matrix dim: contracted or moved, not followed
+        return NotImplemented  # channels on a matrix dim: contracted, not followed
     return NotImplemented if _unfollowed_operand(step) else an.merge(step.located, step.node)
 
 

@@ -35,6 +35,7 @@ try:
     from timm.models.swin_transformer_v2_cr import WindowMultiHeadAttention as SwinV2CrAttention
     from timm.models.vision_transformer import ParallelScalingBlock
     from timm.models.vision_transformer_relpos import RelPosAttention
+    from timm.models.xcit import XCA
     from timm.models.visformer import Attention as VisformerAttention
     from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
     from torchvision.models.swin_transformer import ShiftedWindowAttention
@@ -106,11 +107,11 @@ try:
                             MetaFormerAttention, NestAttention, PvtAttention, GlobalSubSampleAttn, LocallyGroupedAttn,
                             RelPosAttention, BeitAttention, LowFormerAttention, NextViTAttention, SwinAttention,
                             SwinV2Attention, SwinV2CrAttention, VisformerAttention, RelativePositionalMultiHeadAttention,
-                            heads=True)
+                            XCA, heads=True)
     def attention_heads(block: nn.Module, sizes: StoredSizes) -> None:
         """Attention that reshapes to its stored head count (``reshape(B, N, 3, self.num_heads, head_dim)``,
         MaxViT's ``view(B, self.num_heads, self.dim_head * 3, -1)``; torchvision's MaxViT calls them ``n_heads``,
-        DaViT's channel attention ``groups``): widening adds heads, the head dim stays. Its inner width (``attn_dim``), when stored,
+        DaViT's channel attention ``groups``; XCiT's cross-covariance attention): widening adds heads, the head dim stays. Its inner width (``attn_dim``), when stored,
         and a relative position bias (its table widened with the heads) follow."""
         heads = next(name for name in ("num_heads", "n_heads", "groups") if hasattr(block, name))
         setattr(block, heads, sizes(getattr(block, heads)))
