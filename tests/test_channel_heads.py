@@ -21,7 +21,8 @@ from kapify.surgery.conv_types import is_conv
 
 def _heads(model: nn.Module) -> dict:
     heads = {n: next((getattr(m, a) for a in ("num_heads", "n_heads", "groups") if hasattr(m, a)), None)
-             for n, m in model.named_modules() if "Attention" in type(m).__name__ or type(m).__name__.endswith("Attn")}
+             for n, m in model.named_modules() if "Attention" in type(m).__name__ or type(m).__name__.endswith("Attn")
+             or type(m).__name__ in ("GPSA", "MHSA")}
     return {n: h for n, h in heads.items() if isinstance(h, int)}
 
 
@@ -61,6 +62,11 @@ MODELS = {  # name -> (builder, input side)
     "torchvision swin v2": (lambda: _tv_swin(True), 32),
     "xcit (cross-covariance attention, Fourier position encoding)": (lambda: timm.models.xcit.Xcit(
         img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, cls_attn_layers=1, num_classes=10), 32),
+    "twins (windowed attention FX keeps whole)": (lambda: timm.models.twins.Twins(
+        img_size=32, patch_size=4, embed_dims=(16, 32), num_heads=(2, 4), mlp_ratios=(2, 2), depths=(2, 2), wss=(2, 2),
+        sr_ratios=(2, 1), num_classes=10), 32),
+    "convit (gated positional attention FX keeps whole)": (lambda: timm.models.convit.ConVit(
+        img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=3, local_up_to_layer=1, num_classes=10), 32),  # 3 x 16 wide
     "torchvision vit (nn.MultiheadAttention)": (lambda: torchvision.models.VisionTransformer(
         image_size=32, patch_size=8, num_layers=2, num_heads=3, hidden_dim=48, mlp_dim=96, num_classes=10), 32),
 }

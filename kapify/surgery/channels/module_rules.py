@@ -20,7 +20,7 @@ from .analysis import ChannelAnalysis, Located, Step
 from .graph import Layout
 from .axes import follow_axis, permuted_axis
 
-__all__ = ["LayerRule", "module_layout", "layer_layout", "register_layer_rule", "layers_in_sequence"]
+__all__ = ["LayerRule", "attention_leaf", "module_layout", "layer_layout", "register_layer_rule", "layers_in_sequence"]
 
 LayerRule = Callable[[ChannelAnalysis, Step, nn.Module], Optional[Located]]
 _LAYER_RULES: Dict[Type[nn.Module], LayerRule] = {}
@@ -49,6 +49,39 @@ try:  # torchvision's ConvNeXt moves channels last with a Permute module
 except ImportError:  # pragma: no cover - torchvision is a dependency
     class _Permute(nn.Module):  # type: ignore[no-redef]
         dims: list = []
+
+
+def attention_leaf(an: ChannelAnalysis, step: Step, heads: int, readers: Sequence[str], proj: str,
+                   per_head: Sequence[str] = ()) -> Optional[Located]:
+    """A leaf self-attention block: layers ``readers`` read its input into q, k, v pieces of the input's
+    width in ``heads`` heads (``C // self.num_heads`` per head), layer ``proj`` writes its output, and
+    ``per_head`` layers or parameters have one output entry per head; widening adds heads (the block's
+    handler rewrites their count)."""
+    node, src = step.node, step.src
+    total = an.groups.total(src[1]) if src is not None else 0
+    if src is None or len(src[1]) != 1 or src[0] != len(step.src_shape) - 1 or total % heads:
+        an.fix_all([src], f"{type(an.gm.get_submodule(node.target)).__name__} '{node.target}' reads channels it cannot split into {heads} heads")
+        return an.fresh(node, f"output of '{node.target}'")
+    head = an.groups.new(heads)
+    an.groups.multiply(src[1][0], head, total // heads, 1)
+    an.stored(step, heads, (head,))
+    for name in readers:
+        path = f"{node.target}.{name}"
+        layer = an.gm.get_submodule(path)
+        pieces = layer_layout(an, step, path, layer, channel_handler(layer), src)[1]
+        an.groups.union_layouts(an.groups.align([pieces, src[1] * (an.groups.total(pieces) // total)]))  # q, k, v
+    block = an.gm.get_submodule(node.target)
+    for name in per_head:
+        path, value = f"{node.target}.{name}", getattr(block, name)
+        if isinstance(value, nn.Parameter):  # one entry per head on dim 0 (ConViT's gating)
+            an.parameters[path] = (0, head)
+            continue
+        handler = channel_handler(value)  # a layer whose outputs are the heads (ConViT's positional scores)
+        inputs = (src[0], (an.groups.new(handler.count(value, handler.in_attr), f"input of '{path}'"),))
+        an.groups.union_layouts(an.groups.align([layer_layout(an, step, path, value, handler, inputs)[1], (head,)]))
+    path = f"{node.target}.{proj}"
+    layer = an.gm.get_submodule(path)
+    return layer_layout(an, step, path, layer, channel_handler(layer), src)
 
 
 def module_layout(an: ChannelAnalysis, step: Step, module: nn.Module) -> Optional[Located]:

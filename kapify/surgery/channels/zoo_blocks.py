@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from .blocks import StoredSizes, register_block_handler
-from .module_rules import layers_in_sequence, register_layer_rule
+from .module_rules import attention_leaf, layers_in_sequence, register_layer_rule
 
 __all__: list = []
 
@@ -20,6 +20,7 @@ try:
     from timm.models.beit import Attention as BeitAttention
     from timm.models.cait import ClassAttn, TalkingHeadAttn
     from timm.models.coat import FactorAttnConvRelPosEnc
+    from timm.models.convit import GPSA, MHSA as ConvitAttention
     from timm.models.crossvit import CrossAttention
     from timm.models.davit import ChannelAttention, ChannelAttentionV2, WindowAttention
     from timm.models.eva import EvaAttention
@@ -107,7 +108,7 @@ try:
                             MetaFormerAttention, NestAttention, PvtAttention, GlobalSubSampleAttn, LocallyGroupedAttn,
                             RelPosAttention, BeitAttention, LowFormerAttention, NextViTAttention, SwinAttention,
                             SwinV2Attention, SwinV2CrAttention, VisformerAttention, RelativePositionalMultiHeadAttention,
-                            XCA, heads=True)
+                            XCA, GPSA, ConvitAttention, heads=True)
     def attention_heads(block: nn.Module, sizes: StoredSizes) -> None:
         """Attention that reshapes to its stored head count (``reshape(B, N, 3, self.num_heads, head_dim)``,
         MaxViT's ``view(B, self.num_heads, self.dim_head * 3, -1)``; torchvision's MaxViT calls them ``n_heads``,
@@ -147,6 +148,17 @@ try:
     def vgg_conv_mlp(an, step, layer):
         """VGG's pre-logits (a leaf: it pools a small input first): ``fc1`` (a 7x7 conv), then ``fc2``"""
         return layers_in_sequence(an, step, ("fc1", "fc2"))
+
+    @register_layer_rule(LocallyGroupedAttn)
+    def twins_local_attention(an, step, layer):
+        """Twins' windowed attention (a leaf: it pads to whole windows): ``qkv`` in heads of ``C // self.num_heads``, ``proj``"""
+        return attention_leaf(an, step, layer.num_heads, ["qkv"], "proj")
+
+    @register_layer_rule(GPSA)
+    def convit_gated_attention(an, step, layer):
+        """ConViT's gated positional attention (a leaf: it caches relative indices): ``qk`` and ``v`` in heads,
+        ``proj``; ``pos_proj`` and ``gating_param`` have one entry per head"""
+        return attention_leaf(an, step, layer.num_heads, ["qk", "v"], "proj", per_head=["pos_proj", "gating_param"])
 
     @register_block_handler(Scale)
     def metaformer_scale(block: nn.Module, sizes: StoredSizes) -> None:
