@@ -67,6 +67,8 @@ MODELS = {  # name -> (builder, input side)
         sr_ratios=(2, 1), num_classes=10), 32),
     "convit (gated positional attention FX keeps whole)": (lambda: timm.models.convit.ConVit(
         img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=3, local_up_to_layer=1, num_classes=10), 32),  # 3 x 16 wide
+    "fastvit attention (heads of a stored head_dim, NCHW)": (lambda: nn.Sequential(
+        nn.Conv2d(3, 48, 1), timm.models.fastvit.Attention(48, head_dim=16), nn.Conv2d(48, 4, 1)), 8),
     "torchvision vit (nn.MultiheadAttention)": (lambda: torchvision.models.VisionTransformer(
         image_size=32, patch_size=8, num_layers=2, num_heads=3, hidden_dim=48, mlp_dim=96, num_classes=10), 32),
 }

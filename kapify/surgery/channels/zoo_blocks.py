@@ -24,6 +24,7 @@ try:
     from timm.models.crossvit import CrossAttention
     from timm.models.davit import ChannelAttention, ChannelAttentionV2, WindowAttention
     from timm.models.eva import EvaAttention
+    from timm.models.fastvit import Attention as FastVitAttention
     from timm.models.metaformer import Attention as MetaFormerAttention
     from timm.models.nest import Attention as NestAttention
     from timm.models.pvt_v2 import Attention as PvtAttention
@@ -108,7 +109,7 @@ try:
                             MetaFormerAttention, NestAttention, PvtAttention, GlobalSubSampleAttn, LocallyGroupedAttn,
                             RelPosAttention, BeitAttention, LowFormerAttention, NextViTAttention, SwinAttention,
                             SwinV2Attention, SwinV2CrAttention, VisformerAttention, RelativePositionalMultiHeadAttention,
-                            XCA, GPSA, ConvitAttention, heads=True)
+                            XCA, GPSA, ConvitAttention, FastVitAttention, heads=True)
     def attention_heads(block: nn.Module, sizes: StoredSizes) -> None:
         """Attention that reshapes to its stored head count (``reshape(B, N, 3, self.num_heads, head_dim)``,
         MaxViT's ``view(B, self.num_heads, self.dim_head * 3, -1)``; torchvision's MaxViT calls them ``n_heads``,
