@@ -1,7 +1,6 @@
 """Randomized-smoothing certification (Cohen, Rosenfeld & Kolter 2019, CERTIFY)."""
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Sequence
 
 import torch

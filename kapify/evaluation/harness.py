@@ -4,7 +4,6 @@ command after an interruption and it continues."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import statistics
 import sys

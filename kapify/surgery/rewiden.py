@@ -237,7 +237,7 @@ def _rewiden(model: nn.Module, width_fn: Union[str, Dict, WidthFn], function_pre
     _sync_head_width(model, new)
     x = example_input if example_input is not None else default_input(new)
     entries = _feature_modules(new)
-    _sync_feature_info(model, x, entries, _check_forward(new, x, [e["module"] for e in entries]))
+    _sync_feature_info(graph.module_shapes, entries, _check_forward(new, x, [e["module"] for e in entries]))
     return new, graph
 
 
@@ -367,10 +367,10 @@ def _feature_modules(model: nn.Module) -> List[Dict]:
     return [entry for entry in info if entry["module"] in names]
 
 
-def _sync_feature_info(old: nn.Module, x: torch.Tensor, entries: List[Dict], after: Dict[str, torch.Size]) -> None:
+def _sync_feature_info(before: Dict[str, Tuple[int, ...]], entries: List[Dict], after: Dict[str, torch.Size]) -> None:
     """timm's ``feature_info`` lists each feature stage's width (``num_chs``): after widening, read
-    the new width off the stage's output (``after``), on the dim where the old output had the old width."""
-    before = _output_shapes(old, x, [e["module"] for e in entries]) if entries else {}
+    the new width off the stage's output (``after``), on the dim where the old output (``before``, from
+    the traced run) had the old width."""
     for entry in entries:
         old_shape, new_shape = before.get(entry["module"]), after.get(entry["module"])
         if old_shape is None or new_shape is None or len(old_shape) != len(new_shape):

@@ -56,6 +56,7 @@ class ChannelAnalysis:
         self.spreads: Dict[str, int] = {}  # the linear layers reading such tensors
         self.pieces: Dict[fx.Node, List[Optional[Located]]] = {}  # split/chunk results: the layout of each piece
         self.slices: List[SliceSite] = []  # splits and slices at sizes a block stores
+        self.module_shapes: Dict[str, Tuple[int, ...]] = {}  # module path -> shape of the last tensor computed inside it
 
     # -- helpers the rules share -------------------------------------------------------------------
     def lay(self, arg: Any) -> Optional[Located]:
@@ -176,6 +177,9 @@ class ChannelAnalysis:
             args: List[fx.Node] = []
             fx.node.map_arg((node.args, node.kwargs), args.append)
             step = Step(node, shape_of(node), args, self.lay(args[0]) if args else None, shape_of(args[0]) if args else None)
+            if step.shape is not None and node.op in ("call_module", "call_function", "call_method"):
+                for path in [p for p, _ in node.meta.get("nn_module_stack", {}).values()] + [node.target] * (node.op == "call_module"):
+                    self.module_shapes[path] = tuple(step.shape)  # nodes come in execution order: the last one is the output
             if any(a in self.spread for a in args) and step.shape is not None and node.op != "output" \
                     and node_rules.through_flattened(self, step):
                 continue
@@ -192,7 +196,9 @@ class ChannelAnalysis:
             else:
                 self.layout[node] = node_rules.function_layout(self, step)
             self._check_width(node, step.shape)
-        return self.groups.to_graph(self.inputs, self.outputs, self.roles, self.parameters, self.spreads, self.slices)
+        graph = self.groups.to_graph(self.inputs, self.outputs, self.roles, self.parameters, self.spreads, self.slices)
+        graph.module_shapes = self.module_shapes
+        return graph
 
     def _parameter(self, node: fx.Node, shape: Optional[torch.Size]) -> Optional[Located]:
         """A parameter with one channel-sized dim (LayerScale gamma) joins whatever it meets; a layer's

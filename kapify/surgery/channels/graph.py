@@ -54,6 +54,7 @@ class ChannelGraph:
     ties: List[Tuple[int, ...]] = field(default_factory=list)  # groups that must keep one width (equal pieces)
     grouped: List[str] = field(default_factory=list)  # depthwise/grouped convs (their output layout is in channelwise)
     multiplied: Dict[int, Tuple[int, int, int]] = field(default_factory=dict)  # out group -> (in group, a, b): out = in / a * b
+    module_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)  # module -> shape of the last tensor it computed (its output)
 
     def conv_outputs(self) -> Dict[str, Layout]:
         """Every conv's output layout, depthwise ones included: the channels each KAP pools."""
