@@ -387,14 +387,18 @@ def test_global_context_matmul_keeps_the_channels_on_its_rows():
         torch.testing.assert_close(wide(x), model(x))
 
 
-def test_group_norm_widens_by_whole_groups_and_keeps_the_function():
-    """GroupNorm(3, 24): new channels form new groups of 8, so the old groups keep their statistics and
-    function_preserving widens it; GroupNorm(1, C) normalises over all channels and keeps its width."""
+@pytest.mark.parametrize("norm,groups_attr", [
+    (lambda groups: nn.GroupNorm(groups, 24), "num_groups"),
+    (lambda groups: timm.layers.EvoNorm2dS0a(24, groups=groups), "groups"),  # RegNetZ-EvoS: no width attribute
+])
+def test_group_norms_widen_by_whole_groups_and_keep_the_function(norm, groups_attr):
+    """3 groups of 8: new channels form new groups of 8, so the old groups keep their statistics and
+    function_preserving widens the norm; one group normalises over all channels and keeps its width."""
     x = torch.rand(2, 3, 4, 4, dtype=torch.float64)
     for groups, width in ((3, 64), (1, 24)):
-        model = nn.Sequential(nn.Conv2d(3, 24, 1), nn.GroupNorm(groups, 24), nn.ReLU(), nn.Conv2d(24, 5, 1)).double().eval()
+        model = nn.Sequential(nn.Conv2d(3, 24, 1), norm(groups), nn.ReLU(), nn.Conv2d(24, 5, 1)).double().eval()
         wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
-        assert (wide[1].num_channels, wide[1].num_groups) == (width, width // 8 if groups > 1 else 1)
+        assert (wide[1].weight.shape[0], getattr(wide[1], groups_attr)) == (width, width // 8 if groups > 1 else 1)
         with torch.no_grad():
             torch.testing.assert_close(wide(x), model(x))
 

@@ -28,7 +28,10 @@ class ChannelHandler:
     ``channels_normalised``: the layer mixes statistics across its input channels (GroupNorm,
     LayerNorm, weight-standardised convs), so adding channels changes its outputs for the old ones.
     ``axis``: the input dim that holds the channels (1 for NCHW layers, -1 for Linear and
-    channels-last LayerNorm). An attribute holding a shape (``normalized_shape``) counts its last entry.
+    channels-last LayerNorm). An attribute holding a shape (``normalized_shape``) counts its last entry,
+    one holding a parameter (EvoNorm's ``weight``) its length. ``groups_attr``: the attribute holding the
+    number of channel groups its statistics run over (GroupNorm's ``num_groups``); a norm of several
+    groups widens by whole new groups of the same size.
     ``resize``: ``resize(module, size, index, zero_new_inputs)`` for a one-width layer whose parameters
     the generic code cannot lay out (packed q, k, v projections).
     """
@@ -39,17 +42,21 @@ class ChannelHandler:
     channels_normalised: bool = False
     axis: int = 1
     unit_attr: Optional[str] = None
+    groups_attr: Optional[str] = None
     resize: Optional[Callable[[nn.Module, int, torch.Tensor, bool], None]] = None
 
     @staticmethod
     def count(module: nn.Module, attr: str) -> int:
         value = getattr(module, attr)
+        if isinstance(value, torch.Tensor):
+            return int(value.shape[0])
         return int(value[-1]) if isinstance(value, (tuple, list)) else int(value)
 
     @staticmethod
     def set_count(module: nn.Module, attr: str, channels: int) -> None:
         value = getattr(module, attr)
-        setattr(module, attr, (*value[:-1], channels) if isinstance(value, (tuple, list)) else channels)
+        if not isinstance(value, torch.Tensor):  # a parameter is resized with the others
+            setattr(module, attr, (*value[:-1], channels) if isinstance(value, (tuple, list)) else channels)
 
 
 CHANNEL_HANDLERS: Dict[Type[nn.Module], ChannelHandler] = {}
@@ -63,7 +70,8 @@ def register_channel_handler(module_type: Type[nn.Module], handler: ChannelHandl
 register_channel_handler(nn.modules.conv._ConvNd, ChannelHandler("conv", "in_channels", "out_channels"))  # Conv1d/2d/3d and subclasses
 register_channel_handler(nn.Linear, ChannelHandler("linear", "in_features", "out_features", axis=-1))  # heads, channels-last MLPs
 register_channel_handler(nn.modules.batchnorm._NormBase, ChannelHandler("channelwise", "num_features", "num_features"))  # BatchNorm*, InstanceNorm*
-register_channel_handler(nn.GroupNorm, ChannelHandler("channelwise", "num_channels", "num_channels", channels_normalised=True))  # stats over channel groups
+register_channel_handler(nn.GroupNorm, ChannelHandler(  # stats over channel groups
+    "channelwise", "num_channels", "num_channels", channels_normalised=True, groups_attr="num_groups"))
 register_channel_handler(nn.LayerNorm, ChannelHandler(  # channels-last LayerNorm (ConvNeXt blocks); 1-D normalized_shape
     "channelwise", "normalized_shape", "normalized_shape", channels_normalised=True, axis=-1))
 try:  # timm's weight-standardised convs normalise each filter over its input channels
@@ -81,9 +89,11 @@ try:  # timm's weight-standardised convs normalise each filter over its input ch
     for _rms, _axis in ((RmsNorm, -1), (RmsNormFp32, -1), (SimpleNorm, -1), (SimpleNormFp32, -1),  # RMS norms: plain nn.Modules
                         (RmsNorm2d, 1), (RmsNorm2dFp32, 1), (SimpleNorm2d, 1), (SimpleNorm2dFp32, 1)):
         register_channel_handler(_rms, ChannelHandler("channelwise", "normalized_shape", "normalized_shape", True, axis=_axis))
-    from timm.layers import BlurPool2d
+    from timm.layers import BlurPool2d, EvoNorm2dS0, EvoNorm2dS1, EvoNorm2dS2
 
     register_channel_handler(BlurPool2d, ChannelHandler("channelwise", "channels", "channels"))  # anti-aliasing: one blur filter per channel
+    for _evo in (EvoNorm2dS0, EvoNorm2dS1, EvoNorm2dS2):  # and their "a" subclasses: group statistics, no width attribute
+        register_channel_handler(_evo, ChannelHandler("channelwise", "weight", "weight", True, groups_attr="groups"))
 except ImportError:  # pragma: no cover - timm is a dependency
     pass
 try:  # torchvision's ConvNeXt LayerNorm2d, also over dim 1
@@ -211,8 +221,9 @@ def resize_layer(
     handler.set_count(module, handler.out_attr, new_out)
     if grouped:
         module.groups = fresh.groups
-    if isinstance(module, nn.GroupNorm) and module.num_groups > 1 and new_out % (old_out // module.num_groups) == 0:
-        module.num_groups = new_out // (old_out // module.num_groups)  # new channels are new groups of the same size
+    groups = getattr(module, handler.groups_attr) if handler.groups_attr else 1
+    if groups > 1 and new_out % (old_out // groups) == 0:  # new channels are new groups of the same size
+        setattr(module, handler.groups_attr, new_out // (old_out // groups))
 
 
 def resize_parameter(owner: nn.Module, name: str, dim: int, size: int, index: torch.Tensor) -> None:

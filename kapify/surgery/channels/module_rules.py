@@ -141,7 +141,7 @@ def _channelwise(an: ChannelAnalysis, step: Step, module: nn.Module, handler: Ch
     except a GroupNorm of several groups, which widens by whole new groups (the old ones keep their statistics)."""
     an.role(step.node.target, "channelwise", src[1])
     if handler.channels_normalised:  # statistics mix channels
-        groups = getattr(module, "num_groups", 1)
+        groups = getattr(module, handler.groups_attr) if handler.groups_attr else 1
         size = handler.count(module, handler.in_attr) // groups
         whole_groups = groups > 1 and not any(an.groups.width[g] % size for g in src[1])
         for g in src[1]:
