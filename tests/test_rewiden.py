@@ -387,6 +387,19 @@ def test_global_context_matmul_keeps_the_channels_on_its_rows():
         torch.testing.assert_close(wide(x), model(x))
 
 
+def test_a_reshape_sized_off_a_channel_count_it_cannot_line_up_keeps_both_widths():
+    """LambdaLayer: ``out.reshape(B, C, H, W)`` with C read off its input, but ``out`` is heads x dim_v
+    flattened: the input may not widen (it did, and the widened model's forward broke)."""
+    from timm.layers.lambda_layer import LambdaLayer
+
+    model = nn.Sequential(nn.Conv2d(3, 20, 1), LambdaLayer(20, num_heads=4, dim_head=4, r=3), nn.Conv2d(20, 4, 1))
+    model, x = model.double().eval(), torch.rand(2, 3, 6, 6, dtype=torch.float64)
+    assert "sizes its channels off" in next(g for g in kapify.channel_groups(model, x) if "0" in g.producers).fixed
+    wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), model(x))
+
+
 @pytest.mark.parametrize("norm,groups_attr", [
     (lambda groups: nn.GroupNorm(groups, 24), "num_groups"),
     (lambda groups: timm.layers.EvoNorm2dS0a(24, groups=groups), "groups"),  # RegNetZ-EvoS: no width attribute

@@ -261,7 +261,13 @@ def _size_coupled(an: ChannelAnalysis, node: fx.Node, located: Any) -> Any:
     """A reshape whose channel dim is sized at run time off another tensor (``reshape(B, N, C)`` with
     ``B, N, C = x.shape``; ``C // self.num_heads``): its channels widen with that tensor's."""
     found = _size_source(an, node, located[0]) if isinstance(located, tuple) else None
-    if found is None or found[1] != 1 or an.groups.total(located[1]) * found[2] != an.groups.total(found[0]):
+    if found is None:
+        return located
+    if found[1] != 1 or node in an.spread or an.groups.total(located[1]) * found[2] != an.groups.total(found[0]):
+        if not set(an.groups.expand(found[0])) <= set(an.groups.expand(located[1])):  # not these channels rearranged
+            # (a channel shuffle): sized off other channels in a way the layouts cannot line up (LambdaLayer:
+            # heads x dim_v flattened back to its input's C): neither may widen
+            an.fix_all([(located[0], found[0]), located], f"{node.name} ({name_of(node.target)}) sizes its channels off another tensor's count")
         return located
     an.groups.union_layouts(an.groups.align([located[1] * found[2], found[0]]))
     return located[0], an.groups.expand(located[1])
