@@ -23,8 +23,9 @@ def aligned_square(channels: int, align: int = 16, divisor: int = 1) -> Optional
 def square_width(channels: int, align: int = 16, divisor: int = 1) -> int:
     """The next usable perfect square >= ``channels``: for 64 channels and more, a square that is a
     multiple of ``align`` (16: 144, 256, 576, ... tensor-core friendly); below 64 any square
-    (25, 36, 49). ``divisor`` (grouped convs) must divide it too; if no such square is within 4x,
-    the next multiple of ``divisor`` is returned (a rectangular grid).
+    (25, 36, 49). ``divisor`` (grouped convs) must divide it too; if no such square is within 4x, a
+    square that is a multiple of ``divisor`` alone, and if there is none either, the next multiple of
+    ``divisor`` (a rectangular grid).
 
     Example:
         >>> [square_width(c) for c in (16, 24, 64, 128, 192, 256, 512)]

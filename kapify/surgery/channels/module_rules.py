@@ -22,6 +22,13 @@ from .axes import follow_axis, permuted_axis
 
 __all__ = ["LayerRule", "attention_leaf", "module_layout", "layer_layout", "register_layer_rule", "layers_in_sequence"]
 
+try:  # torchvision's ConvNeXt moves channels last with a Permute module
+    from torchvision.ops.misc import Permute as _Permute
+except ImportError:  # pragma: no cover - torchvision is a dependency
+    class _Permute(nn.Module):  # type: ignore[no-redef]
+        dims: list = []
+
+
 LayerRule = Callable[[ChannelAnalysis, Step, nn.Module], Optional[Located]]
 _LAYER_RULES: Dict[Type[nn.Module], LayerRule] = {}
 
@@ -35,20 +42,19 @@ def register_layer_rule(*layer_types: Type[nn.Module]) -> Callable[[LayerRule], 
     return register
 
 
+def _inner_layer(an: ChannelAnalysis, step: Step, name: str, src: Located) -> Optional[Located]:
+    """The layout after layer ``name`` of the leaf block ``step`` calls, reading ``src``."""
+    path = f"{step.node.target}.{name}"
+    layer = an.gm.get_submodule(path)
+    return layer_layout(an, step, path, layer, channel_handler(layer), src)
+
+
 def layers_in_sequence(an: ChannelAnalysis, step: Step, names: Sequence[str]) -> Optional[Located]:
     """A leaf block that calls its conv/linear layers ``names`` one after the other on its input."""
     located = step.src
     for name in names:
-        path = f"{step.node.target}.{name}"
-        layer = an.gm.get_submodule(path)
-        located = layer_layout(an, step, path, layer, channel_handler(layer), located)
+        located = _inner_layer(an, step, name, located)
     return located
-
-try:  # torchvision's ConvNeXt moves channels last with a Permute module
-    from torchvision.ops.misc import Permute as _Permute
-except ImportError:  # pragma: no cover - torchvision is a dependency
-    class _Permute(nn.Module):  # type: ignore[no-redef]
-        dims: list = []
 
 
 def attention_leaf(an: ChannelAnalysis, step: Step, heads: int, readers: Sequence[str], proj: str,
@@ -57,20 +63,17 @@ def attention_leaf(an: ChannelAnalysis, step: Step, heads: int, readers: Sequenc
     width in ``heads`` heads (``C // self.num_heads`` per head), layer ``proj`` writes its output, and
     ``per_head`` layers or parameters have one output entry per head; widening adds heads (the block's
     handler rewrites their count)."""
-    node, src = step.node, step.src
+    node, src, block = step.node, step.src, an.gm.get_submodule(step.node.target)
     total = an.groups.total(src[1]) if src is not None else 0
     if src is None or len(src[1]) != 1 or src[0] != len(step.src_shape) - 1 or total % heads:
-        an.fix_all([src], f"{type(an.gm.get_submodule(node.target)).__name__} '{node.target}' reads channels it cannot split into {heads} heads")
+        an.fix_all([src], f"{type(block).__name__} '{node.target}' reads channels it cannot split into {heads} heads")
         return an.fresh(node, f"output of '{node.target}'")
     head = an.groups.new(heads)
     an.groups.multiply(src[1][0], head, total // heads, 1)
     an.stored(step, heads, (head,))
     for name in readers:
-        path = f"{node.target}.{name}"
-        layer = an.gm.get_submodule(path)
-        pieces = layer_layout(an, step, path, layer, channel_handler(layer), src)[1]
+        pieces = _inner_layer(an, step, name, src)[1]
         an.groups.union_layouts(an.groups.align([pieces, src[1] * (an.groups.total(pieces) // total)]))  # q, k, v
-    block = an.gm.get_submodule(node.target)
     for name in per_head:
         path, value = f"{node.target}.{name}", getattr(block, name)
         if isinstance(value, nn.Parameter):  # one entry per head on dim 0 (ConViT's gating)
@@ -79,9 +82,7 @@ def attention_leaf(an: ChannelAnalysis, step: Step, heads: int, readers: Sequenc
         handler = channel_handler(value)  # a layer whose outputs are the heads (ConViT's positional scores)
         inputs = (src[0], (an.groups.new(handler.count(value, handler.in_attr), f"input of '{path}'"),))
         an.groups.union_layouts(an.groups.align([layer_layout(an, step, path, value, handler, inputs)[1], (head,)]))
-    path = f"{node.target}.{proj}"
-    layer = an.gm.get_submodule(path)
-    return layer_layout(an, step, path, layer, channel_handler(layer), src)
+    return _inner_layer(an, step, proj, src)
 
 
 def module_layout(an: ChannelAnalysis, step: Step, module: nn.Module) -> Optional[Located]:
@@ -145,7 +146,10 @@ def _channelwise(an: ChannelAnalysis, step: Step, module: nn.Module, handler: Ch
         size = handler.count(module, handler.in_attr) // groups
         whole_groups = groups > 1 and not any(an.groups.width[g] % size for g in src[1])
         for g in src[1]:
-            an.groups.restrict(g, size) if whole_groups else an.groups.normalise(g, groups)  # else widen each group
+            if whole_groups:
+                an.groups.restrict(g, size)
+            else:  # widen each group
+                an.groups.normalise(g, groups)
     return src
 
 
