@@ -427,6 +427,9 @@ def test_a_leaf_block_with_a_layer_rule_widens_its_input():
     assert wide[0].out_channels == wide[1].fc1.in_channels == 25 and wide[1].fc2.out_channels == 36
     with torch.no_grad():
         torch.testing.assert_close(wide(x), model(x))
+    for bad in [(), ("ConvMlp",), (nn.Module(),)]:
+        with pytest.raises(TypeError, match="nn.Module classes"):
+            kapify.register_layer_rule(*bad)
 
 
 def test_the_analysis_looks_inside_blocks_timm_keeps_whole():

@@ -36,6 +36,10 @@ _LAYER_RULES: Dict[Type[nn.Module], LayerRule] = {}
 def register_layer_rule(*layer_types: Type[nn.Module]) -> Callable[[LayerRule], LayerRule]:
     """Register ``rule(analysis, step, layer)`` for a block FX keeps whole (a leaf, e.g. one with
     data-dependent control flow): the layout of its output, given the layers it calls."""
+    bad = [t for t in layer_types if not (isinstance(t, type) and issubclass(t, nn.Module))]
+    if bad or not layer_types:
+        raise TypeError(f"register_layer_rule takes nn.Module classes, got {bad or 'none'}; e.g. @register_layer_rule(MyBlock)")
+
     def register(rule: LayerRule) -> LayerRule:
         _LAYER_RULES.update(dict.fromkeys(layer_types, rule))
         return rule
