@@ -105,8 +105,8 @@ def test_a_grouped_conv_widens_each_group_when_the_index_says_so():
     wide_x = torch.rand(1, 12, 5, 5, dtype=torch.float64)
     wide_x[:, index] = x
     torch.testing.assert_close(conv(wide_x)[:, index], want)
-    with pytest.raises(ValueError, match="nor each group wider"):
-        resize_layer(conv, new_in=14, new_out=14)
+    with pytest.raises(ValueError, match="puts one group's channels in different groups"):
+        resize_layer(conv, new_in=101, new_out=101)  # only 1 group of 101 keeps them: 25x the inputs per group
 
 
 def test_regnet_group_widths_widen_each_group_to_square_grids():
@@ -124,6 +124,56 @@ def test_regnet_group_widths_widen_each_group_to_square_grids():
     assert all(math.isqrt(c.out_channels) ** 2 == c.out_channels for c in convs.values())
     old = dict(model.named_modules())
     assert any(c.groups == old[n].groups > 1 and c.out_channels > old[n].out_channels for n, c in convs.items())
+
+
+def _bn_block(c_in, c_out, groups):
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, groups=groups), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+
+@pytest.mark.parametrize("chain, want", [
+    ([(64, 128, 64)], [(64, 144, 16)]),  # depthwise x2: 16 merged groups of 4 -> 9 (4 old groups each)
+    ([(128, 256, 64)], [(144, 324, 36)]),  # SENet154's 64 groups of 2 -> 4: 36 groups of 4 -> 9
+    ([(64, 128, 64), (128, 256, 128)], [(64, 144, 16), (144, 324, 36)]),  # the second reads the first's spread channels
+    ([(64, 256, 64)], [(64, 256, 64)]),  # depthwise x4 is square with whole groups: nothing merged
+])
+def test_grouped_convs_with_a_depth_multiplier_merge_groups_to_square_outputs(chain, want):
+    layers = [nn.Conv2d(3, chain[0][0], 1)]
+    for c_in, c_out, groups in chain:
+        layers += _bn_block(c_in, c_out, groups)
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(chain[-1][1], 10)).double().eval()
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):  # trained-like statistics
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
+    grouped = [m for m in wide.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert [(m.in_channels, m.out_channels, m.groups) for m in grouped] == want
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+def test_merged_groups_read_only_their_old_inputs_and_keep_the_old_filters():
+    conv = nn.Conv2d(4, 8, 3, groups=4)
+    old = conv.weight.detach().clone()
+    out_index = torch.tensor([0, 1, 2, 3, 5, 6, 7, 8])  # 2 merged groups of 2 old ones: 2 -> 5 outputs each
+    resize_layer(conv, new_in=4, new_out=10, out_index=out_index, zero_new_inputs=True)
+    assert conv.groups == 2 and conv.weight.shape == (10, 2, 3, 3)
+    torch.testing.assert_close(conv.weight[out_index, torch.arange(4).repeat_interleave(2) % 2], old[:, 0])
+    assert (conv.weight[out_index, (torch.arange(4).repeat_interleave(2) + 1) % 2] == 0).all()  # the other old group's input
+    assert conv.weight[[4, 9]].abs().sum() > 0  # new filters: the layer's own init
+
+
+def test_maxxvit_convnext_block_merges_the_groups_of_its_stride_2_depthwise_conv():
+    """MaxxViT-RMLP's first block of a stage: a stride-2 depthwise conv doubling the channels (64 -> 128), added
+    to a 1x1 conv's shortcut (LayerNorm swapped for an identity so the stream widens with the function kept)."""
+    block = timm.create_model("maxxvit_rmlp_nano_rw_256", pretrained=False).stages[1].blocks[0].conv
+    block.norm = nn.Identity()
+    model = nn.Sequential(nn.Conv2d(3, 64, 1), block, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10)).double().eval()
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
+    assert (wide[1].conv_dw.in_channels, wide[1].conv_dw.out_channels, wide[1].conv_dw.groups) == (64, 144, 16)
+    assert wide[1].shortcut.expand.out_channels == 144
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), model(x), rtol=1e-9, atol=1e-9)
 
 
 def test_a_transposed_conv_keeps_its_filters_and_computes_the_same():

@@ -14,6 +14,8 @@ from typing import Callable, Dict, Optional, Type
 import torch
 from torch import nn
 
+from .regroup import regroup
+
 __all__ = ["ChannelHandler", "register_channel_handler", "channel_handler", "resize_layer", "resize_parameter", "CHANNEL_HANDLERS"]
 
 
@@ -122,12 +124,23 @@ def _place(old: torch.Tensor, new: torch.Tensor, out_index: torch.Tensor, in_ind
     return out.index_copy_(0, out_index, rows)
 
 
-def _widens_each_group(index: torch.Tensor, old: int, new: int, groups: int) -> bool:
-    """Whether ``index`` keeps ``groups`` groups, each wider: old channel j of group g at g * (new / groups) + j."""
-    if old == new or new % groups or old % groups:
-        return False
-    j = torch.arange(old)
-    return torch.equal(index, j // (old // groups) * (new // groups) + j % (old // groups))
+def _place_grouped(old: torch.Tensor, new: torch.Tensor, in_index: torch.Tensor, out_index: torch.Tensor, groups: int,
+                   new_groups: int, transposed: bool, zero_new_inputs: bool) -> torch.Tensor:
+    """A grouped conv's weight with old channels moved (``in_index``, ``out_index``) into ``new_groups`` groups that
+    each hold whole old ones (:func:`~kapify.surgery.regroup.regroup`); with ``zero_new_inputs`` every old output
+    reads only its old inputs (new ones and other old groups merged into its group give 0)."""
+    rows, cols = (in_index, out_index) if transposed else (out_index, in_index)
+    new_cols = new.shape[1]  # per new group
+    local = (cols.view(groups, -1) % new_cols).repeat_interleave(len(rows) // groups, dim=0)
+    out = new.clone()
+    if zero_new_inputs and transposed:  # rows are inputs: zero every entry that feeds an old output
+        old_out = torch.zeros(new_groups * new_cols, dtype=torch.bool)
+        old_out[out_index] = True
+        out[old_out.view(new_groups, new_cols)[torch.arange(new.shape[0]) // (new.shape[0] // new_groups)]] = 0
+    elif zero_new_inputs:
+        out[out_index] = 0
+    out[rows[:, None], local] = old.to(out.dtype)
+    return out
 
 
 def resize_layer(
@@ -161,17 +174,17 @@ def resize_layer(
         handler.resize(module, new_out, out_index, zero_new_inputs)
         return
     groups = getattr(module, "groups", 1)
-    grouped = handler.kind == "conv" and groups > 1  # widening adds whole groups (depth multipliers too) or widens each
-    wider = grouped and _widens_each_group(in_index, old_in, new_in, groups) and _widens_each_group(out_index, old_out, new_out, groups)
-    if grouped and not wider and (new_in % (old_in // groups) or new_in // (old_in // groups) * (old_out // groups) != new_out):
+    grouped = handler.kind == "conv" and groups > 1  # whole new groups (depth multipliers too), each wider, or merged
+    new_groups = regroup(in_index, out_index, groups, new_in, new_out) if grouped else groups
+    if new_groups is None:
         raise ValueError(f"{type(module).__name__} has {groups} groups of {old_in // groups} -> {old_out // groups} channels: "
-                         f"{new_in} -> {new_out} channels is neither a whole number of such groups nor each group wider")
+                         f"the new layout of {new_in} -> {new_out} channels puts one group's channels in different groups")
     transposed = handler.kind == "conv" and getattr(module, "transposed", False)  # weight is (in, out / groups, ...)
     fresh = copy.deepcopy(module)
     handler.set_count(fresh, handler.in_attr, new_in)
     handler.set_count(fresh, handler.out_attr, new_out)
-    if grouped and not wider:
-        fresh.groups = new_in // (old_in // groups)
+    if grouped:
+        fresh.groups = new_groups
     shapes: Dict[str, tuple] = {}
     for name, tensor in list(fresh.named_parameters(recurse=False)) + list(fresh.named_buffers(recurse=False)):
         if tensor is None or tensor.dim() == 0:
@@ -196,14 +209,10 @@ def resize_layer(
         fresh.reset_running_stats()
     for name in shapes:
         old, new = getattr(module, name), getattr(fresh, name).detach()
-        if handler.kind in ("conv", "linear") and name == "weight" and wider:  # old channels first in each wider group
-            if zero_new_inputs:  # new inputs of a group feed its old outputs with 0
-                new = new.clone()
-                new[out_index, old_in // groups:] = 0
-            value = _place(old.detach(), new, out_index, torch.arange(old.shape[1]))
-        elif handler.kind in ("conv", "linear") and name == "weight" and not grouped:
-            rows, inputs = (in_index, out_index) if transposed else (out_index, in_index)
-            columns = inputs if handler.kind == "linear" or groups == 1 else torch.arange(old.shape[1])
+        if grouped and name == "weight":
+            value = _place_grouped(old.detach(), new, in_index, out_index, groups, new_groups, transposed, zero_new_inputs)
+        elif handler.kind in ("conv", "linear") and name == "weight":
+            rows, columns = (in_index, out_index) if transposed else (out_index, in_index)
             if zero_new_inputs:  # outgoing weights of new input channels start at 0 (Net2Net)
                 input_dim, input_index = (0, rows) if transposed else (1, columns)
                 keep = torch.zeros(new.shape[input_dim], dtype=torch.bool)

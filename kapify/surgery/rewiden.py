@@ -10,6 +10,7 @@ from torch import nn
 
 from .channels import ChannelGraph, StoredSizes, analyze_channels, block_handler
 from .conv_types import is_conv
+from .regroup import merged_index, merged_square
 from .resize import resize_layer, resize_parameter
 from .squares import square_width
 from .tracing import eval_mode, example_input as default_input
@@ -53,8 +54,9 @@ def resolve_width_rule(rule: Union[str, Dict, WidthFn]) -> WidthFn:
 
 
 def _plan(graph: ChannelGraph, width_fn: WidthFn, function_preserving: bool, widen_normalised: bool,
-          convs: Iterable[str] = ()) -> Dict[int, int]:
-    """Each group's new width. ``convs``: the conv layers (KAP pools them), whose outputs the square rule makes square."""
+          convs: Iterable[str] = ()) -> Tuple[Dict[int, int], Dict[int, int]]:
+    """Each group's new width, and the output groups of grouped convs that merge their groups (-> the new number
+    of groups). ``convs``: the conv layers (KAP pools them), whose outputs the square rule makes square."""
     widths: Dict[int, int] = {}
     for g in graph.groups:
         if function_preserving and not widen_normalised and g.normalised and g.fixed is None:
@@ -75,15 +77,33 @@ def _plan(graph: ChannelGraph, width_fn: WidthFn, function_preserving: bool, wid
     if getattr(width_fn, "takes_divisor", False):  # the square rule: make split convs' whole outputs square too
         _square_split_outputs(graph, widths, units, width_fn, set(convs))
     _keep_leading_pieces_widest(graph, widths)
-    _derive_multiplied(graph, widths)  # again, from inputs those steps grew
-    return widths
+    merged: Dict[int, int] = {}
+    _derive_multiplied(graph, widths, merged if getattr(width_fn, "takes_divisor", False) else None)  # again, from inputs those steps grew
+    return widths, merged
 
 
-def _derive_multiplied(graph: ChannelGraph, widths: Dict[int, int]) -> None:
-    """Grouped convs with a depth multiplier, attention heads: the output width follows the input's."""
+def _derive_multiplied(graph: ChannelGraph, widths: Dict[int, int], merged: Optional[Dict[int, int]] = None) -> None:
+    """Grouped convs with a depth multiplier, attention heads: the output width follows the input's. With
+    ``merged`` (the square rule), a grouped conv whose output would not be square merges its groups to make it
+    square where :func:`~kapify.surgery.regroup.merged_square` finds a way (out group -> its number of groups)."""
+    ties = {g for tie in graph.ties for g in tie}
     for out, (inp, per_in, per_out) in graph.multiplied.items():
-        if graph.groups[out].fixed is None:
-            widths[out] = widths[inp] // per_in * per_out
+        if graph.groups[out].fixed is not None:
+            continue
+        widths[out] = widths[inp] // per_in * per_out
+        if merged is not None and out in graph.depth_multiplied and graph.groups[out].divisor == 1 and out not in ties \
+                and math.isqrt(widths[out]) ** 2 != widths[out]:
+            found = merged_square(widths[inp], per_in, per_out)
+            if found is not None:
+                widths[out], merged[out] = found
+
+
+def _merged_layouts(graph: ChannelGraph, widths: Dict[int, int], merged: Dict[int, int], index: Dict[int, torch.Tensor]) -> None:
+    """The new positions of the old output channels of grouped convs that merge their groups (in graph order: one's
+    input may be another's output)."""
+    for out, groups in merged.items():
+        inp, per_in, per_out = graph.multiplied[out]
+        index[out] = merged_index(index[inp], per_in, per_out, widths[inp] // groups, widths[out] // groups)
 
 
 def _tie_units(graph: ChannelGraph, widths: Dict[int, int]) -> Dict[int, Tuple[int, ...]]:
@@ -231,8 +251,9 @@ def _rewiden(model: nn.Module, width_fn: Union[str, Dict, WidthFn], function_pre
             + "; ".join(f"{', '.join(g.producers[:3])}: {g.fixed}" for g in stuck[:5])
             + ". Register a channel handler (kapify.register_channel_handler) or a leaf module for these layers, or pass strict=False"
         )
-    widths = _plan(graph, fn, function_preserving, widen_normalised, [n for n in graph.conv_outputs() if is_conv(new.get_submodule(n))])
+    widths, merged = _plan(graph, fn, function_preserving, widen_normalised, [n for n in graph.conv_outputs() if is_conv(new.get_submodule(n))])
     index = {g.id: torch.arange(g.width) for g in graph.groups}  # old channels first; grouped convs gain whole groups
+    _merged_layouts(graph, widths, merged, index)
     apply_layout(new, graph, widths, index, function_preserving)
     _sync_head_width(model, new)
     x = example_input if example_input is not None else default_input(new)

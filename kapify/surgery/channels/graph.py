@@ -54,6 +54,7 @@ class ChannelGraph:
     ties: List[Tuple[int, ...]] = field(default_factory=list)  # groups that must keep one width (equal pieces)
     grouped: List[str] = field(default_factory=list)  # depthwise/grouped convs (their output layout is in channelwise)
     multiplied: Dict[int, Tuple[int, int, int]] = field(default_factory=dict)  # out group -> (in group, a, b): out = in / a * b
+    depth_multiplied: List[int] = field(default_factory=list)  # those out groups a grouped conv makes (it may merge its groups)
     module_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)  # module -> shape of the last tensor it computed (its output)
 
     def conv_outputs(self) -> Dict[str, Layout]:
@@ -83,6 +84,7 @@ class GroupSet:
         self.parts: Dict[int, Tuple[int, int]] = {}  # a root cut in two at a split or slice: its segments
         self.ties: List[Tuple[List[Layout], str]] = []  # layouts that must keep equal widths (pieces of x.chunk(n)), why
         self.multiplied: List[Tuple[int, int, int, int]] = []  # (input group, output group, in, out per conv group or head)
+        self.depth_multiplied: List[int] = []  # output groups of grouped convs among them
 
     def new(self, width: int, fixed: Optional[str] = None) -> int:
         self.parent.append(len(self.parent))
@@ -240,14 +242,19 @@ class GroupSet:
             grouped=[n for n, entries in roles.items() if any(role == "grouped" for role, _ in entries)],
             multiplied={index[self.find(o)]: (index[self.find(i)], a, b) for i, o, a, b in self.multiplied
                         if self.find(i) in index and self.find(o) in index},
+            depth_multiplied=[index[self.find(o)] for o in self.depth_multiplied if self.find(o) in index],
         )
 
-    def multiply(self, inp: int, out: int, per_in: int, per_out: int) -> None:
+    def multiply(self, inp: int, out: int, per_in: int, per_out: int, grouped_conv: bool = False) -> None:
         """A grouped conv with ``per_in`` -> ``per_out`` channels per group (a depth multiplier), or channels
         of ``per_in`` per attention head (``per_out`` = 1: the heads): widening adds whole groups or heads,
-        so the output keeps ``per_out / per_in`` times its input's width."""
+        so the output keeps ``per_out / per_in`` times its input's width. A grouped conv may instead merge
+        its groups (:mod:`kapify.surgery.regroup`): its output's own groups set no divisor."""
         self.restrict(inp, per_in)
-        self.restrict(out, per_out)
+        if grouped_conv:
+            self.depth_multiplied.append(out)
+        else:
+            self.restrict(out, per_out)
         self.multiplied.append((inp, out, per_in, per_out))
 
     def _join_multiplied(self) -> None:

@@ -210,8 +210,8 @@ def layer_layout(an: ChannelAnalysis, step: Step, name: str, module: nn.Module, 
             an.groups.normalise(g)
     an.inputs[name] = src[1]
     out = an.groups.new(c_out)
-    if groups > 1:  # a depth multiplier (out = m x in): widening adds whole groups on both sides
-        an.groups.multiply(src[1][0], out, c_in // groups, c_out // groups)
+    if groups > 1:  # a depth multiplier (out = m x in): widening adds whole groups on both sides (or merges them)
+        an.groups.multiply(src[1][0], out, c_in // groups, c_out // groups, grouped_conv=True)
     an.outputs[name] = (out,)
     an.role(name, "conv", src[1])
     return axis, (out,)
