@@ -60,9 +60,11 @@ def _scope(node: torch.fx.Node) -> str:
 
 
 def find_conv_sites(
-    model: nn.Module, leaf_modules: Sequence[type] = (), inputs: Optional[Sequence[torch.Tensor]] = None
+    model: nn.Module, leaf_modules: Sequence[type] = (), inputs: Optional[Sequence[torch.Tensor]] = None,
+    eager: Optional[object] = None,
 ) -> ConvSites:
-    """Trace ``model`` (in eval mode), check the graph against eager and list its conv sites.
+    """Trace ``model`` (in eval mode), check the graph against eager (``eager``: the eval-mode output of
+    ``model.forward`` on ``inputs``, if already run) and list its conv sites.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
@@ -83,7 +85,7 @@ def find_conv_sites(
                     sites.modules.setdefault(f"{node.target}.{sub_name}", f"inside leaf {type(module).__name__}")
         elif node.op == "call_function" and node.target in _FUNCTIONAL_CONVS:
             sites.functional.append(_scope(node))
-    sites.graph_problem = check_graph(gm, model, inputs if inputs is not None else [example_input(model)])
+    sites.graph_problem = check_graph(gm, model, inputs if inputs is not None else [example_input(model)], eager=eager)
     if sites.graph_problem is None:
         sites.entry = _input_entry(gm)
     else:

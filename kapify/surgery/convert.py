@@ -21,7 +21,7 @@ from .arrange import ARRANGE_METHODS, arrange_channels
 from .kap_conv import attach_kap, original_class, set_blend, weight_poolable
 from .resize import resize_layer
 from .channels import ChannelGraph
-from .rewiden import RewidenError, _rewiden
+from .rewiden import Checked, RewidenError, _rewiden
 
 __all__ = ["convert", "GRID_RULES", "POOLS", "IMPLS", "INPUT_NOISE_ATTR"]
 
@@ -58,20 +58,23 @@ def _selected(name: str, include: Optional[List[str]], exclude: Optional[List[st
     return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
 
 
-def _widen_to_squares(model: nn.Module, example_input: Optional[torch.Tensor],
-                      leaf_modules: Iterable[type]) -> Tuple[nn.Module, Optional[ChannelGraph], Optional[str]]:
+def _widen_to_squares(model: nn.Module, example_input: Optional[torch.Tensor], leaf_modules: Iterable[type]
+                      ) -> Tuple[nn.Module, Optional[ChannelGraph], Optional[str], Optional[Checked]]:
     """Re-widen for grid="square": every free group, channel-normalised ones too; if the widened model
     no longer runs, without the channel-normalised groups (a stream width read at run time, e.g. MaxViT's
-    attention); if that fails too, nothing (rectangular grids, with a warning)."""
+    attention); if that fails too, nothing (rectangular grids, with a warning). Returns the model, its
+    channel graph, why it was not widened, and the forward that checked it."""
     try:
-        return (*_rewiden(model, "square", True, example_input, leaf_modules, strict=False, widen_normalised=True), None)
+        new, graph, checked = _rewiden(model, "square", True, example_input, leaf_modules, strict=False, widen_normalised=True)
+        return new, graph, None, checked
     except RewidenError:
         pass
     try:
-        return (*_rewiden(model, "square", True, example_input, leaf_modules, strict=False), None)
+        new, graph, checked = _rewiden(model, "square", True, example_input, leaf_modules, strict=False)
+        return new, graph, None, checked
     except RewidenError as err:
         warnings.warn(f"grid='square' falls back to rectangular grids with the original widths: {err}", stacklevel=3)
-        return copy.deepcopy(model), None, str(err)
+        return copy.deepcopy(model), None, str(err), None
 
 
 def _why_not_square(graph: ChannelGraph, name: str) -> str:
@@ -186,14 +189,18 @@ def convert(
             f"If it has a custom conv layer, register it with kapify.register_conv_type(MyConv)"
         )
     params_before = sum(p.numel() for p in model.parameters())
-    new, graph, unwidened = copy.deepcopy(model), None, None
     if grid == "square" and pool is not None:  # widen every free channel group to a perfect square, new channels silent
-        new, graph, unwidened = _widen_to_squares(model, example_input, leaf_modules)
+        new, graph, unwidened, checked = _widen_to_squares(model, example_input, leaf_modules)
+    else:
+        new, graph, unwidened, checked = copy.deepcopy(model), None, None, None
     similarity: Dict[str, List[float]] = {}
     if arrange is not None and pool is not None:  # permute before pooling: same widths, so graph stays valid
         new, arranged = arrange_channels(new, arrange, example_input, leaf_modules, grid="line" if grid == "line" else "rect")
         similarity = {name: [r.before, r.after] for r in arranged for name in r.producers}
-    sites = find_conv_sites(new, tuple(leaf_modules), None if example_input is None else [example_input])
+    if checked is not None and arrange is None:  # compare the graph to the forward that checked the widened model
+        sites = find_conv_sites(new, tuple(leaf_modules), [checked[0]], eager=checked[1])
+    else:
+        sites = find_conv_sites(new, tuple(leaf_modules), None if example_input is None else [example_input])
     if sites.functional:
         warnings.warn(
             f"{len(sites.functional)} functional convolution(s) have no conv module to pool after and are left "

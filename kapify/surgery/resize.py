@@ -57,7 +57,7 @@ class ChannelHandler:
     @staticmethod
     def set_count(module: nn.Module, attr: str, channels: int) -> None:
         value = getattr(module, attr)
-        if not isinstance(value, torch.Tensor):  # a parameter is resized with the others
+        if attr not in module._parameters and attr not in module._buffers:  # a parameter is resized with the others
             setattr(module, attr, (*value[:-1], channels) if isinstance(value, (tuple, list)) else channels)
 
 
@@ -114,14 +114,22 @@ def channel_handler(module: nn.Module) -> Optional[ChannelHandler]:
     return None
 
 
+def _leading(index: torch.Tensor) -> bool:
+    """Whether ``index`` keeps the old channels first, in order (a slice can place them)."""
+    return torch.equal(index, torch.arange(len(index)))
+
+
 def _place(old: torch.Tensor, new: torch.Tensor, out_index: torch.Tensor, in_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``new`` with ``old[i]`` (and ``old[i, j]``) written at ``new[out_index[i]]`` (``[.., in_index[j]]``)."""
-    out = new.clone()
+    """``new`` (written in place) with ``old[i]`` (and ``old[i, j]``) at ``new[out_index[i]]`` (``[.., in_index[j]]``)."""
+    old = old.to(new.dtype)
+    if _leading(out_index) and (in_index is None or _leading(in_index)):  # old channels first: one slice copy
+        new[tuple(slice(0, n) for n in old.shape[:1 if in_index is None else 2])] = old
+        return new
     if in_index is None:
-        return out.index_copy_(0, out_index, old.to(out.dtype))
-    rows = out.index_select(0, out_index)
-    rows.index_copy_(1, in_index, old.to(out.dtype))
-    return out.index_copy_(0, out_index, rows)
+        return new.index_copy_(0, out_index, old)
+    rows = new.index_select(0, out_index)
+    rows.index_copy_(1, in_index, old)
+    return new.index_copy_(0, out_index, rows)
 
 
 def _place_grouped(old: torch.Tensor, new: torch.Tensor, in_index: torch.Tensor, out_index: torch.Tensor, groups: int,
@@ -180,13 +188,14 @@ def resize_layer(
         raise ValueError(f"{type(module).__name__} has {groups} groups of {old_in // groups} -> {old_out // groups} channels: "
                          f"the new layout of {new_in} -> {new_out} channels puts one group's channels in different groups")
     transposed = handler.kind == "conv" and getattr(module, "transposed", False)  # weight is (in, out / groups, ...)
-    fresh = copy.deepcopy(module)
+    tensors = [t for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)) if t.dim() > 0]
+    fresh = copy.deepcopy(module, {id(t): None for t in tensors})  # the tensors it gets new ones for: not copied
     handler.set_count(fresh, handler.in_attr, new_in)
     handler.set_count(fresh, handler.out_attr, new_out)
     if grouped:
         fresh.groups = new_groups
     shapes: Dict[str, tuple] = {}
-    for name, tensor in list(fresh.named_parameters(recurse=False)) + list(fresh.named_buffers(recurse=False)):
+    for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
         if tensor is None or tensor.dim() == 0:
             continue
         shape = list(tensor.shape)

@@ -235,10 +235,14 @@ def rewiden(
     return _rewiden(model, width_fn, function_preserving, example_input, leaf_modules, strict)[0]
 
 
+Checked = Tuple[torch.Tensor, object]  # an input the widened model ran on in eval mode, and what its forward returned
+
+
 def _rewiden(model: nn.Module, width_fn: Union[str, Dict, WidthFn], function_preserving: bool,
              example_input: Optional[torch.Tensor], leaf_modules: Iterable[type], strict: bool,
-             widen_normalised: bool = False) -> tuple[nn.Module, ChannelGraph]:
-    """:func:`rewiden`, also returning the channel graph (for reports). ``widen_normalised``: with
+             widen_normalised: bool = False) -> Tuple[nn.Module, ChannelGraph, Checked]:
+    """:func:`rewiden`, also returning the channel graph (for reports) and the forward that checked the widened
+    model (convert compares its traced graph to it instead of running it again). ``widen_normalised``: with
     ``function_preserving``, widen channel-normalised groups too (new channels get zero outgoing
     weights but enter the LayerNorm/GroupNorm statistics, so the function is only nearly kept)."""
     fn = resolve_width_rule(width_fn)
@@ -258,8 +262,9 @@ def _rewiden(model: nn.Module, width_fn: Union[str, Dict, WidthFn], function_pre
     _sync_head_width(model, new)
     x = example_input if example_input is not None else default_input(new)
     entries = _feature_modules(new)
-    _sync_feature_info(graph.module_shapes, entries, _check_forward(new, x, [e["module"] for e in entries]))
-    return new, graph
+    shapes, output = _check_forward(new, x, [e["module"] for e in entries])
+    _sync_feature_info(graph.module_shapes, entries, shapes)
+    return new, graph, (x, output)
 
 
 def apply_layout(model: nn.Module, graph: ChannelGraph, widths: Dict[int, int], index: Dict[int, torch.Tensor],
@@ -323,8 +328,9 @@ class RewidenError(ValueError):
     """The widened model no longer runs: it hard-codes a channel count the graph does not show."""
 
 
-def _output_shapes(model: nn.Module, x: torch.Tensor, names: Iterable[str]) -> Dict[str, torch.Size]:
-    """One eval-mode forward of ``model`` on ``x``, recording the output shape of each named submodule."""
+def _output_shapes(model: nn.Module, x: torch.Tensor, names: Iterable[str]) -> Tuple[Dict[str, torch.Size], object]:
+    """One eval-mode run of ``model.forward`` on ``x`` (the traced code: not the model's own hooks): the output
+    shape of each named submodule, and the output."""
     seen: Dict[str, torch.Size] = {}
 
     def record(key: str) -> Callable:
@@ -336,15 +342,15 @@ def _output_shapes(model: nn.Module, x: torch.Tensor, names: Iterable[str]) -> D
     hooks = [model.get_submodule(name).register_forward_hook(record(name)) for name in names]
     try:
         with eval_mode(model), torch.no_grad():
-            model(x)
+            output = model.forward(x)
     finally:
         for h in hooks:
             h.remove()
-    return seen
+    return seen, output
 
 
-def _check_forward(model: nn.Module, x: torch.Tensor, names: Iterable[str] = ()) -> Dict[str, torch.Size]:
-    """Run the widened model once (it must still work) and return the output shapes of ``names``."""
+def _check_forward(model: nn.Module, x: torch.Tensor, names: Iterable[str] = ()) -> Tuple[Dict[str, torch.Size], object]:
+    """Run the widened model once (it must still work): the output shapes of ``names``, and its output."""
     try:
         return _output_shapes(model, x, names)
     except Exception as err:

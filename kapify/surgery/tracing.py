@@ -146,13 +146,14 @@ def _flatten(out: Any) -> List[torch.Tensor]:
     return []
 
 
-def check_graph(gm: fx.GraphModule, model: nn.Module, inputs: Iterable[torch.Tensor], atol: float = 1e-4) -> Optional[str]:
+def check_graph(gm: fx.GraphModule, model: nn.Module, inputs: Iterable[torch.Tensor], atol: float = 1e-4,
+                eager: Optional[object] = None) -> Optional[str]:
     """Run ``gm`` and ``model.forward`` (the traced code: the model's own pre-hooks, such as input
     normalisation, are not part of the graph) in eval mode on ``inputs``; return why they differ,
-    or None if equal."""
+    or None if equal. ``eager``: what ``model.forward`` returned on ``inputs``, when already run."""
     with eval_mode(model), torch.no_grad():
         try:
-            want = _flatten(model.forward(*inputs))
+            want = _flatten(model.forward(*inputs) if eager is None else eager)
         except Exception as err:
             return f"the eager model failed on the example input: {type(err).__name__}: {err}"
         try:
