@@ -572,3 +572,22 @@ def test_a_conv_sliding_along_the_channels_lets_them_widen():
     kap = kapify.convert(model, example_input=x)
     assert kap.layer1[0].conv3.out_channels == 256 and kap.layer2[0].conv3.out_channels == 576
     assert "layer2.0.conv3" in kapify.get_config(kap).widened_across_norm and kap.eval()(x).shape == (1, 10)
+
+
+def test_tiny_vit_blocks_fx_keeps_whole_widen_their_stream_and_keep_the_attention_inside():
+    """TinyViT's block is a leaf (it pads to whole windows): its layer rule says attention's ``qkv`` reads the stream
+    and ``proj`` writes it (the per-head widths between stay), ``local_conv`` is depthwise and the MLP adds to it."""
+    from tests.test_channel_heads import _without_layernorm
+
+    torch.manual_seed(0)
+    model = timm.models.tiny_vit.TinyVit(embed_dims=(16, 40), depths=(1, 2), num_heads=(1, 2), window_sizes=(4, 4),
+                                         num_classes=10)
+    model = _without_layernorm(model).double().eval()
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), model(x), rtol=1e-9, atol=1e-9)
+    block, old = wide.stages[1].blocks[1], model.stages[1].blocks[1]
+    assert block.local_conv.conv.out_channels == block.attn.qkv.in_features == block.mlp.fc2.out_features == 49
+    assert block.attn.qkv.out_features == old.attn.qkv.out_features and block.attn.proj.in_features == old.attn.proj.in_features
+    assert all(math.isqrt(m.out_channels) ** 2 == m.out_channels for m in wide.modules() if isinstance(m, nn.Conv2d))

@@ -47,15 +47,22 @@ def register_layer_rule(*layer_types: Type[nn.Module]) -> Callable[[LayerRule], 
 
 
 def _inner_layer(an: ChannelAnalysis, step: Step, name: str, src: Located) -> Optional[Located]:
-    """The layout after layer ``name`` of the leaf block ``step`` calls, reading ``src``."""
+    """The layout after layer ``name`` (a conv/linear, a norm, or a stateless one) of the leaf block ``step`` calls, reading ``src``."""
     path = f"{step.node.target}.{name}"
     layer = an.gm.get_submodule(path)
-    return layer_layout(an, step, path, layer, channel_handler(layer), src)
+    handler = channel_handler(layer)
+    if handler is None:
+        if any(t.dim() > 0 for t in list(layer.parameters()) + list(layer.buffers())):
+            an.fix_all([src], f"{type(layer).__name__} '{path}' has no channel handler")
+        return src
+    if handler.kind == "channelwise":
+        return _channelwise(an, path, layer, handler, src)
+    return layer_layout(an, step, path, layer, handler, src)
 
 
-def layers_in_sequence(an: ChannelAnalysis, step: Step, names: Sequence[str]) -> Optional[Located]:
-    """A leaf block that calls its conv/linear layers ``names`` one after the other on its input."""
-    located = step.src
+def layers_in_sequence(an: ChannelAnalysis, step: Step, names: Sequence[str], src: Optional[Located] = None) -> Optional[Located]:
+    """A leaf block that calls its layers ``names`` (convs, linears, norms) one after the other on its input (or ``src``)."""
+    located = step.src if src is None else src
     for name in names:
         located = _inner_layer(an, step, name, located)
     return located
@@ -123,7 +130,7 @@ def module_layout(an: ChannelAnalysis, step: Step, module: nn.Module) -> Optiona
         an.pinned(node, module, handler)
         return an.layout[node]
     if handler.kind == "channelwise":
-        return _channelwise(an, step, module, handler, src)
+        return _channelwise(an, node.target, module, handler, src)
     if handler.kind == "attention":
         return _attention(an, step, module, handler, src)
     return layer_layout(an, step, node.target, module, handler, src)
@@ -141,10 +148,10 @@ def _without_handler(an: ChannelAnalysis, step: Step, module: nn.Module) -> Opti
     return an.fresh(node, f"output of {type(module).__name__} '{node.target}'")
 
 
-def _channelwise(an: ChannelAnalysis, step: Step, module: nn.Module, handler: ChannelHandler, src: Located) -> Located:
-    """BatchNorm, LayerNorm, GroupNorm: the channels pass through; norms over channels mark them normalised,
-    except a GroupNorm of several groups, which widens by whole new groups (the old ones keep their statistics)."""
-    an.role(step.node.target, "channelwise", src[1])
+def _channelwise(an: ChannelAnalysis, name: str, module: nn.Module, handler: ChannelHandler, src: Located) -> Located:
+    """BatchNorm, LayerNorm, GroupNorm (module ``name``): the channels pass through; norms over channels mark them
+    normalised, except a GroupNorm of several groups, which widens by whole new groups (the old ones keep their statistics)."""
+    an.role(name, "channelwise", src[1])
     if handler.channels_normalised:  # statistics mix channels
         groups = getattr(module, handler.groups_attr) if handler.groups_attr else 1
         size = handler.count(module, handler.in_attr) // groups

@@ -33,6 +33,7 @@ try:
     from timm.models.mambaout import GatedConvBlock
     from timm.models.nextvit import EfficientAttention as NextViTAttention
     from timm.models.swin_transformer import WindowAttention as SwinAttention
+    from timm.models.tiny_vit import TinyVitBlock
     from timm.models.swin_transformer_v2 import WindowAttention as SwinV2Attention
     from timm.models.swin_transformer_v2_cr import WindowMultiHeadAttention as SwinV2CrAttention
     from timm.models.vision_transformer import ParallelScalingBlock
@@ -160,6 +161,19 @@ try:
         """ConViT's gated positional attention (a leaf: it caches relative indices): ``qk`` and ``v`` in heads,
         ``proj``; ``pos_proj`` and ``gating_param`` have one entry per head"""
         return attention_leaf(an, step, layer.num_heads, ["qk", "v"], "proj", per_head=["pos_proj", "gating_param"])
+
+    @register_layer_rule(TinyVitBlock)
+    def tiny_vit_block(an, step, layer):
+        """TinyViT's block (a leaf: it pads to whole windows): ``attn`` (its ``qkv`` reads the stream, ``proj`` writes
+        it; the per-head widths between, split at stored sizes, stay), a depthwise ``local_conv``, then ``mlp``"""
+        stream = step.src
+        heads = layers_in_sequence(an, step, ["attn.norm", "attn.qkv"])
+        an.fix_all([heads], f"TinyViT attention '{step.node.target}.attn' splits its heads' q, k, v at stored sizes")
+        merged = (stream[0], (an.groups.new(layer.attn.proj.in_features, f"heads of '{step.node.target}.attn'"),))
+        for branch in (layers_in_sequence(an, step, ["attn.proj"], merged), layers_in_sequence(an, step, ["local_conv.conv", "local_conv.bn"]),
+                       layers_in_sequence(an, step, ["mlp.norm", "mlp.fc1", "mlp.fc2"])):
+            an.groups.union_layouts(an.groups.align([branch[1], stream[1]]))  # each adds to the stream (or is it: depthwise)
+        return stream
 
     @register_block_handler(Scale)
     def metaformer_scale(block: nn.Module, sizes: StoredSizes) -> None:
