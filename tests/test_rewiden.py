@@ -591,3 +591,57 @@ def test_tiny_vit_blocks_fx_keeps_whole_widen_their_stream_and_keep_the_attentio
     assert block.local_conv.conv.out_channels == block.attn.qkv.in_features == block.mlp.fc2.out_features == 49
     assert block.attn.qkv.out_features == old.attn.qkv.out_features and block.attn.proj.in_features == old.attn.proj.in_features
     assert all(math.isqrt(m.out_channels) ** 2 == m.out_channels for m in wide.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_shvit_partial_single_head_attention_widens_its_stored_sizes_together():
+    """SHViT's SHSA splits the stream at ``self.pdim``, q, k, v at ``self.qk_dim`` and reshapes v to ``self.pdim``:
+    the two places cut at one stored size keep one width, q and k (contracted) stay, v is sized so q, k, v is square."""
+    torch.manual_seed(0)
+    model = timm.models.shvit.SHViT(embed_dim=(40, 56, 64), partial_dim=(12, 20, 24), qk_dim=(8, 8, 8), depth=(1, 1, 1),
+                                    types=("i", "s", "s"), norm_layer=nn.Identity, num_classes=10).double().eval()
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):  # proj's BN starts at 0: give it a function
+        bn.weight.data.uniform_(0.5, 2)
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64)
+    wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), model(x), rtol=1e-9, atol=1e-9)
+    attn = next(m for m in wide.modules() if type(m).__name__ == "SHSA")
+    assert attn.qk_dim == 8 and attn.qkv.c.out_channels == 2 * attn.qk_dim + attn.pdim and attn.dim == attn.proj[1].c.out_channels
+    assert all(math.isqrt(m.out_channels) ** 2 == m.out_channels for m in wide.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_mobilevit_v2_blocks_fx_keeps_whole_widen_their_transformer_and_stored_embed_dim():
+    """MobileViT-v2's block is a leaf (it resizes to whole patches): its layer rule follows conv_kxk, conv_1x1, each
+    linear attention (``qkv_proj`` split into 1 query channel and keys and values of ``embed_dim``, rewritten by the
+    attention's block handler so that 1 + 2 x embed_dim is square), the MLP, norm and conv_proj."""
+    torch.manual_seed(0)
+    model = timm.create_model("mobilevitv2_050", num_classes=10)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.GroupNorm):  # over all channels: kept under function_preserving, so swapped out here
+            model.set_submodule(name, nn.Identity())
+    model = model.double().eval()
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64)
+    wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), model(x), rtol=1e-9, atol=1e-9)
+    attn = wide.stages[2][1].transformer[0].attn
+    assert attn.qkv_proj.out_channels == 1 + 2 * attn.embed_dim and attn.embed_dim > model.stages[2][1].transformer[0].attn.embed_dim
+    assert all(math.isqrt(m.out_channels) ** 2 == m.out_channels for m in wide.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_cond_conv_experts_widen_like_convs_and_keep_the_function():
+    """timm's CondConv2d keeps each expert's filters flattened in one (experts, out x in x k x k) parameter."""
+    from timm.models._efficientnet_blocks import CondConvResidual
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 20, 1), CondConvResidual(20, 20, exp_ratio=3.0, num_experts=4), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(20, 5)).double().eval()
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), model(x), rtol=1e-9, atol=1e-9)
+    pw, dw = wide[1].conv_pw, wide[1].conv_dw
+    assert (pw.in_channels, pw.out_channels, dw.out_channels, dw.groups) == (25, 64, 64, 64)
+    assert pw.weight_shape == (64, 25, 1, 1) and pw.weight.shape == (4, 64 * 25)

@@ -34,8 +34,8 @@ class ChannelHandler:
     one holding a parameter (EvoNorm's ``weight``) its length. ``groups_attr``: the attribute holding the
     number of channel groups its statistics run over (GroupNorm's ``num_groups``); a norm of several
     groups widens by whole new groups of the same size.
-    ``resize``: ``resize(module, size, index, zero_new_inputs)`` for a one-width layer whose parameters
-    the generic code cannot lay out (packed q, k, v projections).
+    ``resize``: ``resize(module, new_in, in_index, new_out, out_index, zero_new_inputs)`` for a layer whose
+    parameters the generic code cannot lay out (packed q, k, v projections, CondConv's flattened experts).
     """
 
     kind: str
@@ -45,7 +45,7 @@ class ChannelHandler:
     axis: int = 1
     unit_attr: Optional[str] = None
     groups_attr: Optional[str] = None
-    resize: Optional[Callable[[nn.Module, int, torch.Tensor, bool], None]] = None
+    resize: Optional[Callable[[nn.Module, int, torch.Tensor, int, torch.Tensor, bool], None]] = None
 
     @staticmethod
     def count(module: nn.Module, attr: str) -> int:
@@ -179,7 +179,7 @@ def resize_layer(
             and torch.equal(out_index, torch.arange(old_out)):  # no new channels, none moved
         return
     if handler.resize is not None:
-        handler.resize(module, new_out, out_index, zero_new_inputs)
+        handler.resize(module, new_in, in_index, new_out, out_index, zero_new_inputs)
         return
     groups = getattr(module, "groups", 1)
     grouped = handler.kind == "conv" and groups > 1  # whole new groups (depth multipliers too), each wider, or merged
@@ -255,8 +255,9 @@ def resize_parameter(owner: nn.Module, name: str, dim: int, size: int, index: to
     setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value)
 
 
-def _resize_multihead_attention(module: nn.MultiheadAttention, size: int, index: torch.Tensor, zero_new_inputs: bool) -> None:
-    """``nn.MultiheadAttention`` with ``size`` channels: the q, k and v rows of the packed ``in_proj_weight``,
+def _resize_multihead_attention(module: nn.MultiheadAttention, new_in: int, in_index: torch.Tensor, size: int,
+                                index: torch.Tensor, zero_new_inputs: bool) -> None:
+    """``nn.MultiheadAttention`` with ``size`` channels (in = out): the q, k and v rows of the packed ``in_proj_weight``,
     its columns and ``out_proj`` follow ``index``; the head dim stays, so the new channels are new heads."""
     if size % module.head_dim or not module._qkv_same_embed_dim:
         raise ValueError(f"MultiheadAttention with heads of {module.head_dim} channels (keys/values of {module.kdim}/{module.vdim}) "
@@ -286,3 +287,32 @@ def _resize_multihead_attention(module: nn.MultiheadAttention, size: int, index:
 
 register_channel_handler(nn.MultiheadAttention, ChannelHandler(  # self-attention: query, key, value and output share one width
     "attention", "embed_dim", "embed_dim", axis=-1, unit_attr="head_dim", resize=_resize_multihead_attention))
+
+
+def _resize_cond_conv(module: nn.Module, new_in: int, in_index: torch.Tensor, new_out: int, out_index: torch.Tensor,
+                      zero_new_inputs: bool) -> None:
+    """timm's ``CondConv2d``: each expert's flattened filters are resized as a plain conv's would be (new filters get a
+    conv's own initialisation, CondConv's too); its stored ``weight_shape`` / ``bias_shape`` follow."""
+    experts = []
+    for e in range(module.num_experts):
+        conv = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, groups=module.groups, bias=module.bias is not None,
+                         device=module.weight.device, dtype=module.weight.dtype)
+        conv.weight.data = module.weight.detach()[e].view(module.weight_shape).clone()
+        if module.bias is not None:
+            conv.bias.data = module.bias.detach()[e].clone()
+        resize_layer(conv, new_in, in_index, new_out, out_index, zero_new_inputs)
+        experts.append(conv)
+    module.weight = nn.Parameter(torch.stack([c.weight.detach().flatten() for c in experts]), module.weight.requires_grad)
+    if module.bias is not None:
+        module.bias = nn.Parameter(torch.stack([c.bias.detach() for c in experts]), module.bias.requires_grad)
+        module.bias_shape = (new_out,)
+    module.in_channels, module.out_channels, module.groups = new_in, new_out, experts[0].groups
+    module.weight_shape = tuple(experts[0].weight.shape)
+
+
+try:
+    from timm.layers import CondConv2d
+
+    register_channel_handler(CondConv2d, ChannelHandler("conv", "in_channels", "out_channels", resize=_resize_cond_conv))  # experts flattened
+except ImportError:  # pragma: no cover - timm is a dependency
+    pass

@@ -144,11 +144,16 @@ def _square_split_outputs(graph: ChannelGraph, widths: Dict[int, int], units: Di
     caps = {site.pieces[-1][0]: site.pieces[0] for site in graph.slices  # x.split(size): the last piece is no wider
             if site.kind == "leading" and len(site.pieces) > 1 and len(site.pieces[-1]) == 1}
     locked: set = set()
-    for layout in outputs.values():
+
+    def free_units(layout: Tuple[int, ...]) -> List[Tuple[int, ...]]:
+        return [units[g] for g in layout if not (set(units[g]) & (whole | locked)) and graph.groups[g].fixed is None
+                and graph.groups[g].producers]
+
+    # the outputs with the fewest free segments first (SHViT: q, k, v with only v free, before the stream v is cut from)
+    for layout in sorted(outputs.values(), key=lambda lo: len(free_units(lo))):
         if len(layout) < 2:
             continue
-        free = [units[g] for g in layout if not (set(units[g]) & (whole | locked)) and graph.groups[g].fixed is None
-                and graph.groups[g].producers and set(units[g]) <= set(layout)]
+        free = free_units(layout)
         if not any(_square_total(graph, widths, layout, unit, width_fn, caps) for unit in free):
             _grow_whole_segment(graph, widths, layout, free, units, whole - locked, width_fn, caps)
         locked.update(layout)

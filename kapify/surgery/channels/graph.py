@@ -71,6 +71,17 @@ class ChannelGraph:
         return self.groups[layout[0]] if len(layout) == 1 else None
 
 
+def _one_stored_size(slices: List[SliceSite]) -> List[Tuple[int, ...]]:
+    """Groups a block cuts or reshapes at one stored size (SHViT's ``split(x, [self.pdim, ...])`` of the stream
+    and ``reshape(B, self.pdim, H, W)`` of its attention's values): they keep one width."""
+    cut_at: Dict[Tuple[str, int], set] = {}
+    for site in slices:
+        for at, prefix in site.boundaries:
+            if len(prefix) == 1:
+                cut_at.setdefault((site.owner, at), set()).add(prefix[0])
+    return [tuple(sorted(groups)) for groups in cut_at.values() if len(groups) > 1]
+
+
 class GroupSet:
     """Union-find over provisional groups: merging two checks their widths and keeps the strictest
     constraints (fixed reason, divisor, normalised)."""
@@ -229,6 +240,7 @@ class GroupSet:
         for name, (_, gid) in parameters.items():
             for g in renum((gid,)):
                 groups[g].channelwise.append(name)
+        slices = [SliceSite(s.owner, [(at, renum(lo)) for at, lo in s.boundaries], s.kind, [renum(p) for p in s.pieces]) for s in slices]
         return ChannelGraph(
             groups=groups,
             inputs={n: renum(lo) for n, lo in inputs.items()},
@@ -236,9 +248,9 @@ class GroupSet:
             channelwise={n: renum(lo) for n, entries in roles.items() for role, lo in entries if role != "conv"},
             parameters={n: (dim, renum((g,))) for n, (dim, g) in parameters.items()},
             spread=spreads,
-            slices=[SliceSite(s.owner, [(at, renum(lo)) for at, lo in s.boundaries], s.kind, [renum(p) for p in s.pieces])
-                    for s in slices],
-            ties=[tuple(sorted({index[self.find(g)] for g in tie})) for tie in ties if len({self.find(g) for g in tie}) > 1],
+            slices=slices,
+            ties=[tuple(sorted({index[self.find(g)] for g in tie})) for tie in ties if len({self.find(g) for g in tie}) > 1]
+            + _one_stored_size(slices),
             grouped=[n for n, entries in roles.items() if any(role == "grouped" for role, _ in entries)],
             multiplied={index[self.find(o)]: (index[self.find(i)], a, b) for i, o, a, b in self.multiplied
                         if self.find(i) in index and self.find(o) in index},

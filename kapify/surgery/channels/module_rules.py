@@ -10,17 +10,18 @@ unless a rule is registered for its type (:func:`register_layer_rule`: a block F
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Type
+import itertools
+from typing import Callable, Dict, List, Optional, Sequence, Type
 
 from torch import nn
 
 from ..resize import ChannelHandler, channel_handler
 from ..squares import aligned_square
 from .analysis import ChannelAnalysis, Located, Step
-from .graph import Layout
+from .graph import Layout, SliceSite
 from .axes import follow_axis, permuted_axis
 
-__all__ = ["LayerRule", "attention_leaf", "module_layout", "layer_layout", "register_layer_rule", "layers_in_sequence"]
+__all__ = ["LayerRule", "attention_leaf", "module_layout", "layer_layout", "register_layer_rule", "layers_in_sequence", "split_in_leaf"]
 
 try:  # torchvision's ConvNeXt moves channels last with a Permute module
     from torchvision.ops.misc import Permute as _Permute
@@ -47,13 +48,15 @@ def register_layer_rule(*layer_types: Type[nn.Module]) -> Callable[[LayerRule], 
 
 
 def _inner_layer(an: ChannelAnalysis, step: Step, name: str, src: Located) -> Optional[Located]:
-    """The layout after layer ``name`` (a conv/linear, a norm, or a stateless one) of the leaf block ``step`` calls, reading ``src``."""
+    """The layout after layer ``name`` (a conv/linear, a norm, or a stateless one) of the leaf block ``step`` calls, reading
+    ``src``; None for a layer with weights but no channel handler (its input stays as it is)."""
     path = f"{step.node.target}.{name}"
     layer = an.gm.get_submodule(path)
     handler = channel_handler(layer)
     if handler is None:
         if any(t.dim() > 0 for t in list(layer.parameters()) + list(layer.buffers())):
             an.fix_all([src], f"{type(layer).__name__} '{path}' has no channel handler")
+            return None
         return src
     if handler.kind == "channelwise":
         return _channelwise(an, path, layer, handler, src)
@@ -64,8 +67,23 @@ def layers_in_sequence(an: ChannelAnalysis, step: Step, names: Sequence[str], sr
     """A leaf block that calls its layers ``names`` (convs, linears, norms) one after the other on its input (or ``src``)."""
     located = step.src if src is None else src
     for name in names:
-        located = _inner_layer(an, step, name, located)
+        located = _inner_layer(an, step, name, located) if located is not None else None
     return located
+
+
+def split_in_leaf(an: ChannelAnalysis, step: Step, located: Located, sizes: Sequence[int], owner: str) -> List[Layout]:
+    """A leaf block's ``x.split(sizes)`` of ``located`` at sizes its block ``owner`` (a path under the leaf) stores:
+    the pieces' layouts; the site is recorded, so the owner's block handler rewrites the sizes."""
+    ends = list(itertools.accumulate(sizes))
+    for end in ends[:-1]:
+        an.groups.cut(located[1], end)
+    pieces: List[Layout] = [()]
+    for leaf in an.groups.expand(located[1]):
+        if sum(an.groups.width[g] for piece in pieces for g in piece) in ends[:-1]:
+            pieces.append(())
+        pieces[-1] += (leaf,)
+    an.slices.append(SliceSite(f"{step.node.target}.{owner}", [(end, sum(pieces[:i + 1], ())) for i, end in enumerate(ends[:-1])]))
+    return pieces
 
 
 def attention_leaf(an: ChannelAnalysis, step: Step, heads: int, readers: Sequence[str], proj: str,

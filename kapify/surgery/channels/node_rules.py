@@ -318,9 +318,16 @@ def _unfollowed_operand(step: Step) -> bool:
 @register_node_rule(torch.matmul, operator.matmul, methods=("matmul",))
 def matmul(an: ChannelAnalysis, step: Step) -> Any:
     """matmul with the channels on a batch dim (attention heads: ``q @ k.transpose(-2, -1)``, ``attn @ v``): they
-    merge; on the rows of the left operand or the columns of the right one (GCNet's ``x @ attn``): they stay"""
+    merge; on the rows of the left operand or the columns of the right one (GCNet's ``x @ attn``): they stay; on
+    the dim both contract (single-head attention's ``q.transpose(-2, -1) @ k``): they stay as they are, the
+    output has none (new channels of both would enter every product)"""
     node = step.node
     wide = [(a, lo) for a, lo in step.located if an.groups.total(lo[1]) > 1]  # one channel (GCNet's attention logits) broadcasts
+    if len(wide) == 2 == len(step.args) and [len(shape_of(a)) - lo[0] for a, lo in wide] == [1, 2] and wide[0][0] is node.args[0]:
+        an.fix_all([lo for _, lo in wide], f"{node.name} (matmul) contracts these channels with others' (attention scores)")
+        return None
+    if len(wide) == 2:  # a fixed operand's matrix dim (attention scores' tokens) needs no following
+        wide = [(a, lo) for a, lo in wide if not (all(an.groups.is_fixed(g) for g in lo[1]) and len(shape_of(a)) - lo[0] <= 2)] or wide
     if len(wide) == 1 and len(step.args) == 2 and step.shape is not None and len(step.shape) >= 2:
         (a, (axis, layout)), = wide
         from_right = len(shape_of(a)) - axis

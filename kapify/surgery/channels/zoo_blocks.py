@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from .blocks import StoredSizes, register_block_handler
-from .module_rules import attention_leaf, layers_in_sequence, register_layer_rule
+from .module_rules import attention_leaf, layers_in_sequence, register_layer_rule, split_in_leaf
 
 __all__: list = []
 
@@ -34,6 +34,8 @@ try:
     from timm.models.nextvit import EfficientAttention as NextViTAttention
     from timm.models.swin_transformer import WindowAttention as SwinAttention
     from timm.models.tiny_vit import TinyVitBlock
+    from timm.models.shvit import SHSA
+    from timm.models.mobilevit import LinearSelfAttention, MobileVitV2Block
     from timm.models.swin_transformer_v2 import WindowAttention as SwinV2Attention
     from timm.models.swin_transformer_v2_cr import WindowMultiHeadAttention as SwinV2CrAttention
     from timm.models.vision_transformer import ParallelScalingBlock
@@ -128,6 +130,13 @@ try:
             if hasattr(rel_pos, "num_heads"):
                 rel_pos.num_heads = getattr(block, heads)
 
+    @register_block_handler(SHSA)
+    def shvit_attention(block: nn.Module, sizes: StoredSizes) -> None:
+        """SHViT's single-head attention on part of the channels: ``torch.split(x, [self.pdim, self.dim - self.pdim])``,
+        ``torch.split(qkv, [self.qk_dim, self.qk_dim, self.pdim])``, ``reshape(B, self.pdim, H, W)``"""
+        block.pdim, rest = sizes.pieces([block.pdim, block.dim - block.pdim])
+        block.dim, block.qk_dim = block.pdim + rest, sizes.get(block.qk_dim)
+
     @register_block_handler(ParallelScalingBlock, heads=True)
     def parallel_scaling(block: nn.Module, sizes: StoredSizes) -> None:
         """ViT-22B's parallel block: ``torch.split(y, self.in_split, dim=-1)`` of one projection into the MLP and
@@ -172,8 +181,33 @@ try:
         merged = (stream[0], (an.groups.new(layer.attn.proj.in_features, f"heads of '{step.node.target}.attn'"),))
         for branch in (layers_in_sequence(an, step, ["attn.proj"], merged), layers_in_sequence(an, step, ["local_conv.conv", "local_conv.bn"]),
                        layers_in_sequence(an, step, ["mlp.norm", "mlp.fc1", "mlp.fc2"])):
-            an.groups.union_layouts(an.groups.align([branch[1], stream[1]]))  # each adds to the stream (or is it: depthwise)
+            if branch is not None:  # each adds to the stream (or is it: depthwise)
+                an.groups.union_layouts(an.groups.align([branch[1], stream[1]]))
         return stream
+
+    @register_layer_rule(MobileVitV2Block)
+    def mobilevit_v2_block(an, step, layer):
+        """MobileViT-v2's block (a leaf: it resizes its input to whole patches): ``conv_kxk`` (depthwise), ``conv_1x1`` into
+        the transformer's width; in each ``LinearTransformerBlock`` ``attn.qkv_proj`` splits into 1 query channel and keys
+        and values of one width, ``attn.out_proj`` and the MLP add to the stream; then ``norm`` and ``conv_proj``"""
+        x = layers_in_sequence(an, step, ["conv_kxk.conv", "conv_kxk.bn", "conv_1x1"])
+        for i, block in enumerate(layer.transformer):
+            p = f"transformer.{i}"
+            qkv = layers_in_sequence(an, step, [f"{p}.norm1", f"{p}.attn.qkv_proj"], x)
+            query, key, value = split_in_leaf(an, step, qkv, [1, block.attn.embed_dim, block.attn.embed_dim], f"{p}.attn")
+            an.fix_all([(qkv[0], query)], f"MobileViT-v2's query '{step.node.target}.{p}.attn' (one channel)")
+            values = an.groups.union_layouts(an.groups.align([key, value]))  # relu(v) * context(k): one layout
+            for branch in (layers_in_sequence(an, step, [f"{p}.attn.out_proj"], (x[0], values)),
+                           layers_in_sequence(an, step, [f"{p}.norm2", f"{p}.mlp.fc1", f"{p}.mlp.fc2"], x)):
+                if branch is not None:
+                    an.groups.union_layouts(an.groups.align([branch[1], x[1]]))
+        return layers_in_sequence(an, step, ["norm", "conv_proj.conv", "conv_proj.bn"] if hasattr(layer.conv_proj, "conv")
+                                  else ["norm", "conv_proj"], x)
+
+    @register_block_handler(LinearSelfAttention)
+    def mobilevit_linear_attention(block: nn.Module, sizes: StoredSizes) -> None:
+        """MobileViT-v2's linear attention: ``qkv.split([1, self.embed_dim, self.embed_dim], dim=1)``"""
+        block.embed_dim = sizes(1 + block.embed_dim) - 1
 
     @register_block_handler(Scale)
     def metaformer_scale(block: nn.Module, sizes: StoredSizes) -> None:
