@@ -645,3 +645,15 @@ def test_cond_conv_experts_widen_like_convs_and_keep_the_function():
     pw, dw = wide[1].conv_pw, wide[1].conv_dw
     assert (pw.in_channels, pw.out_channels, dw.out_channels, dw.groups) == (25, 64, 64, 64)
     assert pw.weight_shape == (64, 25, 1, 1) and pw.weight.shape == (4, 64 * 25)
+
+
+@pytest.mark.parametrize("c_mid, c_out, groups", [(8, 8, 4), (8, 16, 8)])  # whole new groups; a depth multiplier (merged)
+def test_a_grouped_transposed_conv_keeps_its_function(c_mid, c_out, groups):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, c_mid, 1), nn.ConvTranspose2d(c_mid, c_out, 4, stride=2, padding=1, groups=groups),
+                          nn.ReLU(), nn.Conv2d(c_out, 2, 1)).double().eval()
+    x = torch.rand(2, 3, 5, 5, dtype=torch.float64)
+    wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
+    assert math.isqrt(wide[1].out_channels) ** 2 == wide[1].out_channels > c_out
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), model(x), rtol=1e-9, atol=1e-9)
