@@ -630,11 +630,12 @@ def test_mobilevit_v2_blocks_fx_keeps_whole_widen_their_transformer_and_stored_e
 
 
 def test_cond_conv_experts_widen_like_convs_and_keep_the_function():
-    """timm's CondConv2d keeps each expert's filters flattened in one (experts, out x in x k x k) parameter."""
+    """timm's CondConv2d keeps each expert's filters flattened in one (experts, out x in x k x k) parameter; the
+    routing weights it takes besides its input keep their width (8 experts, not a square 9)."""
     from timm.models._efficientnet_blocks import CondConvResidual
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 20, 1), CondConvResidual(20, 20, exp_ratio=3.0, num_experts=4), nn.AdaptiveAvgPool2d(1),
+    model = nn.Sequential(nn.Conv2d(3, 20, 1), CondConvResidual(20, 20, exp_ratio=3.0, num_experts=8), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(20, 5)).double().eval()
     for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
         bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
@@ -644,7 +645,7 @@ def test_cond_conv_experts_widen_like_convs_and_keep_the_function():
         torch.testing.assert_close(wide(x), model(x), rtol=1e-9, atol=1e-9)
     pw, dw = wide[1].conv_pw, wide[1].conv_dw
     assert (pw.in_channels, pw.out_channels, dw.out_channels, dw.groups) == (25, 64, 64, 64)
-    assert pw.weight_shape == (64, 25, 1, 1) and pw.weight.shape == (4, 64 * 25)
+    assert pw.weight_shape == (64, 25, 1, 1) and pw.weight.shape == (8, 64 * 25) and wide[1].routing_fn.out_features == 8
 
 
 @pytest.mark.parametrize("c_mid, c_out, groups", [(8, 8, 4), (8, 16, 8)])  # whole new groups; a depth multiplier (merged)

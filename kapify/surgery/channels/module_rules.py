@@ -128,6 +128,8 @@ def module_layout(an: ChannelAnalysis, step: Step, module: nn.Module) -> Optiona
         an.pinned(node, module, handler)
         return an.layout[node]
     axis = handler.axis % len(step.src_shape)
+    if handler.kind != "attention":  # more tensor inputs (CondConv's routing weights): what it does with them is unknown
+        an.fix_all([an.lay(a) for a in step.args[1:]], f"{type(module).__name__} '{node.target}' reads it besides its input")
     multi = [a for a in (handler.in_attr, handler.out_attr) if isinstance(getattr(module, a), (tuple, list)) and len(getattr(module, a)) != 1]
     if multi:  # e.g. LayerNorm over (C, H, W): not one channel dim
         an.fix_all([src], f"{type(module).__name__} '{node.target}' has a multi-dim {multi[0]}")
