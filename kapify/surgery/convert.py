@@ -197,10 +197,10 @@ def convert(
     if arrange is not None and pool is not None:  # permute before pooling: same widths, so graph stays valid
         new, arranged = arrange_channels(new, arrange, example_input, leaf_modules, grid="line" if grid == "line" else "rect")
         similarity = {name: [r.before, r.after] for r in arranged for name in r.producers}
+    inputs, eager = None if example_input is None else [example_input], None
     if checked is not None and arrange is None:  # compare the graph to the forward that checked the widened model
-        sites = find_conv_sites(new, tuple(leaf_modules), [checked[0]], eager=checked[1])
-    else:
-        sites = find_conv_sites(new, tuple(leaf_modules), None if example_input is None else [example_input])
+        inputs, eager = [checked[0]], checked[1]
+    sites = find_conv_sites(new, tuple(leaf_modules), inputs, eager=eager)
     if sites.functional:
         warnings.warn(
             f"{len(sites.functional)} functional convolution(s) have no conv module to pool after and are left "

@@ -10,7 +10,7 @@ the old outputs, and :func:`regroup` is how :func:`~kapify.surgery.resize.resize
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -43,12 +43,12 @@ def merged_index(in_index: torch.Tensor, per_in: int, per_out: int, new_per_in: 
     """Where the old outputs of a conv with merged groups go: old group i's ``per_out`` outputs side by side in
     the new group that holds its inputs (``in_index``: their new positions), after those of earlier old groups there."""
     group_of = in_index[::per_in] // new_per_in
-    rank = torch.zeros_like(group_of)
-    taken: dict = {}
-    for i, g in enumerate(group_of.tolist()):
-        rank[i] = taken.get(g, 0)
-        taken[g] = rank[i].item() + 1
-    start = group_of * new_per_out + rank * per_out
+    taken: Dict[int, int] = {}
+    rank = []  # how many old groups the new one holds already
+    for g in group_of.tolist():
+        rank.append(taken.get(g, 0))
+        taken[g] = rank[-1] + 1
+    start = group_of * new_per_out + torch.tensor(rank) * per_out
     return (start[:, None] + torch.arange(per_out)).flatten()
 
 

@@ -140,7 +140,7 @@ def _place_grouped(old: torch.Tensor, new: torch.Tensor, in_index: torch.Tensor,
     rows, cols = (in_index, out_index) if transposed else (out_index, in_index)
     new_cols = new.shape[1]  # per new group
     local = (cols.view(groups, -1) % new_cols).repeat_interleave(len(rows) // groups, dim=0)
-    out = new.clone()
+    out = new  # fresh: written in place, as by _place
     if zero_new_inputs and transposed:  # rows are inputs: zero every entry that feeds an old output
         old_out = torch.zeros(new_groups * new_cols, dtype=torch.bool)
         old_out[out_index] = True
@@ -188,16 +188,15 @@ def resize_layer(
         raise ValueError(f"{type(module).__name__} has {groups} groups of {old_in // groups} -> {old_out // groups} channels: "
                          f"the new layout of {new_in} -> {new_out} channels puts one group's channels in different groups")
     transposed = handler.kind == "conv" and getattr(module, "transposed", False)  # weight is (in, out / groups, ...)
-    tensors = [t for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)) if t.dim() > 0]
-    fresh = copy.deepcopy(module, {id(t): None for t in tensors})  # the tensors it gets new ones for: not copied
+    tensors = [(name, t) for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+               if t is not None and t.dim() > 0]
+    fresh = copy.deepcopy(module, {id(t): None for _, t in tensors})  # the tensors it gets new ones for: not copied
     handler.set_count(fresh, handler.in_attr, new_in)
     handler.set_count(fresh, handler.out_attr, new_out)
     if grouped:
         fresh.groups = new_groups
     shapes: Dict[str, tuple] = {}
-    for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-        if tensor is None or tensor.dim() == 0:
-            continue
+    for name, tensor in tensors:
         shape = list(tensor.shape)
         if name == "weight" and transposed:
             shape[0], shape[1] = new_in, new_out // fresh.groups

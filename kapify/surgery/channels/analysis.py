@@ -135,6 +135,18 @@ class ChannelAnalysis:
             self.fix_all([step.src], f"{node.name} ({name_of(node.target)}) cuts the channels at sizes stored in '{block_type.__name__}': "
                                    f"register a block handler for it (kapify.register_block_handler)")
             return None
+        pieces = self.cut_layout(layout, sizes)
+        if kind == "equal" or (kind == "leading" and len(pieces) > 2):
+            self.groups.tie(pieces if kind == "equal" else pieces[:-1], f"{node.name} makes pieces of one width")
+        if stored:
+            total = self.groups.total(layout)
+            leaves = self.groups.expand(layout)
+            boundaries = [(at, self._prefix(leaves, at)) for at in sorted({*stored, total}) if 0 < at <= total]
+            self.slices.append(SliceSite(owner, boundaries, kind, pieces))
+        return [(axis, piece) for piece in pieces]
+
+    def cut_layout(self, layout: Layout, sizes: Sequence[int]) -> List[Layout]:
+        """Cut ``layout`` into pieces of ``sizes`` channels (they add up to its width): each piece's layout."""
         for at in list(itertools.accumulate(sizes))[:-1]:
             self.groups.cut(layout, at)
         leaves, pieces, i = self.groups.expand(layout), [], 0
@@ -144,13 +156,7 @@ class ChannelAnalysis:
                 piece.append(leaves[i])
                 width, i = width + self.groups.width[leaves[i]], i + 1
             pieces.append(tuple(piece))
-        if kind == "equal" or (kind == "leading" and len(pieces) > 2):
-            self.groups.tie(pieces if kind == "equal" else pieces[:-1], f"{node.name} makes pieces of one width")
-        if stored:
-            total = self.groups.total(layout)
-            boundaries = [(at, self._prefix(leaves, at)) for at in sorted({*stored, total}) if 0 < at <= total]
-            self.slices.append(SliceSite(owner, boundaries, kind, pieces))
-        return [(axis, piece) for piece in pieces]
+        return pieces
 
     def equal_pieces(self, step: Step, count: int) -> Optional[Layout]:
         """Cut ``step.src`` into ``count`` equal pieces that keep one width (merged: the layout of one piece)."""

@@ -21,7 +21,8 @@ from .analysis import ChannelAnalysis, Located, Step
 from .graph import Layout, SliceSite
 from .axes import follow_axis, permuted_axis
 
-__all__ = ["LayerRule", "attention_leaf", "module_layout", "layer_layout", "register_layer_rule", "layers_in_sequence", "split_in_leaf"]
+__all__ = ["LayerRule", "add_to_stream", "attention_leaf", "module_layout", "layer_layout", "register_layer_rule", "layers_in_sequence",
+           "split_in_leaf"]
 
 try:  # torchvision's ConvNeXt moves channels last with a Permute module
     from torchvision.ops.misc import Permute as _Permute
@@ -74,16 +75,19 @@ def layers_in_sequence(an: ChannelAnalysis, step: Step, names: Sequence[str], sr
 def split_in_leaf(an: ChannelAnalysis, step: Step, located: Located, sizes: Sequence[int], owner: str) -> List[Layout]:
     """A leaf block's ``x.split(sizes)`` of ``located`` at sizes its block ``owner`` (a path under the leaf) stores:
     the pieces' layouts; the site is recorded, so the owner's block handler rewrites the sizes."""
-    ends = list(itertools.accumulate(sizes))
-    for end in ends[:-1]:
-        an.groups.cut(located[1], end)
-    pieces: List[Layout] = [()]
-    for leaf in an.groups.expand(located[1]):
-        if sum(an.groups.width[g] for piece in pieces for g in piece) in ends[:-1]:
-            pieces.append(())
-        pieces[-1] += (leaf,)
-    an.slices.append(SliceSite(f"{step.node.target}.{owner}", [(end, sum(pieces[:i + 1], ())) for i, end in enumerate(ends[:-1])]))
+    pieces = an.cut_layout(located[1], sizes)
+    ends = list(itertools.accumulate(sizes))[:-1]
+    an.slices.append(SliceSite(f"{step.node.target}.{owner}", [(end, sum(pieces[:i + 1], ())) for i, end in enumerate(ends)]))
     return pieces
+
+
+def add_to_stream(an: ChannelAnalysis, stream: Located, *branches: Optional[Located]) -> Located:
+    """Branches of a leaf block that add their output to ``stream`` (residuals; a depthwise branch is the stream
+    already): their layouts merge with it; a branch not followed (None) is skipped. Returns ``stream``."""
+    for branch in branches:
+        if branch is not None:
+            an.groups.union_layouts(an.groups.align([branch[1], stream[1]]))
+    return stream
 
 
 def attention_leaf(an: ChannelAnalysis, step: Step, heads: int, readers: Sequence[str], proj: str,

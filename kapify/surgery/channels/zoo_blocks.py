@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from .blocks import StoredSizes, register_block_handler
-from .module_rules import attention_leaf, layers_in_sequence, register_layer_rule, split_in_leaf
+from .module_rules import add_to_stream, attention_leaf, layers_in_sequence, register_layer_rule, split_in_leaf
 
 __all__: list = []
 
@@ -179,11 +179,9 @@ try:
         heads = layers_in_sequence(an, step, ["attn.norm", "attn.qkv"])
         an.fix_all([heads], f"TinyViT attention '{step.node.target}.attn' splits its heads' q, k, v at stored sizes")
         merged = (stream[0], (an.groups.new(layer.attn.proj.in_features, f"heads of '{step.node.target}.attn'"),))
-        for branch in (layers_in_sequence(an, step, ["attn.proj"], merged), layers_in_sequence(an, step, ["local_conv.conv", "local_conv.bn"]),
-                       layers_in_sequence(an, step, ["mlp.norm", "mlp.fc1", "mlp.fc2"])):
-            if branch is not None:  # each adds to the stream (or is it: depthwise)
-                an.groups.union_layouts(an.groups.align([branch[1], stream[1]]))
-        return stream
+        return add_to_stream(an, stream, layers_in_sequence(an, step, ["attn.proj"], merged),
+                             layers_in_sequence(an, step, ["local_conv.conv", "local_conv.bn"]),
+                             layers_in_sequence(an, step, ["mlp.norm", "mlp.fc1", "mlp.fc2"]))
 
     @register_layer_rule(MobileVitV2Block)
     def mobilevit_v2_block(an, step, layer):
@@ -197,10 +195,8 @@ try:
             query, key, value = split_in_leaf(an, step, qkv, [1, block.attn.embed_dim, block.attn.embed_dim], f"{p}.attn")
             an.fix_all([(qkv[0], query)], f"MobileViT-v2's query '{step.node.target}.{p}.attn' (one channel)")
             values = an.groups.union_layouts(an.groups.align([key, value]))  # relu(v) * context(k): one layout
-            for branch in (layers_in_sequence(an, step, [f"{p}.attn.out_proj"], (x[0], values)),
-                           layers_in_sequence(an, step, [f"{p}.norm2", f"{p}.mlp.fc1", f"{p}.mlp.fc2"], x)):
-                if branch is not None:
-                    an.groups.union_layouts(an.groups.align([branch[1], x[1]]))
+            add_to_stream(an, x, layers_in_sequence(an, step, [f"{p}.attn.out_proj"], (x[0], values)),
+                          layers_in_sequence(an, step, [f"{p}.norm2", f"{p}.mlp.fc1", f"{p}.mlp.fc2"], x))
         return layers_in_sequence(an, step, ["norm", "conv_proj.conv", "conv_proj.bn"] if hasattr(layer.conv_proj, "conv")
                                   else ["norm", "conv_proj"], x)
 
