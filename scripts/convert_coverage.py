@@ -81,10 +81,13 @@ def check_model(build, timeout: int, grid: str = "square") -> dict:
                 extra["preserve_err"] = float((got - want).abs().max().item() / scale)
             except RewidenError:  # convert fell back to rect widths (warned); nothing was widened
                 extra["preserved"] = True
+            spare = set(kapify.summary(kap).spare_filters)  # width fixed, pooled on a square sheet with spare filters
             extra["square_layers"] = sum(1 for r in cfg.layers if math.isqrt(r.out_channels) ** 2 == r.out_channels)
-            kinds = collections.Counter(_reason_kind(why) for why in cfg.fixed_widths.values())
+            extra["spare_layers"] = len(spare)
+            kinds = collections.Counter(_reason_kind(why) for n, why in cfg.fixed_widths.items() if n not in spare)
             extra["bound_layers"] = kinds.pop("model output", 0)  # the logits conv (a headless model's features): may stay
             extra["fixed"] = dict(kinds.most_common())
+            extra["spare"] = dict(collections.Counter(_reason_kind(cfg.fixed_widths.get(n, "")) for n in spare).most_common())
         notes = sorted({str(w.message).split(":")[1].strip()[:60] for w in caught if "not trusted" in str(w.message)})
         return {"status": "converted", "convs": len(cfg.layers), "functional": len(cfg.skipped),
                 "routes": sorted({r.route for r in cfg.layers}), "notes": notes, "seconds": round(time.time() - start, 2), **extra}
@@ -153,7 +156,9 @@ def write_report(rows: dict, path: str, grid: str = "square", limit=None, compar
              "is `kapify.rewiden(model, 'square', function_preserving=True)` matching the original model's "
              "outputs; `convert` itself also widens channel-normalised groups (LayerNorm/GroupNorm). 'Fully square': "
              "every pooled conv has a square grid except a conv whose output is the model's output (the logits of a "
-             "conv head), which keeps its width.", ""]
+             "conv head), which keeps its width. A conv whose width stays non-square is counted square when it pools on a "
+             "square sheet with spare filters (an ungrouped conv whose width C is fixed gets the next square number of "
+             "filters and passes on the first C); the lines 'by width alone' count without them.", ""]
     for zoo, keep in (("timm", lambda n: not n.startswith("torchvision/")), ("torchvision", lambda n: n.startswith("torchvision/"))):
         sub = {n: r for n, r in rows.items() if keep(n)}
         if not sub:
@@ -172,6 +177,8 @@ def write_report(rows: dict, path: str, grid: str = "square", limit=None, compar
             square = sum(r["square_layers"] for r in done.values())
             bound = sum(r.get("bound_layers", 0) for r in done.values())
             full = sum(_fully_square(r) for r in done.values())
+            spare = sum(r.get("spare_layers", 0) for r in done.values())
+            by_width = sum(_fully_square(r) and not r.get("spare_layers") for r in done.values())
             lines += [f"- grid=square: re-widening preserved the function (float32 rounding) in "
                       f"{sum(r['preserved'] for r in done.values())}/{len(done)} models",
                       f"- **fully square: {full}/{len(done)} models ({100 * full / len(done):.1f}%)**; "
@@ -179,19 +186,23 @@ def write_report(rows: dict, path: str, grid: str = "square", limit=None, compar
                       f"- **pooled convs with a square grid: {square}/{layers} ({100 * square / max(layers, 1):.1f}%)**; "
                       f"{bound} more output the logits and keep their width "
                       f"({100 * (square + bound) / max(layers, 1):.1f}% square or output-bound)",
+                      f"- by width alone (without spare filters): fully square {by_width}/{len(done)} models "
+                      f"({100 * by_width / len(done):.1f}%); {square - spare}/{layers} pooled convs "
+                      f"({100 * (square - spare) / max(layers, 1):.1f}%); {spare} convs in "
+                      f"{sum(bool(r.get('spare_layers')) for r in done.values())} models have spare filters",
                       "- largest output error of the models not preserved (relative to max(1, |logit|)): "
                       + (", ".join(f"{n} {r['preserve_err']:.1e}" for n, r in done.items() if not r["preserved"]
                                    and "preserve_err" in r) or "-")]
-            lines += ["", "Why convs stayed non-square, by kind, in the models not fully square (models, convs, examples):", "",
-                      "| reason | models | convs | e.g. |", "|---|---|---|---|"]
-            by_kind = collections.defaultdict(list)
-            for n, r in done.items():
-                if not _fully_square(r):
-                    for kind, count in _kinds(r).items():
+            for title, kinds_of in (("Why convs kept a rectangular grid, by kind, in the models not fully square", _kinds),
+                                    ("Why widths stayed non-square where spare filters fill the sheet", lambda r: r.get("spare", {}))):
+                lines += ["", f"{title} (models, convs, examples):", "", "| reason | models | convs | e.g. |", "|---|---|---|---|"]
+                by_kind = collections.defaultdict(list)
+                for n, r in done.items():
+                    for kind, count in kinds_of(r).items():
                         by_kind[kind].append((n, count))
-            for kind, hits in sorted(by_kind.items(), key=lambda kv: (-len(kv[1]), kv[0])):
-                lines.append(f"| {kind.replace('|', '/')} | {len(hits)} | {sum(c for _, c in hits)} | "
-                             f"{', '.join(n.replace('torchvision/', '') for n, _ in hits[:5])}{' ...' if len(hits) > 5 else ''} |")
+                for kind, hits in sorted(by_kind.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+                    lines.append(f"| {kind.replace('|', '/')} | {len(hits)} | {sum(c for _, c in hits)} | "
+                                 f"{', '.join(n.replace('torchvision/', '') for n, _ in hits[:5])}{' ...' if len(hits) > 5 else ''} |")
         lines.append("")
         reasons = collections.defaultdict(list)
         for n, r in sub.items():

@@ -95,3 +95,28 @@ def test_bad_grid_and_input():
         KernelAvgPool(3, stride=0)
     with pytest.raises(ValueError, match="'avg' or 'max'"):
         channel_pool(torch.randn(2, 4), 3, mode="median")
+
+
+@pytest.mark.parametrize("mode", ["avg", "max"])
+@pytest.mark.parametrize("grid,stride,keep", [((3, 3), 1, 7), ((4, 4), 1, 10), ((4, 4), 2, 3), ((5, 5), 1, 1), ((2, 3), 1, 5)])
+def test_keep_passes_on_the_first_pooled_channels(mode, grid, stride, keep):
+    """A sheet with spare channels: pool the whole sheet, pass on the first ``keep`` (any memory layout)."""
+    x = torch.randn(2, grid[0] * grid[1], 3, 5, dtype=torch.float64, requires_grad=True)
+    want = channel_pool_loops(x, 3, stride, grid, mode)[:, :keep]
+    for t in (x, x.to(memory_format=torch.channels_last)):
+        torch.testing.assert_close(channel_pool(t, 3, stride, grid, mode, keep), want)
+    pool = (KernelAvgPool if mode == "avg" else KernelMaxPool)(3, stride, grid, keep)
+    torch.testing.assert_close(pool(x), want)
+    assert pool.out_channels(grid[0] * grid[1]) == keep and f"keep={keep}" in repr(pool)
+    assert torch.autograd.gradcheck(lambda t: channel_pool(t, 3, stride, grid, mode, keep), (x,))
+    (g,), (g_ref,) = torch.autograd.grad(pool(x).sum(), x), torch.autograd.grad(want.sum(), x)
+    torch.testing.assert_close(g, g_ref)
+
+
+def test_bad_keep():
+    with pytest.raises(ValueError, match="keep must be None .* in \\[1, 16\\]"):
+        KernelAvgPool(3, grid=(4, 4), keep=17)
+    with pytest.raises(ValueError, match="in \\[1, 4\\]"):
+        channel_pool(torch.randn(2, 16), 3, 2, (4, 4), keep=5)
+    with pytest.raises(ValueError, match="needs a grid"):
+        KernelAvgPool(3, keep=3)

@@ -133,7 +133,7 @@ def test_a_failing_block_handler_leaves_the_model_untouched(monkeypatch):
     assert_unchanged(model, snapshot)
     with pytest.warns(UserWarning, match="falls back"):
         kap = kapify.convert(model, example_input=torch.rand(1, 3, 6, 6))
-    assert kap.conv.out_channels == 18
+    assert kap.conv.kap_pool.keep == 18 and kap.conv.out_channels == 25  # width kept: a 5x5 sheet with spare filters
     assert_unchanged(model, snapshot)
 
 

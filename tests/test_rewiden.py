@@ -36,15 +36,16 @@ def test_square_widening_preserves_the_function_and_gives_square_grids(library, 
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * max(1.0, want.abs().max().item()))
     kap = kapify.convert(model, grid="square", example_input=x[:1])
     config = kapify.get_config(kap)
-    square = [r for r in config.layers if math.isqrt(r.out_channels) ** 2 == r.out_channels]
+    square = [r for r in config.layers if math.isqrt(r.pooled_channels) ** 2 == r.pooled_channels]
     assert len(square) + len(config.fixed_widths) == len(config.layers)
     if (library, name) not in PARTLY_FIXED:
         assert len(square) >= 0.9 * len(config.layers), config.fixed_widths
     else:
         assert any(PARTLY_FIXED[(library, name)] in why for why in config.fixed_widths.values())
-    for r in square:
+    for r in config.layers:  # a square width, or a fixed width on a square sheet with spare filters (not grouped convs)
         rows, cols = map(int, r.grid.split("x"))
-        assert rows == cols
+        assert (rows == cols) == (r in square or r.out_channels > r.pooled_channels)
+        assert rows == cols or kap.get_submodule(r.name).groups > 1
     out = kap.train()(x)
     out.sum().backward()
     assert out.shape == want.shape and torch.isfinite(out).all()
@@ -274,7 +275,7 @@ def test_a_hard_coded_width_falls_back_to_rect_with_a_warning():
         kapify.rewiden(model, {"name": "mult", "m": 2}, example_input=torch.rand(1, 3, 4, 4))
     with pytest.warns(UserWarning, match="falls back to rectangular grids"):
         kap = kapify.convert(model, example_input=torch.rand(1, 3, 4, 4))
-    assert kap.a.out_channels == 8 and "re-widening failed" in kapify.get_config(kap).fixed_widths["a"]
+    assert kap.a.kap_pool.keep == 8 and "re-widening failed" in kapify.get_config(kap).fixed_widths["a"]  # on a 3x3 sheet
 
 
 class ChannelsLastBlock(nn.Module):
@@ -560,7 +561,7 @@ def test_convert_keeps_normalised_widths_when_widening_them_breaks_the_model():
         warnings.simplefilter("error")  # no fall-back to rect: only the normalised group keeps its width
         kap = kapify.convert(model, example_input=torch.rand(1, 3, 4, 4))
     config = kapify.get_config(kap)
-    assert kap.a.out_channels == 8 and "normalises across these channels" in config.fixed_widths["a"]
+    assert kap.a.kap_pool.keep == 8 and "normalises across these channels" in config.fixed_widths["a"]
     assert kap.e.out_channels == 25 and not config.widened_across_norm
 
 

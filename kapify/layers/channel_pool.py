@@ -3,7 +3,9 @@
 The C channels are laid out on a :class:`~kapify.layers.grid.ChannelGrid` (a 1-D line by default)
 and every output channel pools the ``K`` (line) or ``K x K`` (grid) neighbours centred on
 ``(S*i, S*j)``. Positions outside the grid are padding: an average counts only real channels, a
-max ignores the padding.
+max ignores the padding. A pool may pass on only the first ``keep`` pooled channels: a conv whose
+width is fixed at a non-square C gets the next square number of filters, pooled on a full square
+sheet, of which the layer passes on C (``kapify.convert(grid="square")``; the rest are spare filters).
 
 The op runs as one 2-D spatial pooling over a free view of the tensor in which the channel grid
 is the pooled plane and every spatial position is a "channel" of the pooling kernel, so contiguous
@@ -20,7 +22,7 @@ from torch import nn
 
 from .grid import ChannelGrid
 
-__all__ = ["channel_pool", "KernelAvgPool", "KernelMaxPool", "PoolMode", "check_kernel_size", "check_stride"]
+__all__ = ["channel_pool", "KernelAvgPool", "KernelMaxPool", "PoolMode", "check_keep", "check_kernel_size", "check_stride"]
 
 PoolMode = Literal["avg", "max"]
 GridLike = Union[ChannelGrid, Tuple[int, int], None]
@@ -57,10 +59,12 @@ def channel_pool(
     stride: int = 1,
     grid: GridLike = None,
     mode: PoolMode = "avg",
+    keep: Optional[int] = None,
 ) -> torch.Tensor:
     """Pool ``x`` of shape (N, C, *spatial) along C, laid out on ``grid`` (None: a line).
 
-    Returns a tensor of shape (N, C', *spatial) with C' = ``grid.pooled(stride).channels``.
+    Returns a tensor of shape (N, C', *spatial) with C' = ``grid.pooled(stride).channels``, or its
+    first ``keep`` channels.
 
     Example:
         >>> x = torch.arange(4.0).view(1, 4)
@@ -83,12 +87,21 @@ def channel_pool(
         raise ValueError(f"pool mode must be 'avg' or 'max', got {mode!r}")
     kernel, step, pad = pool_window(layout, kernel_size, stride)
     out_channels = layout.pooled(stride).channels
+    check_keep(keep, out_channels)
     if spatial and x.stride(1) == 1:
         # channels-last: (N, *spatial, C) is contiguous; pool the (rows, cols) plane per position.
         z = x.movedim(1, -1).reshape(n, math.prod(spatial), layout.rows, layout.cols)
-        y = pool_plane(z, kernel, step, pad, mode == "avg").reshape(n, *spatial, out_channels)
-        return y.movedim(-1, 1)
-    return pool_grid(x, layout.rows, layout.cols, out_channels, kernel, step, pad, mode == "avg")
+        y = pool_plane(z, kernel, step, pad, mode == "avg").reshape(n, *spatial, out_channels).movedim(-1, 1)
+    else:
+        y = pool_grid(x, layout.rows, layout.cols, out_channels, kernel, step, pad, mode == "avg")
+    return y if keep is None else y[:, :keep]
+
+
+def check_keep(keep: Optional[int], pooled: int) -> None:
+    """Raise a ``ValueError`` unless ``keep`` is None or a channel count in [1, ``pooled``]."""
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= pooled):
+        raise ValueError(f"keep must be None (pass on every pooled channel) or a count in [1, {pooled}] "
+                         f"(the pool outputs {pooled} channels), got {keep!r}")
 
 
 def pool_window(layout: ChannelGrid, kernel_size: int, stride: int) -> Tuple[List[int], List[int], List[int]]:
@@ -121,22 +134,28 @@ def pool_grid(x: torch.Tensor, rows: int, cols: int, out_channels: int, kernel: 
 class _ChannelPool(nn.Module):
     mode: PoolMode
 
-    def __init__(self, kernel_size: int, stride: int = 1, grid: GridLike = None) -> None:
+    def __init__(self, kernel_size: int, stride: int = 1, grid: GridLike = None, keep: Optional[int] = None) -> None:
         super().__init__()
         self.kernel_size = check_kernel_size(kernel_size)
         self.stride = check_stride(stride)
         self.grid = _as_grid(grid)
+        if keep is not None:
+            if self.grid is None:
+                raise ValueError("keep (pass on the first channels of a sheet) needs a grid: the sheet's size")
+            check_keep(keep, self.grid.pooled(self.stride).channels)
+        self.keep = keep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return channel_pool(x, self.kernel_size, self.stride, self.grid, self.mode)
+        return channel_pool(x, self.kernel_size, self.stride, self.grid, self.mode, self.keep)
 
     def out_channels(self, channels: int) -> int:
         """Channels left after pooling ``channels`` inputs."""
-        return (self.grid or ChannelGrid(1, channels)).pooled(self.stride).channels
+        return self.keep or (self.grid or ChannelGrid(1, channels)).pooled(self.stride).channels
 
     def extra_repr(self) -> str:
         layout = f"grid={self.grid}" if self.grid is not None else "grid=line"
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, {layout}"
+        kept = f", keep={self.keep}" if self.keep is not None else ""
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, {layout}{kept}"
 
 
 class KernelAvgPool(_ChannelPool):
@@ -145,6 +164,8 @@ class KernelAvgPool(_ChannelPool):
     Example:
         >>> pool = KernelAvgPool(3, grid=(8, 16))
         >>> pool(torch.randn(2, 128, 4, 4)).shape
+        torch.Size([2, 128, 4, 4])
+        >>> KernelAvgPool(3, grid=(12, 12), keep=128)(torch.randn(2, 144, 4, 4)).shape  # a sheet with 16 spare filters
         torch.Size([2, 128, 4, 4])
     """
 

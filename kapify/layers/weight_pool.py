@@ -16,10 +16,12 @@ __all__ = ["pool_conv_weight"]
 
 
 def pool_conv_weight(
-    weight: torch.Tensor, bias: Optional[torch.Tensor], kernel_size: int, stride: int = 1, grid: GridLike = None
+    weight: torch.Tensor, bias: Optional[torch.Tensor], kernel_size: int, stride: int = 1, grid: GridLike = None,
+    keep: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Average the filters of a conv weight (C_out, ...) along C_out like :func:`channel_pool` would
-    average its output channels. Differentiable: gradients flow to ``weight`` and ``bias``.
+    average its output channels (and keep the first ``keep``). Differentiable: gradients flow to
+    ``weight`` and ``bias``.
 
     Example:
         >>> import torch.nn.functional as F
@@ -29,7 +31,7 @@ def pool_conv_weight(
         True
     """
     c_out = weight.shape[0]
-    pooled = channel_pool(weight.reshape(1, c_out, -1), kernel_size, stride, grid, "avg")
+    pooled = channel_pool(weight.reshape(1, c_out, -1), kernel_size, stride, grid, "avg", keep)
     new_weight = pooled.reshape(pooled.shape[1], *weight.shape[1:])
-    new_bias = None if bias is None else channel_pool(bias.reshape(1, c_out), kernel_size, stride, grid, "avg")[0]
+    new_bias = None if bias is None else channel_pool(bias.reshape(1, c_out), kernel_size, stride, grid, "avg", keep)[0]
     return new_weight, new_bias

@@ -36,12 +36,19 @@ class ModelSummary:
 
     @property
     def rows(self) -> List[Dict[str, Any]]:
-        return [{c: getattr(layer, c) for c in _COLUMNS + ("neighbour_similarity",)} for layer in self.config.layers]
+        return [{c: getattr(layer, c) for c in _COLUMNS + ("pooled_channels", "neighbour_similarity")} for layer in self.config.layers]
 
     @property
     def elongated(self) -> List[str]:
         """Names of layers whose channel grid is more than ``ELONGATION_LIMIT`` times longer than wide."""
         return [layer.name for layer in self.config.layers if _grid_note(layer.grid)]
+
+    @property
+    def spare_filters(self) -> List[str]:
+        """Names of layers whose fixed non-square width C is pooled on a full square sheet with spare
+        filters (the next square number of filters; the layer passes on the first C)."""
+        return [layer.name for layer in self.config.layers
+                if layer.grid and ChannelGrid.parse(layer.grid).pooled(layer.stride).channels > layer.pooled_channels]
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -51,6 +58,7 @@ class ModelSummary:
             "skipped_functional_convs": list(self.config.skipped),
             "elongated_grids": self.elongated,
             "fixed_widths": dict(self.config.fixed_widths),
+            "spare_filters": self.spare_filters,
             "widened_across_norm": list(self.config.widened_across_norm),
             "params_before": self.params_before,
             "params_after": self.params_after,
@@ -63,6 +71,8 @@ class ModelSummary:
         for row in self.rows:
             cells = dict(row, conv_class=row["conv_class"].rsplit(".", 1)[-1])
             cells["grid"] = (cells["grid"] or "-") + _grid_note(row["grid"])
+            if row["pooled_channels"] != row["out_channels"]:  # spare filters or a kernel-size multiplier
+                cells["out_channels"] = f"{row['out_channels']}->{row['pooled_channels']}"
             cells["pool"] = cells["pool"] or "-"
             cells["sigma"] = cells["sigma"] or "-"
             similarity = row.get("neighbour_similarity")
@@ -83,11 +93,13 @@ class ModelSummary:
                 f"note: {len(self.elongated)} layer(s) have elongated channel grids (e.g. a prime channel count): "
                 f"{', '.join(self.elongated[:5])}"
             )
-        if c.fixed_widths:
-            lines.append(
-                f"note: {len(c.fixed_widths)} layer(s) kept a non-square width (rectangular grid): "
-                + "; ".join(f"{n} ({why})" for n, why in list(c.fixed_widths.items())[:5])
-            )
+        spare = set(self.spare_filters)
+        for kept, what in ((spare, "on a square sheet with spare filters"), (set(c.fixed_widths) - spare, "rectangular grid")):
+            if kept:
+                lines.append(
+                    f"note: {len(kept)} layer(s) kept a non-square width ({what}): "
+                    + "; ".join([f"{n} ({why})" for n, why in c.fixed_widths.items() if n in kept][:5])
+                )
         if c.widened_across_norm:
             lines.append(
                 f"note: {len(c.widened_across_norm)} layer(s) were re-widened across a LayerNorm/GroupNorm (e.g. "

@@ -31,7 +31,8 @@ INPUT_NOISE_ATTR = "kapify_input_noise"
 GRID_RULES: Dict[str, Callable[[int], ChannelGrid]] = {
     "rect": rect_grid,  # most nearly square rows x cols factorisation of C (keeps pretrained shapes)
     "line": line_grid,  # 1-D KAP over the channel index
-    "square": rect_grid,  # after kapify.rewiden(model, "square"): a perfect square; rect where a width is fixed
+    "square": rect_grid,  # after kapify.rewiden(model, "square"): a perfect square; where a width is fixed,
+    # an ungrouped conv gets spare filters to fill a square sheet (_add_spare_filters), others keep rect
 }
 #: pool modules by name (None: noise only).
 POOLS = {"avg": KernelAvgPool, "max": KernelMaxPool, None: None}
@@ -102,6 +103,15 @@ def _multiply_filters(conv: nn.Module, layout: ChannelGrid, stride: int) -> Chan
     centres = (rows * (1 if layout.is_line else stride) * wide.cols + cols * stride).flatten()
     resize_layer(conv, new_out=wide.channels, out_index=centres)
     return wide
+
+
+def _add_spare_filters(conv: nn.Module) -> ChannelGrid:
+    """Give an ungrouped conv whose width is fixed at a non-square C the next square number of
+    filters, the old ones first and the new ones with the layer's own initialisation: a full square
+    sheet whose pool passes on the first C channels (the spare filters only join their neighbours' pools)."""
+    side = math.isqrt(conv.out_channels - 1) + 1
+    resize_layer(conv, new_out=side * side, out_index=torch.arange(conv.out_channels))
+    return ChannelGrid(side, side)
 
 
 def _check_options(k: int, sigma: float, pool: Optional[str], stride: int, grid: str, impl: str) -> float:
@@ -223,11 +233,13 @@ def convert(
             fixed_widths[name] = "re-widening failed for this model: " + unwidened[:120]
         elif graph is not None and math.isqrt(conv.out_channels) ** 2 != conv.out_channels:
             fixed_widths[name] = _why_not_square(graph, name)
-        layout = GRID_RULES[grid](conv.out_channels)
-        layer_stride = stride if getattr(conv, "groups", 1) == 1 else 1  # grouped convs: no kernel-size multiplier
+        layout, keep, ungrouped = GRID_RULES[grid](conv.out_channels), None, getattr(conv, "groups", 1) == 1
+        if grid == "square" and pool is not None and layout.rows != layout.cols and ungrouped:
+            keep, layout = conv.out_channels, _add_spare_filters(conv)
+        layer_stride = stride if ungrouped else 1  # grouped convs: no kernel-size multiplier
         if layer_stride > 1:  # kernel-size multiplier (§4.2): S*S x the filters, pooled back to C channels
             layout = _multiply_filters(conv, layout, layer_stride)
-        pool_module = None if pool is None else POOLS[pool](k, layer_stride, None if grid == "line" else layout)
+        pool_module = None if pool is None else POOLS[pool](k, layer_stride, None if grid == "line" else layout, keep)
         side = max(layout.rows, layout.cols)
         if pool_module is not None and side >= 3 and k >= 2 * side - 1:  # every window covers the whole grid
             oversized.append(f"{name} ({layout})")
@@ -239,7 +251,7 @@ def convert(
                 conv_class=f"{original_class(conv).__module__}.{original_class(conv).__qualname__}",
                 in_channels=conv.in_channels,
                 out_channels=conv.out_channels,
-                pooled_channels=layout.pooled(layer_stride).channels if pool_module is not None else conv.out_channels,
+                pooled_channels=pool_module.out_channels(conv.out_channels) if pool_module is not None else conv.out_channels,
                 grid=str(layout) if pool_module is not None else None,
                 kernel_size=k,
                 stride=layer_stride,

@@ -45,7 +45,8 @@ class KapConvMixin:
             out = super().forward(*args, **kwargs)  # type: ignore[misc]
             if self.kap_pool is not None:
                 blend = self.__dict__.get("kap_blend", 1.0)
-                out = self.kap_pool(out) if blend == 1.0 else torch.lerp(out, self.kap_pool(out), blend)
+                pooled = self.kap_pool(out)
+                out = pooled if blend == 1.0 else torch.lerp(out[:, : pooled.shape[1]], pooled, blend)
         if self.kap_noise is not None:
             out = self.kap_noise(out)
         return out
@@ -59,11 +60,12 @@ class KapConvMixin:
         """The conv's (weight, bias) averaged by its pool, blended with the unpooled ones by ``kap_blend``
         (1: KAP): the filters of the equivalent plain conv."""
         pool = self.kap_pool
-        weight, bias = pool_conv_weight(self.weight, self.bias, pool.kernel_size, pool.stride, pool.grid)  # type: ignore
+        weight, bias = pool_conv_weight(self.weight, self.bias, pool.kernel_size, pool.stride, pool.grid, pool.keep)  # type: ignore
         blend = self.__dict__.get("kap_blend", 1.0)
         if blend != 1.0:  # y = (1-a) conv(x) + a KAP(conv(x)): one filter bank, since both are linear in the filters
-            weight = torch.lerp(self.weight, weight, blend)  # type: ignore[attr-defined]
-            bias = None if bias is None else torch.lerp(self.bias, bias, blend)  # type: ignore[attr-defined]
+            kept = len(weight)  # a sheet with spare filters passes on its first ones
+            weight = torch.lerp(self.weight[:kept], weight, blend)  # type: ignore[attr-defined]
+            bias = None if bias is None else torch.lerp(self.bias[:kept], bias, blend)  # type: ignore[attr-defined]
         return weight, bias
 
     def __prepare_scriptable__(self) -> nn.Module:

@@ -48,12 +48,16 @@ class ScriptableKapConv(nn.Module):
         k, s = (pool.kernel_size, pool.stride) if pool is not None else (1, 1)
         grid = pool.grid if pool is not None and pool.grid is not None else ChannelGrid(1, conv.out_channels)
         self.rows, self.cols = grid.rows, grid.cols
-        self.out_channels = grid.pooled(s).channels
+        self.sheet_channels = grid.pooled(s).channels
+        # what the twin passes on (spare filters: fewer than the sheet); like the conv's, for blocks that read them
+        self.in_channels = conv.in_channels
+        self.out_channels = pool.out_channels(conv.out_channels) if pool is not None else conv.out_channels
         self.kernel, self.step, self.pad = pool_window(grid, k, s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(self.stages(x))
         if self.pooled:
-            pooled = pool_grid(y, self.rows, self.cols, self.out_channels, self.kernel, self.step, self.pad, self.average)
-            y = pooled if self.blend == 1.0 else torch.lerp(y, pooled, self.blend)
+            pooled = pool_grid(y, self.rows, self.cols, self.sheet_channels, self.kernel, self.step, self.pad, self.average)
+            pooled = pooled[:, : self.out_channels]
+            y = pooled if self.blend == 1.0 else torch.lerp(y[:, : self.out_channels], pooled, self.blend)
         return self.noise(y)
