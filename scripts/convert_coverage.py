@@ -84,6 +84,7 @@ def check_model(build, timeout: int, grid: str = "square") -> dict:
             spare = set(kapify.summary(kap).spare_filters)  # width fixed, pooled on a square sheet with spare filters
             extra["square_layers"] = sum(1 for r in cfg.layers if math.isqrt(r.out_channels) ** 2 == r.out_channels)
             extra["spare_layers"] = len(spare)
+            extra["params_ratio"] = round(kapify.summary(kap).params_after / max(1, kapify.summary(kap).params_before), 3)
             kinds = collections.Counter(_reason_kind(why) for n, why in cfg.fixed_widths.items() if n not in spare)
             extra["bound_layers"] = kinds.pop("model output", 0)  # the logits conv (a headless model's features): may stay
             extra["fixed"] = dict(kinds.most_common())
@@ -142,6 +143,16 @@ def _fully_square(r: dict) -> bool:
     return r["square_layers"] + r.get("bound_layers", 0) == r["convs"]
 
 
+def _params_line(done: dict) -> str:
+    """How much the conversion grew the models' parameter counts (re-widening and spare filters)."""
+    ratios = sorted((r["params_ratio"], n) for n, r in done.items() if "params_ratio" in r)
+    if not ratios:
+        return "- parameters after / before: not recorded in this run"
+    return (f"- parameters after / before conversion: median {ratios[len(ratios) // 2][0]:.2f}x, 90th percentile "
+            f"{ratios[int(0.9 * (len(ratios) - 1))][0]:.2f}x, largest {ratios[-1][0]:.2f}x ({ratios[-1][1]}); "
+            f"over 2x: {sum(r > 2 for r, _ in ratios)} models")
+
+
 def _kinds(r: dict) -> dict:
     fixed = r.get("fixed", {})
     return fixed if isinstance(fixed, dict) else {k: 1 for k in fixed}  # older rows list up to 3 kinds
@@ -190,6 +201,7 @@ def write_report(rows: dict, path: str, grid: str = "square", limit=None, compar
                       f"({100 * by_width / len(done):.1f}%); {square - spare}/{layers} pooled convs "
                       f"({100 * (square - spare) / max(layers, 1):.1f}%); {spare} convs in "
                       f"{sum(bool(r.get('spare_layers')) for r in done.values())} models have spare filters",
+                      _params_line(done),
                       "- largest output error of the models not preserved (relative to max(1, |logit|)): "
                       + (", ".join(f"{n} {r['preserve_err']:.1e}" for n, r in done.items() if not r["preserved"]
                                    and "preserve_err" in r) or "-")]

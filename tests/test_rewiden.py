@@ -188,11 +188,12 @@ def test_a_transposed_conv_keeps_its_filters_and_computes_the_same():
 
 
 def test_square_width_rule():
-    assert [kapify.square_width(c) for c in (1, 9, 10, 63, 64, 65, 144, 145)] == [1, 9, 16, 64, 64, 144, 144, 256]
+    assert [kapify.square_width(c) for c in (1, 9, 10, 63, 64, 72, 144, 145)] == [1, 9, 16, 64, 64, 144, 144, 256]
+    assert kapify.square_width(65) == 81  # 144 (a multiple of 16) would be over MAX_GROWTH = 2x: any square
     assert kapify.square_width(128, divisor=3) == 144  # 144 = 12^2 is a multiple of 16 and of 3
-    assert kapify.square_width(100, divisor=7) == 196  # no square multiple of 16 and 7 within 4x: one of 7 alone
-    assert kapify.square_width(240, divisor=30) == 900  # GroupNorm's 30 groups of 8 (EfficientNet-GN)
-    assert kapify.square_width(100, divisor=97) == 194  # no square multiple of 97 within 4x: next multiple
+    assert kapify.square_width(100, divisor=7) == 196  # no square multiple of 16 and 7 within 2x: one of 7 alone
+    assert kapify.square_width(240, divisor=30) == 240  # GroupNorm's 30 groups of 8: 900 is over 2x; keeps its width
+    assert kapify.square_width(100, divisor=97) == 194  # no square multiple of 97 within 2x: next multiple
 
 
 @pytest.mark.parametrize("stride", [2, 3])

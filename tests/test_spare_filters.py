@@ -89,3 +89,18 @@ def test_spare_filters_save_and_load(sknet, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), kap(x))
     assert kapify.summary(loaded).spare_filters == kapify.summary(kap).spare_filters
+
+
+def test_a_group_that_would_grow_over_max_growth_keeps_its_width():
+    """ConViT-tiny's stream (192 = 4 heads of 48) would need 576 channels, the least square of whole heads: 3x the
+    width for its one conv. It keeps its width; the conv pools on a 14x14 sheet with 4 spare filters."""
+    model = timm.create_model("convit_tiny", pretrained=False, num_classes=10).eval()
+    x = torch.rand(1, 3, 224, 224)
+    kap = kapify.convert(model, k=3, sigma=0.0, example_input=x).eval()
+    (record,) = kapify.get_config(kap).layers
+    assert (record.grid, record.out_channels, record.pooled_channels) == ("14x14", 196, 192)
+    assert kap.blocks[0].attn.num_heads == 4 and kap.head.in_features == 192
+    summary = kapify.summary(kap)
+    assert summary.params_after < 1.02 * summary.params_before
+    with torch.no_grad():
+        assert kap(x).shape == model(x).shape == (1, 10)

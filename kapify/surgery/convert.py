@@ -20,6 +20,7 @@ from .conv_types import conv_types
 from .arrange import ARRANGE_METHODS, arrange_channels
 from .kap_conv import attach_kap, original_class, set_blend, weight_poolable
 from .resize import resize_layer
+from .squares import MAX_GROWTH
 from .channels import ChannelGraph
 from .rewiden import Checked, RewidenError, _rewiden
 
@@ -91,7 +92,7 @@ def _why_not_square(graph: ChannelGraph, name: str) -> str:
         return f"widens with its input in whole groups or heads ({multiplied[2]} per {multiplied[1]} input channels)"
     if len(layout) > 1:
         return f"its output is split into {len(layout)} segments ({' + '.join(str(graph.groups[g].width) for g in layout)} channels) whose widths other convs set"
-    return f"no square within 4x is divisible by the {graph.groups[layout[0]].divisor} groups"
+    return f"no square within {MAX_GROWTH}x is divisible by the {graph.groups[layout[0]].divisor} groups"
 
 
 def _multiply_filters(conv: nn.Module, layout: ChannelGrid, stride: int) -> ChannelGrid:

@@ -12,7 +12,7 @@ from .channels import ChannelGraph, StoredSizes, analyze_channels, block_handler
 from .conv_types import is_conv
 from .regroup import merged_index, merged_square
 from .resize import resize_layer, resize_parameter
-from .squares import square_width
+from .squares import MAX_GROWTH, square_width
 from .tracing import eval_mode, example_input as default_input
 
 __all__ = ["RewidenError", "apply_layout", "rewiden", "square_width", "width_mult", "WIDTH_RULES", "resolve_width_rule"]
@@ -186,7 +186,7 @@ def _square_total(graph: ChannelGraph, widths: Dict[int, int], layout: Tuple[int
     others = sum(widths[g] for g in layout if g not in unit)
     old = graph.groups[unit[0]].width
     step = math.lcm(*(graph.groups[g].divisor for g in unit))
-    cap = min((sum(widths[p] for p in caps[g]) for g in unit if g in caps), default=4 * (others + count * old))
+    cap = min((sum(widths[p] for p in caps[g]) for g in unit if g in caps), default=MAX_GROWTH * (others + count * old))
 
     def least(square: Callable[[int], bool]) -> Optional[int]:
         return next((w for w in range(old, cap + 1, step) if square(others + count * w)), None)

@@ -4,16 +4,20 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-__all__ = ["aligned_square", "square_width"]
+__all__ = ["MAX_GROWTH", "aligned_square", "square_width"]
+
+#: The most a channel group grows to reach a square: past this, it keeps its width and ``convert(grid="square")``
+#: gives its ungrouped convs spare filters (ConViT-tiny's 192-channel stream, heads of 48: the least square of whole
+#: heads, 576, would widen it 3x and its parameters 4.9x, for the one conv it has).
+MAX_GROWTH = 2
 
 
 def aligned_square(channels: int, align: int = 16, divisor: int = 1) -> Optional[int]:
-    """The least perfect square >= ``channels`` and within 4x that is a multiple of ``divisor`` and, from
-    64 channels on, of ``align`` if one is (else of ``divisor`` alone: GroupNorm's 30 groups of 240
-    channels take 900), or None if there is none."""
+    """The least perfect square >= ``channels`` and within :data:`MAX_GROWTH` x that is a multiple of ``divisor`` and, from
+    64 channels on, of ``align`` if one is (else of ``divisor`` alone), or None if there is none."""
     for step in dict.fromkeys((math.lcm(align if channels >= 64 else 1, divisor), divisor)):
         n = math.isqrt(channels - 1) + 1 if channels > 1 else 1
-        while n * n <= 4 * channels:
+        while n * n <= MAX_GROWTH * channels:
             if (n * n) % step == 0:
                 return n * n
             n += 1
@@ -23,7 +27,7 @@ def aligned_square(channels: int, align: int = 16, divisor: int = 1) -> Optional
 def square_width(channels: int, align: int = 16, divisor: int = 1) -> int:
     """The next usable perfect square >= ``channels``: for 64 channels and more, a square that is a
     multiple of ``align`` (16: 144, 256, 576, ... tensor-core friendly); below 64 any square
-    (25, 36, 49). ``divisor`` (grouped convs) must divide it too; if no such square is within 4x, a
+    (25, 36, 49). ``divisor`` (grouped convs) must divide it too; if no such square is within :data:`MAX_GROWTH` x, a
     square that is a multiple of ``divisor`` alone, and if there is none either, the next multiple of
     ``divisor`` (a rectangular grid).
 

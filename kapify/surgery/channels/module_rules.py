@@ -222,7 +222,7 @@ def layer_layout(an: ChannelAnalysis, step: Step, name: str, module: nn.Module, 
     if groups > 1 and c_in == c_out:  # depthwise / grouped: channel i in feeds group of channel i out
         width = c_in // groups
         if width > 1 and src is step.src and len(src[1]) == 1 and aligned_square(c_in, divisor=width) is None:
-            # no square within 4x is a whole number of groups (RegNet's 3 groups of 56): keep the count, widen each
+            # no square within MAX_GROWTH x is a whole number of groups (RegNet's 3 groups of 56): keep the count, widen each
             piece = an.equal_pieces(step, groups)
             if piece is not None:
                 an.role(name, "grouped", piece * groups)
