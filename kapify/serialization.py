@@ -97,9 +97,13 @@ def load(path: PathLike, model: Optional[nn.Module] = None, device: Union[str, t
     want = [(r.name, r.grid, r.out_channels) for r in config.layers]
     for recorded, rebuilt in itertools.zip_longest(want, got):
         if recorded != rebuilt:
+            older = get_config(converted).version != config.version
             raise ValueError(
                 f"the rebuilt model does not match the checkpoint's recorded layers (first difference: recorded "
-                f"{recorded}, rebuilt {rebuilt}); did the timm/torchvision version or the model source change?"
+                f"{recorded}, rebuilt {rebuilt}); "
+                + (f"the checkpoint was written by a kapify whose conversion differs (config version {config.version}, "
+                   f"this kapify writes {get_config(converted).version}): load it with that kapify version" if older else
+                   "did the timm/torchvision version or the model source change?")
             )
     get_config(converted).source = config.source
     load_model(converted, os.fspath(path), strict=True, device=str(device))

@@ -1,6 +1,7 @@
 """A conv whose width is fixed at a non-square C gets spare filters: ``convert(grid="square")`` gives it
 the next square number of filters, pools them on the full square sheet and passes on the first C."""
 import copy
+import dataclasses
 
 import pytest
 import timm
@@ -104,3 +105,16 @@ def test_a_group_that_would_grow_over_max_growth_keeps_its_width():
     assert summary.params_after < 1.02 * summary.params_before
     with torch.no_grad():
         assert kap(x).shape == model(x).shape == (1, 10)
+
+
+def test_a_checkpoint_from_before_spare_filters_gets_a_clear_error(sknet, tmp_path):
+    """A version-1 checkpoint recorded fixed widths with rectangular grids: the rebuilt model differs, and the error
+    says which kapify wrote it."""
+    kap = kapify.convert(sknet, k=3, sigma=0.1)
+    config = kapify.get_config(kap)
+    config.version = 1
+    config.layers = [r if r.out_channels == r.pooled_channels else
+                     dataclasses.replace(r, grid="8x16", out_channels=r.pooled_channels) for r in config.layers]
+    kapify.save(kap, tmp_path / "old.safetensors")
+    with pytest.raises(ValueError, match="config version 1, this kapify writes 2"):
+        kapify.load(tmp_path / "old.safetensors")

@@ -58,7 +58,7 @@ class KapConfig:
     input_shape: Optional[List[int]] = None  # the example input's shape, when one was given (load repeats the analysis on it)
     arrange: Optional[str] = None  # channel arrangement applied before pooling (the weights are stored arranged)
     blend: float = 1.0  # KAP warm-start: (1 - blend) conv + blend KAP (kapify.set_blend)
-    version: int = 1
+    version: int = 2  # 2: grid="square" gives spare filters to fixed widths and grows a group at most 2x
 
     def convert_kwargs(self) -> Dict[str, Any]:
         """The keyword arguments that make :func:`kapify.convert` repeat this conversion."""
