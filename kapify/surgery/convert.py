@@ -92,7 +92,7 @@ def _why_not_square(graph: ChannelGraph, name: str) -> str:
         return f"widens with its input in whole groups or heads ({multiplied[2]} per {multiplied[1]} input channels)"
     if len(layout) > 1:
         return f"its output is split into {len(layout)} segments ({' + '.join(str(graph.groups[g].width) for g in layout)} channels) whose widths other convs set"
-    return f"no square within {MAX_GROWTH}x is divisible by the {graph.groups[layout[0]].divisor} groups"
+    return f"no square within {MAX_GROWTH}x is a multiple of {graph.groups[layout[0]].divisor} (whole groups or heads)"
 
 
 def _multiply_filters(conv: nn.Module, layout: ChannelGrid, stride: int) -> ChannelGrid:
