@@ -20,9 +20,8 @@ from .conv_types import conv_types
 from .arrange import ARRANGE_METHODS, arrange_channels
 from .kap_conv import attach_kap, original_class, set_blend, weight_poolable
 from .resize import resize_layer
-from .squares import MAX_GROWTH
 from .channels import ChannelGraph
-from .rewiden import Checked, RewidenError, _rewiden
+from .rewiden import Checked, RewidenError, _growth_limits, _rewiden
 
 __all__ = ["convert", "GRID_RULES", "POOLS", "IMPLS", "INPUT_NOISE_ATTR"]
 
@@ -92,7 +91,7 @@ def _why_not_square(graph: ChannelGraph, name: str) -> str:
         return f"widens with its input in whole groups or heads ({multiplied[2]} per {multiplied[1]} input channels)"
     if len(layout) > 1:
         return f"its output is split into {len(layout)} segments ({' + '.join(str(graph.groups[g].width) for g in layout)} channels) whose widths other convs set"
-    return f"no square within {MAX_GROWTH}x is a multiple of {graph.groups[layout[0]].divisor} (whole groups or heads)"
+    return f"no square within {_growth_limits(graph)(layout)}x is a multiple of {graph.groups[layout[0]].divisor} (whole groups or heads)"
 
 
 def _multiply_filters(conv: nn.Module, layout: ChannelGrid, stride: int) -> ChannelGrid:

@@ -12,7 +12,7 @@ from .channels import ChannelGraph, StoredSizes, analyze_channels, block_handler
 from .conv_types import is_conv
 from .regroup import merged_index, merged_square
 from .resize import resize_layer, resize_parameter
-from .squares import MAX_GROWTH, square_width
+from .squares import MAX_GROWTH, MAX_GROWTH_GROUPED, square_width
 from .tracing import eval_mode, example_input as default_input
 
 __all__ = ["RewidenError", "apply_layout", "rewiden", "square_width", "width_mult", "WIDTH_RULES", "resolve_width_rule"]
@@ -29,8 +29,8 @@ def width_mult(m: float) -> WidthFn:
 
 #: named width rules (recorded in checkpoints, so kapify.load can replay them).
 def _square_rule(align: int = 16) -> WidthFn:
-    def rule(channels: int, divisor: int = 1) -> int:
-        return square_width(channels, align, divisor)
+    def rule(channels: int, divisor: int = 1, max_growth: int = MAX_GROWTH) -> int:
+        return square_width(channels, align, divisor, max_growth)
 
     rule.takes_divisor = True  # type: ignore[attr-defined]
     return rule
@@ -58,13 +58,15 @@ def _plan(graph: ChannelGraph, width_fn: WidthFn, function_preserving: bool, wid
     """Each group's new width, and the output groups of grouped convs that merge their groups (-> the new number
     of groups). ``convs``: the conv layers (KAP pools them), whose outputs the square rule makes square."""
     widths: Dict[int, int] = {}
+    growth = _growth_limits(graph)
     for g in graph.groups:
         if function_preserving and not widen_normalised and g.normalised and g.fixed is None:
             g.fixed = "a GroupNorm/LayerNorm normalises across these channels (or attention scales by their count): new ones would change the function"
         if g.fixed is not None or not g.producers:
             widths[g.id] = g.width
             continue
-        new = width_fn(g.width, divisor=g.divisor) if getattr(width_fn, "takes_divisor", False) else width_fn(g.width)
+        new = width_fn(g.width, divisor=g.divisor, max_growth=growth((g.id,))) if getattr(width_fn, "takes_divisor", False) \
+            else width_fn(g.width)
         if not isinstance(new, int) or isinstance(new, bool):
             raise ValueError(f"the width rule returned {new!r} for {g.width} channels; it must return an int")
         if new < g.width:
@@ -75,11 +77,18 @@ def _plan(graph: ChannelGraph, width_fn: WidthFn, function_preserving: bool, wid
     _derive_multiplied(graph, widths)
     units = _tie_units(graph, widths)
     if getattr(width_fn, "takes_divisor", False):  # the square rule: make split convs' whole outputs square too
-        _square_split_outputs(graph, widths, units, width_fn, set(convs))
+        _square_split_outputs(graph, widths, units, width_fn, set(convs), growth)
     _keep_leading_pieces_widest(graph, widths)
     merged: Dict[int, int] = {}
     _derive_multiplied(graph, widths, merged if getattr(width_fn, "takes_divisor", False) else None)  # again, from inputs those steps grew
     return widths, merged
+
+
+def _growth_limits(graph: ChannelGraph) -> Callable[[Iterable[int]], int]:
+    """How much groups may grow to reach a square: :data:`MAX_GROWTH_GROUPED` where a grouped or depthwise conv pools
+    one of them (spare filters cannot stand in there), else :data:`MAX_GROWTH`."""
+    grouped = {g for name in graph.grouped for g in graph.channelwise[name]} | set(graph.depth_multiplied)
+    return lambda groups: MAX_GROWTH_GROUPED if grouped.intersection(groups) else MAX_GROWTH
 
 
 def _derive_multiplied(graph: ChannelGraph, widths: Dict[int, int], merged: Optional[Dict[int, int]] = None) -> None:
@@ -136,7 +145,7 @@ def _tie_units(graph: ChannelGraph, widths: Dict[int, int]) -> Dict[int, Tuple[i
 
 
 def _square_split_outputs(graph: ChannelGraph, widths: Dict[int, int], units: Dict[int, Tuple[int, ...]], width_fn: WidthFn,
-                          convs: set) -> None:
+                          convs: set, growth: Callable[[Iterable[int]], int]) -> None:
     """A conv whose output is later split (CSPNet, Res2Net, DPN) has several segments; where one of them
     (or one tied set) is no conv's whole output, size it so that the conv's total is a square too."""
     outputs = {name: layout for name, layout in graph.conv_outputs().items() if name in convs}
@@ -154,13 +163,14 @@ def _square_split_outputs(graph: ChannelGraph, widths: Dict[int, int], units: Di
         if len(layout) < 2:
             continue
         free = free_units(layout)
-        if not any(_square_total(graph, widths, layout, unit, width_fn, caps) for unit in free):
-            _grow_whole_segment(graph, widths, layout, free, units, whole - locked, width_fn, caps)
+        if not any(_square_total(graph, widths, layout, unit, width_fn, caps, growth) for unit in free):
+            _grow_whole_segment(graph, widths, layout, free, units, whole - locked, width_fn, caps, growth)
         locked.update(layout)
 
 
 def _grow_whole_segment(graph: ChannelGraph, widths: Dict[int, int], layout: Tuple[int, ...], free: List[Tuple[int, ...]],
-                        units: Dict[int, Tuple[int, ...]], grown: set, width_fn: WidthFn, caps: Dict[int, Tuple[int, ...]]) -> None:
+                        units: Dict[int, Tuple[int, ...]], grown: set, width_fn: WidthFn, caps: Dict[int, Tuple[int, ...]],
+                        growth: Callable[[Iterable[int]], int]) -> None:
     """No free segment squares the total alone (CS3Darknet: 36 + at most 36 has no square): try the next
     squares (up to two) for a segment that is a conv's whole output (with the pieces tied to it), then the free ones again."""
     for unit in dict.fromkeys(units[g] for g in layout if g in grown):
@@ -170,15 +180,15 @@ def _grow_whole_segment(graph: ChannelGraph, widths: Dict[int, int], layout: Tup
         divisor = math.lcm(*(graph.groups[g].divisor for g in unit))
         for _ in range(2):
             for g in unit:
-                widths[g] = width_fn(widths[g] + 1, divisor=divisor)
-            if any(_square_total(graph, widths, layout, free_unit, width_fn, caps) for free_unit in free):
+                widths[g] = width_fn(widths[g] + 1, divisor=divisor, max_growth=growth(unit))
+            if any(_square_total(graph, widths, layout, free_unit, width_fn, caps, growth) for free_unit in free):
                 return
         for g in unit:
             widths[g] = old
 
 
 def _square_total(graph: ChannelGraph, widths: Dict[int, int], layout: Tuple[int, ...], unit: Tuple[int, ...],
-                  width_fn: WidthFn, caps: Dict[int, Tuple[int, ...]]) -> bool:
+                  width_fn: WidthFn, caps: Dict[int, Tuple[int, ...]], growth: Callable[[Iterable[int]], int]) -> bool:
     """Give ``unit``'s groups the least width (from their old one) that makes ``layout``'s total a square the
     width rule would pick (a multiple of 16 from 64 on), or any square if that one is over twice as wide
     (RegNet-128GF's 11 groups of 264: 11 x 275 = 3025, not 11 x 704 = 7744)."""
@@ -186,7 +196,7 @@ def _square_total(graph: ChannelGraph, widths: Dict[int, int], layout: Tuple[int
     others = sum(widths[g] for g in layout if g not in unit)
     old = graph.groups[unit[0]].width
     step = math.lcm(*(graph.groups[g].divisor for g in unit))
-    cap = min((sum(widths[p] for p in caps[g]) for g in unit if g in caps), default=MAX_GROWTH * (others + count * old))
+    cap = min((sum(widths[p] for p in caps[g]) for g in unit if g in caps), default=growth(layout) * (others + count * old))
 
     def least(square: Callable[[int], bool]) -> Optional[int]:
         return next((w for w in range(old, cap + 1, step) if square(others + count * w)), None)

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Type
 from torch import nn
 
 from ..resize import ChannelHandler, channel_handler
-from ..squares import aligned_square
+from ..squares import MAX_GROWTH_GROUPED, aligned_square
 from .analysis import ChannelAnalysis, Located, Step
 from .graph import Layout, SliceSite
 from .axes import follow_axis, permuted_axis
@@ -221,8 +221,8 @@ def layer_layout(an: ChannelAnalysis, step: Step, name: str, module: nn.Module, 
     c_in, c_out = handler.count(module, handler.in_attr), handler.count(module, handler.out_attr)
     if groups > 1 and c_in == c_out:  # depthwise / grouped: channel i in feeds group of channel i out
         width = c_in // groups
-        if width > 1 and src is step.src and len(src[1]) == 1 and aligned_square(c_in, divisor=width) is None:
-            # no square within MAX_GROWTH x is a whole number of groups (RegNet's 3 groups of 56): keep the count, widen each
+        if width > 1 and src is step.src and len(src[1]) == 1 and aligned_square(c_in, divisor=width, max_growth=MAX_GROWTH_GROUPED) is None:
+            # no square within MAX_GROWTH_GROUPED x is a whole number of groups (RegNet's 3 groups of 56): keep the count, widen each
             piece = an.equal_pieces(step, groups)
             if piece is not None:
                 an.role(name, "grouped", piece * groups)
