@@ -86,8 +86,10 @@ def _plan(graph: ChannelGraph, width_fn: WidthFn, function_preserving: bool, wid
 
 def _growth_limits(graph: ChannelGraph) -> Callable[[Iterable[int]], int]:
     """How much groups may grow to reach a square: :data:`MAX_GROWTH_GROUPED` where a grouped or depthwise conv pools
-    one of them (spare filters cannot stand in there), else :data:`MAX_GROWTH`."""
-    grouped = {g for name in graph.grouped for g in graph.channelwise[name]} | set(graph.depth_multiplied)
+    one of them or, with a depth multiplier, sets its width from them (spare filters cannot stand in there), else
+    :data:`MAX_GROWTH`."""
+    multiplied = {g for out in graph.depth_multiplied for g in (out, graph.multiplied[out][0]) if out in graph.multiplied}
+    grouped = {g for name in graph.grouped for g in graph.channelwise[name]} | multiplied
     return lambda groups: MAX_GROWTH_GROUPED if grouped.intersection(groups) else MAX_GROWTH
 
 
