@@ -189,7 +189,9 @@ def write_report(rows: dict, path: str, grid: str = "square", limit=None, compar
             bound = sum(r.get("bound_layers", 0) for r in done.values())
             full = sum(_fully_square(r) for r in done.values())
             spare = sum(r.get("spare_layers", 0) for r in done.values())
-            by_width = sum(_fully_square(r) and not r.get("spare_layers") for r in done.values())
+            bound_spare = sum(r.get("spare", {}).get("model output", 0) for r in done.values())  # logits convs: may stay
+            by_width = sum(_fully_square(r) and r.get("spare_layers", 0) == r.get("spare", {}).get("model output", 0)
+                           for r in done.values())
             lines += [f"- grid=square: re-widening preserved the function (float32 rounding) in "
                       f"{sum(r['preserved'] for r in done.values())}/{len(done)} models",
                       f"- **fully square: {full}/{len(done)} models ({100 * full / len(done):.1f}%)**; "
@@ -197,9 +199,9 @@ def write_report(rows: dict, path: str, grid: str = "square", limit=None, compar
                       f"- **pooled convs with a square grid: {square}/{layers} ({100 * square / max(layers, 1):.1f}%)**; "
                       f"{bound} more output the logits and keep their width "
                       f"({100 * (square + bound) / max(layers, 1):.1f}% square or output-bound)",
-                      f"- by width alone (without spare filters): fully square {by_width}/{len(done)} models "
-                      f"({100 * by_width / len(done):.1f}%); {square - spare}/{layers} pooled convs "
-                      f"({100 * (square - spare) / max(layers, 1):.1f}%); {spare} convs in "
+                      f"- by width alone (spare filters not counted; a logits conv excepted): fully square {by_width}/{len(done)} "
+                      f"models ({100 * by_width / len(done):.1f}%); {square - spare}/{layers} pooled convs square "
+                      f"({100 * (square - spare) / max(layers, 1):.1f}%), {bound_spare} more output the logits; {spare} convs in "
                       f"{sum(bool(r.get('spare_layers')) for r in done.values())} models have spare filters",
                       _params_line(done),
                       "- largest output error of the models not preserved (relative to max(1, |logit|)): "
