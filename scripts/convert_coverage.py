@@ -81,10 +81,11 @@ def check_model(build, timeout: int, grid: str = "square") -> dict:
                 extra["preserve_err"] = float((got - want).abs().max().item() / scale)
             except RewidenError:  # convert fell back to rect widths (warned); nothing was widened
                 extra["preserved"] = True
-            spare = set(kapify.summary(kap).spare_filters)  # width fixed, pooled on a square sheet with spare filters
+            report = kapify.summary(kap)
+            spare = set(report.spare_filters)  # width fixed, pooled on a square sheet with spare filters
             extra["square_layers"] = sum(1 for r in cfg.layers if math.isqrt(r.out_channels) ** 2 == r.out_channels)
             extra["spare_layers"] = len(spare)
-            extra["params_ratio"] = round(kapify.summary(kap).params_after / max(1, kapify.summary(kap).params_before), 3)
+            extra["params_ratio"] = round(report.params_after / max(1, report.params_before), 3)
             kinds = collections.Counter(_reason_kind(why) for n, why in cfg.fixed_widths.items() if n not in spare)
             extra["bound_layers"] = kinds.pop("model output", 0)  # the logits conv (a headless model's features): may stay
             extra["fixed"] = dict(kinds.most_common())
