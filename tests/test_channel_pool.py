@@ -120,3 +120,42 @@ def test_bad_keep():
         channel_pool(torch.randn(2, 16), 3, 2, (4, 4), keep=5)
     with pytest.raises(ValueError, match="needs a grid"):
         KernelAvgPool(3, keep=3)
+
+
+# The box-sum route (kapify.layers.channel_pool.box_mean): average pools of stride 1 on a channels-last
+# input whose grid has rows of >= BOX_MIN_COLS channels. Odd and even sizes, rows shorter than the window.
+BOX_LAYOUTS = [(32, (2, 16)), (51, (3, 17)), (256, (16, 16)), (20, None), (18, (1, 18)), (68, (4, 17))]
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("channels,grid", BOX_LAYOUTS)
+def test_box_route_matches_loop_reference(k, channels, grid):
+    from kapify.layers.channel_pool import BOX_MIN_COLS
+
+    assert (grid or (1, channels))[1] >= BOX_MIN_COLS  # these layouts take the box route
+    x = torch.randn(2, channels, 3, 2).to(memory_format=torch.channels_last)
+    torch.testing.assert_close(channel_pool(x, k, 1, grid, "avg"), channel_pool_loops(x, k, 1, grid, "avg"), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("k,grid", [(3, (3, 17)), (5, (2, 16)), (3, None)])
+def test_box_route_gradcheck(k, grid):
+    channels = grid[0] * grid[1] if grid else 19
+    x = torch.randn(2, channels, 2, 3, dtype=torch.float64).to(memory_format=torch.channels_last).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: channel_pool(t, k, 1, grid, "avg"), (x,))
+    (g_ref,) = torch.autograd.grad(channel_pool_loops(x, k, 1, grid, "avg").square().sum(), x)
+    (g,) = torch.autograd.grad(channel_pool(x, k, 1, grid, "avg").square().sum(), x)
+    torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6), (1, 4, 1, 7), (3, 2, 8, 2), (2, 2, 4, 4)])
+@pytest.mark.parametrize("kernel", [[1, 3], [3, 3], [5, 3], [3, 1], [7, 5]])
+def test_box_mean_is_avg_pool_without_padding_counts(shape, kernel):
+    from kapify.layers.channel_pool import box_mean
+
+    z = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    want = torch.nn.functional.avg_pool2d(z, kernel, 1, [kernel[0] // 2, kernel[1] // 2], count_include_pad=False)
+    torch.testing.assert_close(box_mean(z, kernel), want)
+    assert torch.autograd.gradcheck(lambda t: box_mean(t, kernel), (z,))
+    low = box_mean(z.detach().bfloat16(), kernel)  # summed in float32, rounded once
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low, box_mean(z.detach().bfloat16().double(), kernel).bfloat16(), rtol=0, atol=0)

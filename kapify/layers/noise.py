@@ -6,6 +6,7 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
+from .fast_noise import add_gaussian
 from .input_stage import input_stages
 
 __all__ = ["GaussianNoise", "set_noise", "check_sigma", "gaussian_like"]
@@ -64,13 +65,18 @@ class GaussianNoise(nn.Module):
         self.site = site
         self.test_time = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, reuse_input: bool = False) -> torch.Tensor:
+        """``x`` plus noise. ``reuse_input=True``: nothing else holds ``x`` (e.g. a conv's fresh output inside
+        a Kap conv), so the sum may be written into it."""
         if self.sigma == 0 or not (self.training or self.test_time):
             return x
         if torch.jit.is_scripting():  # TorchScript (kapify.surgery.scripting): the plain expression
             return x + torch.randn_like(x) * self.sigma
-        # one RNG pass writing N(0, sigma^2) straight into a new buffer, then one add: ~10% cheaper on a CPU
-        # than x + randn_like(x) * sigma (drawing the numbers dominates; see docs/overhead.md)
+        # on a CPU: kapify's compiled generator, drawing and adding in one multi-threaded pass (fast_noise.py)
+        fast = add_gaussian(x, self.sigma, reuse_input=reuse_input)
+        if fast is not None:
+            return fast
+        # elsewhere (CUDA, torch.compile, no C compiler): one RNG pass into a new buffer, then one add
         return gaussian_like(x, self.sigma).add_(x)
 
     def extra_repr(self) -> str:

@@ -48,7 +48,7 @@ class KapConvMixin:
                 pooled = self.kap_pool(out)
                 out = pooled if blend == 1.0 else torch.lerp(out[:, : pooled.shape[1]], pooled, blend)
         if self.kap_noise is not None:
-            out = self.kap_noise(out)
+            out = self.kap_noise(out, reuse_input=True)  # out is this call's own tensor
         return out
 
     def _filters_smaller(self, x: torch.Tensor) -> bool:
