@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional
 
 from .. import options
 from ..options import option
+from .compiling import COMPILE_MODES
 
 __all__ = ["TrainConfig", "parse_args", "build_parser"]
 
@@ -73,7 +74,8 @@ class TrainConfig:
     device: str = _opt("auto", "auto (cuda if available), cuda or cpu")
     amp: str = _opt("auto", "autocast dtype: auto (bf16 on cuda and on CPUs with AMX/AVX512-BF16, else fp32), bf16, fp16 or none")
     channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: on wherever bf16 runs)")
-    compile: bool = _opt(False, "torch.compile the model")
+    compile: str = _opt("auto", "torch.compile mode: auto (reduce-overhead on CUDA, eager on CPU), off, default, "
+                              "reduce-overhead, max-autotune or max-autotune-no-cudagraphs", choices=list(COMPILE_MODES))
     sync_bn: bool = _opt(False, "synchronised BatchNorm across processes")
     loader: str = _opt("auto", "auto (tensor for 32x32 datasets), tensor (uint8 images in memory / on the GPU, batch augmentation) or torch (DataLoader)", choices=["auto", "tensor", "torch"])
     workers: int = _opt(2, "data loader worker processes (torch loader)")

@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 
 from ..options import build_parser, option
+from .compiling import COMPILE_MODES
 from .config import TrainConfig, parse_args
 
 __all__ = ["StudyConfig", "run_study", "main"]
@@ -49,6 +50,8 @@ class StudyConfig:
     train_samples: Optional[int] = option(None, "train every run on a subset of this size")
     n_examples: Optional[int] = option(None, "override the evaluation's number of test examples")
     device: Optional[str] = option(None, "auto, cuda or cpu")
+    compile: Optional[str] = option(None, "torch.compile mode of every run (see train_timm.py --compile; default: the runs' own, auto)",
+                                    choices=list(COMPILE_MODES))
     only: Optional[str] = option(None, "comma-separated run names to train and evaluate now (the table keeps the others' earlier rows)")
     progress: bool = option(True, "progress bars")
 
@@ -117,7 +120,7 @@ def run_study(path: str, cfg: Optional[StudyConfig] = None) -> Dict[str, Any]:
     cfg = cfg or StudyConfig()
     spec = _load_study(path)
     out = Path(cfg.out or spec.get("output") or Path("runs/studies") / Path(path).stem)
-    forced = {key: getattr(cfg, key) for key in ("data_dir", "download", "epochs", "train_samples", "device")
+    forced = {key: getattr(cfg, key) for key in ("data_dir", "download", "epochs", "train_samples", "device", "compile")
               if getattr(cfg, key) is not None}
     shared = {**(spec.get("train") or {}), **forced}  # what the evaluation reads (data, device)
     evaluation = dict(spec.get("evaluation") or {})

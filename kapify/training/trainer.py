@@ -31,6 +31,7 @@ from ..distributed import DistEnv, all_reduce_sum, init_distributed, shutdown_di
 from ..surgery import set_blend
 from ..surgery.arrange import ARRANGE_METHODS
 from .checkpoint import load_state, rng_state, save_state, set_rng_state
+from .compiling import compile_model, resolve_compile
 from .config import TrainConfig, parse_args
 from .model import build_model
 from .objectives import OBJECTIVES
@@ -65,6 +66,7 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError(f"epochs and batch_size must be >= 1, got {cfg.epochs} and {cfg.batch_size}")
     if cfg.amp not in ("auto", "bf16", "fp16", "none"):
         raise ValueError(f"amp must be auto, bf16, fp16 or none, got {cfg.amp!r}")
+    resolve_compile(cfg.compile, torch.device("cpu"))  # a bad mode fails here
     if cfg.loader not in ("auto", "tensor", "torch"):
         raise ValueError(f"loader must be auto, tensor or torch, got {cfg.loader!r}")
 
@@ -180,6 +182,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type) if precision.grad_scaler else None
 
     start_epoch, skip, step, best, pending_rng, train_time = 0, 0, 0, -1.0, None, 0.0
+    first_update_s: Optional[float] = None
     resume_path = run_dir / "last.pth" if cfg.resume == "auto" else (None if cfg.resume == "none" else Path(cfg.resume))
     state = load_state(resume_path) if resume_path is not None else None
     if cfg.resume not in ("auto", "none") and state is None:
@@ -203,8 +206,11 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         if env.is_main:
             print(f"resuming {run_dir} at epoch {start_epoch}, batch {skip} (update {step})", file=sys.stderr)
 
+    compile_mode = resolve_compile(cfg.compile, device)
+    cuda_graphs = compile_mode in ("reduce-overhead", "max-autotune")
     if env.is_main:
-        print(f"training in {precision.describe()} on {device}, {loader_kind} data loader", file=sys.stderr)
+        print(f"training in {precision.describe()} on {device}, {loader_kind} data loader, "
+              f"{'compiled (' + compile_mode + ')' if compile_mode else 'eager'}", file=sys.stderr)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if env.distributed and cfg.sync_bn:
@@ -212,8 +218,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     train_model: nn.Module = model
     if env.distributed:
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
+    train_model = compile_model(train_model, compile_mode)
     objective = OBJECTIVES[cfg.objective]
     warmup_steps = round(cfg.kap_warmup_epochs * updates_per_epoch) if cfg.pool == "avg" else 0
 
@@ -247,6 +252,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 x = x.to(memory_format=torch.channels_last)
             if warmup_steps:
                 set_blend(model, blend_at(step))
+            if cuda_graphs:  # a new iteration: the graphs may overwrite the previous step's outputs
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
                 loss, logits = objective(train_model, x, y, cfg)
             optimizer.zero_grad(set_to_none=True)
@@ -263,6 +270,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             else:
                 optimizer.step()
             step += 1
+            if first_update_s is None:  # this process's first update: compilation (if any) included
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                first_update_s = time.perf_counter() - t0
             if ema is not None:
                 ema.update(model, step=step)
             if cfg.sched_on_updates:
@@ -316,7 +327,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
     metrics: Dict[str, Any] = {
         "run_dir": str(run_dir), "steps": step, "finished": not stopped, "precision": precision.describe(), "loader": loader_kind,
-        "train_time_s": train_time,
+        "train_time_s": train_time, "compile": compile_mode or "off", "first_update_s": first_update_s,
     }
     if stopped:
         if env.is_main:

@@ -1,0 +1,50 @@
+"""Whether and how a run compiles its model with ``torch.compile``.
+
+``auto`` compiles on CUDA, where a CIFAR ResNet18 step is launch-bound when eager (~11 ms per step
+of 512 images on an H200 against far less arithmetic), with ``reduce-overhead``: inductor's fused
+kernels replayed as CUDA graphs. On a CPU it stays eager: measured on a 2-core Xeon (ResNet18 CIFAR,
+batch 64, train step), compiled / eager was 1.04x plain fp32, 1.44x NT(σ=0.1), 1.52x KAP(σ=0.1),
+1.70-1.76x in bf16, after up to 130 s of compilation (inductor's CPU random numbers cost ~25 ns each;
+kapify's eager CPU noise kernel ~1 ns). Converted models compile in one graph, noise included
+(``tests/test_compile.py``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+__all__ = ["COMPILE_MODES", "resolve_compile", "compile_model"]
+
+# torch.compile's modes, plus "off" and "auto"
+COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def resolve_compile(compile: object, device: torch.device) -> Optional[str]:
+    """The ``torch.compile`` mode a run uses on ``device``, or None for eager.
+
+    Accepts the YAML booleans of older configs (true: ``default``, false: ``off``).
+
+    Example:
+        >>> resolve_compile("auto", torch.device("cpu")) is None, resolve_compile("auto", torch.device("cuda"))
+        (True, 'reduce-overhead')
+    """
+    if isinstance(compile, bool):
+        compile = "default" if compile else "off"
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {list(COMPILE_MODES)} (or true/false), got {compile!r}")
+    if compile == "auto":
+        return "reduce-overhead" if device.type == "cuda" else None
+    return None if compile == "off" else str(compile)
+
+
+def compile_model(model: nn.Module, mode: Optional[str]) -> nn.Module:
+    """``torch.compile(model, mode=mode)``, or ``model`` itself when ``mode`` is None.
+
+    Shapes are static (``dynamic=False``): a run's batches have one size, and a graph specialised to
+    it is what CUDA graphs replay.
+    """
+    if mode is None:
+        return model
+    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
