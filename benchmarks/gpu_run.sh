@@ -11,18 +11,11 @@ budget=${1:-570}; shift || true
 ft_seconds=${FT_SECONDS:-150}
 work=${WORK:-/tmp/kapify-gpu}
 mkdir -p "$work" "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-fi
-[ -d .whl/site ] && mkdir -p /tmp/site && cp -r .whl/site/* /tmp/site/
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-py=${PYTHON:-python3}
+source benchmarks/gpu_env.sh || exit 1
 collect() {  # whatever exists now; called after each stage so a cut run still returns its reports
   cp "$work"/table1/results.json "$work"/table1/results.md "$work"/table1/overhead.txt "$OUT"/ 2>/dev/null
   for f in study.json study.md pareto.png; do cp "$work/ft/$f" "$OUT/ft-$f" 2>/dev/null; done
 }
-nvidia-smi -L 2>/dev/null
-$py -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())"
 timeout $((budget - SECONDS - ft_seconds)) $py benchmarks/gpu_table1.py --out "$work/table1" --data-dir .data --skip-square "$@" 2>&1 \
   | tee "$OUT/table1-log.txt" | grep -v "it/s"
 collect

@@ -82,3 +82,48 @@ def test_gpu_table1_rejects_unknown_models(tmp_path, monkeypatch, capsys):
         gpu_table1.main(["--out", str(tmp_path / "t1"), "--models", "nt_s0.1,resnet"])
     assert "--models takes a comma-separated subset of ['kap_s0.1', 'nt_s0.1']" in capsys.readouterr().err
     assert not (tmp_path / "t1").exists()  # nothing written
+
+
+def test_bf16_shards_round_trip_under_the_size_limit(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import torch
+    from bf16_shards import export_shards, import_shards
+
+    import kapify
+
+    model = kapify.convert(kapify.create_model("kapify/small_convnet", num_classes=10, depth=2, width=16), sigma=0.1)
+    kapify.save(model, tmp_path / "model.safetensors", extra={"epoch": 3})
+    shards = export_shards(tmp_path / "model.safetensors", tmp_path / "carry" / "m", max_bytes=6_000)
+    assert len(shards) > 1 and all(p.stat().st_size < 6_000 + 2_000 for p in shards)
+    restored = kapify.load(import_shards(tmp_path / "carry" / "m", tmp_path / "back" / "model.safetensors"))
+    assert kapify.load_extra(tmp_path / "back" / "model.safetensors") == {"epoch": 3}
+    for (name, want), got in zip(model.state_dict().items(), restored.state_dict().values()):
+        expected = want.bfloat16().float() if want.is_floating_point() else want
+        assert torch.equal(got, expected), name
+    shards[-1].unlink()
+    with pytest.raises(ValueError, match="copy all of them"):
+        import_shards(tmp_path / "carry" / "m", tmp_path / "again.safetensors")
+
+
+@pytest.mark.slow
+def test_gpu_table1_paper_schedule_trains_exports_and_attacks_in_a_fresh_folder(cifar_dir, tmp_path, monkeypatch):
+    """The planned GPU sessions, rehearsed: session A trains and exports; session B starts from the export alone."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_table1
+
+    handed_back = tmp_path / "OUT"
+    common = ["--schedule", "paper", "--data-dir", cifar_dir, "--smoke", "--n-examples", "6"]
+    assert gpu_table1.main(common + ["--out", str(tmp_path / "a"), "--stages", "train", "--export", str(handed_back)]) == 0
+    first = json.loads((handed_back / "results.json").read_text())
+    assert first["schedule"] == "paper" and set(first["models"]) == {gpu_table1.KAP, gpu_table1.NT}
+    assert all(m["compile"] == "off" and m["shards"] for m in first["models"].values())  # auto: eager on a CPU
+    assert len(list(handed_back.glob("*.bf16-*.safetensors"))) <= 6  # with results.json/.md: within the 8 files
+    assert gpu_table1.main(common + ["--out", str(tmp_path / "b"), "--stages", "attack", "--import", str(handed_back),
+                                     "--skip-overhead", "--skip-square"]) == 0
+    second = json.loads((tmp_path / "b" / "results.json").read_text())
+    for model in second["models"].values():
+        assert model["weights"] == "bf16 (imported)" and set(model["eval"]) == {"test", "aa1", "pgd", "aa05"}
+    paired = second["paired"]["autoattack eps=1"]
+    assert paired["n"] == 6 and paired["ci95"][0] <= paired["difference"] <= paired["ci95"][1]
+    assert abs(paired["difference"] - (paired["kap"] - paired["nt"])) < 1e-9
+    assert "KAP − NT on the same images" in (tmp_path / "b" / "results.md").read_text()

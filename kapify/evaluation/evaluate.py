@@ -79,7 +79,9 @@ def evaluate(
     and scoring: use an attack that averages over it (``autoattack-rand``: EOT) to be adaptive.
 
     Returns ``{"results": [{attack, norm, eps, seed, accuracy, n, time_s, notes}], "examples":
-    {(attack, eps): x_adv}}`` (examples only with ``return_examples``).
+    {(attack, eps): x_adv}, "correct": {(attack, eps): bool tensor (N,)}}`` (examples only with
+    ``return_examples``; ``correct`` says which images stayed correct, in the order of ``images``:
+    two models evaluated on the same images can be compared image by image).
 
     Example:
         >>> model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
@@ -103,6 +105,7 @@ def evaluate(
     x_all, y_all = images[index].float().contiguous(), labels[index]
     results: List[Dict[str, Any]] = []
     examples: Dict[Any, torch.Tensor] = {}
+    per_image: Dict[Any, torch.Tensor] = {}
     with attack_mode(model, test_noise):
         clean_correct = torch.cat([predict(model, x_all[i:i + batch_size].to(device)).cpu() == y_all[i:i + batch_size]
                                    for i in range(0, len(y_all), batch_size)]) if len(y_all) else torch.zeros(0, dtype=torch.bool)
@@ -133,12 +136,13 @@ def evaluate(
                     if return_examples:
                         advs.append(x_adv)
                 mine = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+                per_image[(attack, e)] = _unshard(mine, index, images.shape[0], world)
                 hits, total = all_reduce_sum([float(mine.sum()), float(mine.numel())], device)
                 results.append({"attack": attack, "norm": norm, "eps": e, "seed": seed, "accuracy": hits / max(total, 1),
                                 "n": int(total), "time_s": time.perf_counter() - t0, "notes": notes})
                 if return_examples and advs:
                     examples[(attack, e)] = _unshard(torch.cat(advs), index, images.shape[0], world)
-    return {"results": results, "examples": examples}
+    return {"results": results, "examples": examples, "correct": per_image}
 
 
 def _unshard(part: torch.Tensor, index: torch.Tensor, n: int, world: int) -> torch.Tensor:

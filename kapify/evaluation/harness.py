@@ -4,6 +4,8 @@ command after an interruption and it continues."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import platform
 import statistics
 import sys
@@ -176,6 +178,15 @@ def _noise_sensitivity(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, s
     return rows
 
 
+def _write_per_image(path: Path, correct: Dict[tuple, torch.Tensor], seed: int) -> None:
+    """Which of the (seeded) test images stayed correct under each attack: 1/0 per image, in the order
+    the images were drawn, so that two models attacked on the same images compare image by image."""
+    rows = {f"{attack} eps={eps:g}": [int(v) for v in flags.tolist()] for (attack, eps), flags in correct.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"seed": seed, "rows": rows}))
+    os.replace(tmp, path)
+
+
 def run_evaluation(cfg: EvalConfig) -> Dict[str, Any]:
     """Run the evaluation ``cfg`` describes; write ``results.json``, ``results.md`` and plots under
     ``cfg.out``; return the results dict (schema in docs/evaluation.md)."""
@@ -210,6 +221,8 @@ def run_evaluation(cfg: EvalConfig) -> Dict[str, Any]:
         runs.extend(done["results"])
         if r == 0:
             first_examples, first_labels, first_images = done["examples"], labels, images
+            if env.is_main:
+                _write_per_image(out / "per_image.json", done["correct"], seed)
     results: Dict[str, Any] = {
         "schema": SCHEMA, "config": dataclasses.asdict(cfg), "versions": _versions(), "device": str(device),
         "world_size": env.world_size, "dataset": dataclasses.asdict(info), "n_examples": cfg.n_examples,
