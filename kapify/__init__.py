@@ -10,6 +10,7 @@ from .layers import ChannelGrid, GaussianNoise, KernelAvgPool, KernelMaxPool, ch
 from .model_source import create_model
 from .reporting import summary
 from .serialization import load, load_config, load_extra, save
+from .surgery.optional import diagnostics
 from .surgery import (
     arrange_channels,
     ChannelHandler,
@@ -55,6 +56,7 @@ __all__ = [
     "channel_pool",
     "convert",
     "create_model",
+    "diagnostics",
     "fold",
     "get_config",
     "is_converted",

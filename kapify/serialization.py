@@ -4,11 +4,12 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from typing import Any, Dict, Optional, Union
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 from torch import nn
 
 from .model_source import build_from_source
@@ -106,5 +107,24 @@ def load(path: PathLike, model: Optional[nn.Module] = None, device: Union[str, t
                    "did the timm/torchvision version or the model source change?")
             )
     get_config(converted).source = config.source
-    load_model(converted, os.fspath(path), strict=True, device=str(device))
+    _load_weights(converted, path, device)
     return converted.to(device)
+
+
+def _load_weights(model: nn.Module, path: PathLike, device: Union[str, torch.device]) -> None:
+    """Load the checkpoint's tensors into ``model`` strictly, with the rebuilt model's state_dict metadata
+    (the per-module versions that e.g. torchvision's MNASNet reads in ``_load_from_state_dict``; a
+    safetensors file keeps tensors only). Tensors ``save`` left out as duplicates of a shared one
+    (tied weights) are taken from the tensor they share."""
+    own = model.state_dict()
+    stored = load_file(os.fspath(path), device=str(device))
+    state: "OrderedDict[str, torch.Tensor]" = OrderedDict(stored)
+    state._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]
+    aliases: Dict[tuple, List[str]] = {}  # names of one tensor (tied weights): save_model stores one of them
+    for name, tensor in own.items():
+        aliases.setdefault((tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)), []).append(name)
+    dropped = {name for names in aliases.values() if any(n in stored for n in names) for name in names if name not in stored}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in dropped]
+    if missing or unexpected:
+        raise RuntimeError(f"{os.fspath(path)!r} does not fit the rebuilt model: missing {missing[:10]}, unexpected {unexpected[:10]}")

@@ -37,7 +37,8 @@ def test_save_plain_timm_model_infers_source(tmp_path):
 
 
 @pytest.mark.parametrize("name,size", [("resnet18", 32), ("regnet_x_400mf", 32), ("mobilenet_v3_small", 32),
-                                       ("efficientnet_b0", 32), ("inception_v3", 299), ("squeezenet1_1", 48)])
+                                       ("efficientnet_b0", 32), ("inception_v3", 299), ("squeezenet1_1", 48),
+                                       ("mnasnet0_5", 32)])  # MNASNet reads its version from the state_dict's metadata
 def test_plain_torchvision_models_save_and_load_with_identical_outputs(tmp_path, name, size):
     plain = torchvision.models.get_model(name, weights=None, num_classes=7)  # built as users do, not by kapify.create_model
     kap = kapify.convert(plain, example_input=torch.rand(1, 3, size, size)).eval()
@@ -45,6 +46,27 @@ def test_plain_torchvision_models_save_and_load_with_identical_outputs(tmp_path,
     kapify.save(kap, tmp_path / "m.safetensors")
     loaded = kapify.load(tmp_path / "m.safetensors").eval()
     x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(kap(x), loaded(x))
+
+
+def test_tied_weights_save_once_and_load_into_both_names(tmp_path):
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 9, 3, padding=1)
+            self.head = torch.nn.Linear(9, 9)
+            self.tail = torch.nn.Linear(9, 9)
+            self.tail.weight = self.head.weight  # one tensor, two state_dict names
+
+        def forward(self, x):
+            return self.tail(self.head(self.conv(x).mean((2, 3))))
+
+    kap = kapify.convert(Tied(), grid="rect", example_input=torch.rand(1, 3, 8, 8)).eval()
+    kapify.save(kap, tmp_path / "m.safetensors")
+    loaded = kapify.load(tmp_path / "m.safetensors", model=Tied()).eval()
+    assert loaded.tail.weight is loaded.head.weight
+    x = torch.rand(2, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(kap(x), loaded(x))
 

@@ -11,6 +11,8 @@ from typing import Dict, Tuple, Type
 
 from torch import nn
 
+from .optional import optional_imports
+
 __all__ = ["register_conv_type", "is_conv", "conv_types"]
 
 _CONV_TYPES: Dict[Type[nn.Module], str] = {}
@@ -45,9 +47,5 @@ register_conv_type(nn.Conv1d, "1-D convolution; subclasses included")
 register_conv_type(nn.Conv2d, "2-D convolution; covers timm Conv2dSame / StdConv2d / ScaledStdConv2d")
 register_conv_type(nn.Conv3d, "3-D convolution; subclasses included")
 
-try:  # timm is a dependency, but keep the registry importable without it
-    from timm.layers import CondConv2d
-except ImportError:  # pragma: no cover
-    pass
-else:
-    register_conv_type(CondConv2d, "timm mixture-of-experts conv: calls F.conv2d itself, not an nn.Conv2d")
+for _cond_conv in optional_imports("timm.layers:CondConv2d", used_for="conv type CondConv2d"):
+    register_conv_type(_cond_conv, "timm mixture-of-experts conv: calls F.conv2d itself, not an nn.Conv2d")

@@ -17,6 +17,7 @@ from ..model_source import describe_source
 from .config import CONFIG_ATTR, KapConfig, LayerRecord, is_converted
 from .conv_sites import find_conv_sites
 from .conv_types import conv_types
+from .optional import warn_skipped_once
 from .arrange import ARRANGE_METHODS, arrange_channels
 from .kap_conv import attach_kap, original_class, set_blend, weight_poolable
 from .resize import resize_layer
@@ -183,6 +184,7 @@ def convert(
         KernelAvgPool(kernel_size=3, stride=1, grid=8x8)
     """
     sigma = _check_options(k, sigma, pool, stride, grid, impl)
+    warn_skipped_once()
     if arrange is not None and arrange not in ARRANGE_METHODS:
         raise ValueError(f"unknown arrange method {arrange!r}; available: {list(ARRANGE_METHODS)} (or None)")
     if blend != 1.0 and (pool != "avg" or stride != 1 or not 0.0 <= blend <= 1.0):

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Type
+from typing import Callable, Dict, Optional, Sequence, Type
 
 import torch
 from torch import nn
 
+from .optional import optional_imports
 from .regroup import regroup
 
 __all__ = ["ChannelHandler", "register_channel_handler", "channel_handler", "resize_layer", "resize_parameter", "CHANNEL_HANDLERS"]
@@ -76,34 +77,30 @@ register_channel_handler(nn.GroupNorm, ChannelHandler(  # stats over channel gro
     "channelwise", "num_channels", "num_channels", channels_normalised=True, groups_attr="num_groups"))
 register_channel_handler(nn.LayerNorm, ChannelHandler(  # channels-last LayerNorm (ConvNeXt blocks); 1-D normalized_shape
     "channelwise", "normalized_shape", "normalized_shape", channels_normalised=True, axis=-1))
-try:  # timm's weight-standardised convs normalise each filter over its input channels
-    from timm.layers import LayerNorm2d, LayerNorm2dFp32, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+def _register_present(paths: Sequence[str], handler: ChannelHandler, used_for: str) -> None:
+    """``handler`` for each of the timm/torchvision classes ``paths`` names that exists (the rest are recorded)."""
+    for cls in optional_imports(*paths, used_for=f"channel handler: {used_for}"):
+        register_channel_handler(cls, handler)
 
-    for _std_conv in (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame):
-        register_channel_handler(_std_conv, ChannelHandler("conv", "in_channels", "out_channels", channels_normalised=True))
-    for _norm2d in (LayerNorm2d, LayerNorm2dFp32):  # LayerNorm over dim 1 of NCHW (ConvNeXt stem and downsampling)
-        register_channel_handler(_norm2d, ChannelHandler("channelwise", "normalized_shape", "normalized_shape", True, axis=1))
-    from timm.layers import LayerNormAct2d, LayerNormAct2dFp32, RmsNorm, RmsNorm2d, RmsNorm2dFp32, RmsNormFp32, SimpleNorm, \
-        SimpleNorm2d, SimpleNorm2dFp32, SimpleNormFp32
 
-    for _norm2d in (LayerNormAct2d, LayerNormAct2dFp32):  # subclass nn.LayerNorm but normalise dim 1 (MaxxViT)
-        register_channel_handler(_norm2d, ChannelHandler("channelwise", "normalized_shape", "normalized_shape", True, axis=1))
-    for _rms, _axis in ((RmsNorm, -1), (RmsNormFp32, -1), (SimpleNorm, -1), (SimpleNormFp32, -1),  # RMS norms: plain nn.Modules
-                        (RmsNorm2d, 1), (RmsNorm2dFp32, 1), (SimpleNorm2d, 1), (SimpleNorm2dFp32, 1)):
-        register_channel_handler(_rms, ChannelHandler("channelwise", "normalized_shape", "normalized_shape", True, axis=_axis))
-    from timm.layers import BlurPool2d, EvoNorm2dS0, EvoNorm2dS1, EvoNorm2dS2
-
-    register_channel_handler(BlurPool2d, ChannelHandler("channelwise", "channels", "channels"))  # anti-aliasing: one blur filter per channel
-    for _evo in (EvoNorm2dS0, EvoNorm2dS1, EvoNorm2dS2):  # and their "a" subclasses: group statistics, no width attribute
-        register_channel_handler(_evo, ChannelHandler("channelwise", "weight", "weight", True, groups_attr="groups"))
-except ImportError:  # pragma: no cover - timm is a dependency
-    pass
-try:  # torchvision's ConvNeXt LayerNorm2d, also over dim 1
-    from torchvision.models.convnext import LayerNorm2d as _TvLayerNorm2d
-
-    register_channel_handler(_TvLayerNorm2d, ChannelHandler("channelwise", "normalized_shape", "normalized_shape", True, axis=1))
-except ImportError:  # pragma: no cover - torchvision is a dependency
-    pass
+_register_present(["timm.layers:StdConv2d", "timm.layers:StdConv2dSame", "timm.layers:ScaledStdConv2d", "timm.layers:ScaledStdConv2dSame"],
+                  ChannelHandler("conv", "in_channels", "out_channels", channels_normalised=True),
+                  "weight-standardised convs normalise each filter over its input channels")
+_register_present(["timm.layers:LayerNorm2d", "timm.layers:LayerNorm2dFp32", "timm.layers:LayerNormAct2d", "timm.layers:LayerNormAct2dFp32",
+                   "torchvision.models.convnext:LayerNorm2d"],
+                  ChannelHandler("channelwise", "normalized_shape", "normalized_shape", True, axis=1),
+                  "LayerNorms over dim 1 of NCHW (ConvNeXt stem and downsampling, MaxxViT; some subclass nn.LayerNorm)")
+_register_present(["timm.layers:RmsNorm", "timm.layers:RmsNormFp32", "timm.layers:SimpleNorm", "timm.layers:SimpleNormFp32"],
+                  ChannelHandler("channelwise", "normalized_shape", "normalized_shape", True, axis=-1),
+                  "RMS norms over the last dim (plain nn.Modules)")
+_register_present(["timm.layers:RmsNorm2d", "timm.layers:RmsNorm2dFp32", "timm.layers:SimpleNorm2d", "timm.layers:SimpleNorm2dFp32"],
+                  ChannelHandler("channelwise", "normalized_shape", "normalized_shape", True, axis=1),
+                  "RMS norms over dim 1 of NCHW")
+_register_present(["timm.layers:BlurPool2d"], ChannelHandler("channelwise", "channels", "channels"),
+                  "anti-aliasing: one blur filter per channel")
+_register_present(["timm.layers:EvoNorm2dS0", "timm.layers:EvoNorm2dS1", "timm.layers:EvoNorm2dS2"],
+                  ChannelHandler("channelwise", "weight", "weight", True, groups_attr="groups"),
+                  "EvoNorm S (and their 'a' subclasses): group statistics, no width attribute")
 
 
 def channel_handler(module: nn.Module) -> Optional[ChannelHandler]:
@@ -309,9 +306,5 @@ def _resize_cond_conv(module: nn.Module, new_in: int, in_index: torch.Tensor, ne
     module.weight_shape = tuple(experts[0].weight.shape)
 
 
-try:
-    from timm.layers import CondConv2d
-
-    register_channel_handler(CondConv2d, ChannelHandler("conv", "in_channels", "out_channels", resize=_resize_cond_conv))  # experts flattened
-except ImportError:  # pragma: no cover - timm is a dependency
-    pass
+_register_present(["timm.layers:CondConv2d"], ChannelHandler("conv", "in_channels", "out_channels", resize=_resize_cond_conv),
+                  "CondConv's experts, flattened")

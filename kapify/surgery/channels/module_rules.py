@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Type
 
 from torch import nn
 
+from ..optional import optional_imports
 from ..resize import ChannelHandler, channel_handler
 from ..squares import MAX_GROWTH_GROUPED, aligned_square
 from .analysis import ChannelAnalysis, Located, Step
@@ -24,11 +25,8 @@ from .axes import follow_axis, permuted_axis
 __all__ = ["LayerRule", "add_to_stream", "attention_leaf", "module_layout", "layer_layout", "register_layer_rule", "layers_in_sequence",
            "split_in_leaf"]
 
-try:  # torchvision's ConvNeXt moves channels last with a Permute module
-    from torchvision.ops.misc import Permute as _Permute
-except ImportError:  # pragma: no cover - torchvision is a dependency
-    class _Permute(nn.Module):  # type: ignore[no-redef]
-        dims: list = []
+# torchvision's ConvNeXt moves channels last with a Permute module
+_PERMUTES = optional_imports("torchvision.ops.misc:Permute", used_for="layer layout: torchvision's Permute (ConvNeXt)")
 
 
 LayerRule = Callable[[ChannelAnalysis, Step, nn.Module], Optional[Located]]
@@ -164,7 +162,7 @@ def _without_handler(an: ChannelAnalysis, step: Step, module: nn.Module) -> Opti
     """Permute modules move the channels; stateless layers are followed like a reshape; others fix them."""
     node, src = step.node, step.src
     has_state = any(t.dim() > 0 for t in list(module.parameters(recurse=True)) + list(module.buffers(recurse=True)))
-    if isinstance(module, _Permute) and src is not None:
+    if isinstance(module, _PERMUTES) and src is not None:
         return an.moved(node, src, permuted_axis(src[0], module.dims, len(step.src_shape)), node.name)
     if not has_state and src is not None and step.shape is not None and step.src_shape is not None:
         return an.moved(node, src, follow_axis(step.src_shape, step.shape, src[0]), node.name)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from ..optional import optional_imports
 from ..resize import channel_handler
 from .analysis import ChannelAnalysis, Located, Step
 from .graph import Layout
@@ -68,12 +69,8 @@ _ELEMENTWISE = {
     F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.leaky_relu, F.elu, F.mish,
     F.dropout, F.dropout2d, F.hardtanh,
 }
-try:  # torchvision's per-sample drop path (EfficientNet, ConvNeXt, ...) scales whole examples
-    from torchvision.ops import stochastic_depth
-
-    _ELEMENTWISE.add(stochastic_depth)
-except ImportError:  # pragma: no cover - torchvision is a dependency
-    pass
+# torchvision's per-sample drop path (EfficientNet, ConvNeXt, ...) scales whole examples
+_ELEMENTWISE.update(optional_imports("torchvision.ops:stochastic_depth", used_for="node rule: torchvision's stochastic_depth is elementwise"))
 _ELEMENTWISE_METHODS = {"add", "add_", "mul", "mul_", "sub", "div", "pow", "relu", "relu_", "sigmoid", "sigmoid_", "tanh",
                         "clamp", "clamp_", "hardswish", "exp", "neg", "addcmul",
                         "expand", "expand_as"}  # broadcasting
