@@ -2,11 +2,10 @@
 
 ``auto`` compiles on CUDA, where a CIFAR ResNet18 step is launch-bound when eager (~11 ms per step
 of 512 images on an H200 against far less arithmetic), with ``reduce-overhead``: inductor's fused
-kernels replayed as CUDA graphs. On a CPU it stays eager: measured on a 2-core Xeon (ResNet18 CIFAR,
-batch 64, train step), compiled / eager was 1.04x plain fp32, 1.44x NT(σ=0.1), 1.52x KAP(σ=0.1),
-1.70-1.76x in bf16, after up to 130 s of compilation (inductor's CPU random numbers cost ~25 ns each;
-kapify's eager CPU noise kernel ~1 ns). Converted models compile in one graph, noise included
-(``tests/test_compile.py``).
+kernels replayed as CUDA graphs. On a CPU it stays eager: on a 2-core Xeon (CIFAR ResNet18, batch 64,
+bf16, train step; docs/overhead.md) compiling made the plain model 0.93x as slow, but KAP(σ=0.1)
+3.1x slower than eager (inductor's CPU random numbers cost ~25 ns each, kapify's eager CPU noise
+kernel ~1 ns). Converted models compile in one graph, noise included (``tests/test_compile.py``).
 """
 from __future__ import annotations
 
