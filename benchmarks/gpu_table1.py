@@ -70,6 +70,7 @@ PLANS = {
               ("aa05", KAP), ("aa05", NT), ("square", KAP), ("square", NT)],
 }
 TABLE_A1_PGD_STEP = 4 / 255
+COMPILE_CACHE = "compile_cache-{run}.bin"  # torch.compile's artifacts of one training, handed back with the results
 
 
 def _save(out: Path, results: Dict[str, Any], export: Optional[Path] = None) -> None:
@@ -168,7 +169,32 @@ def train_models(results: Dict[str, Any], configs: Dict[str, Any], epochs: int, 
         }
         if export is not None:
             results["models"][label]["shards"] = [p.name for p in export_shards(checkpoint_path(out, cfg.experiment), export / cfg.experiment)]
+            if metrics["compile"] != "off":
+                results["models"][label]["compile_cache_bytes"] = save_compile_cache(export, cfg.experiment)
         _save(out, results, export)
+
+
+def save_compile_cache(export: Optional[Path], run: str, limit: int = 15 * 2**20) -> Optional[int]:
+    """Write the compiled kernels of this process (torch.compiler's cache artifacts) to ``export``, so that
+    a later session on a bare machine compiles from them instead of from scratch; returns the bytes written."""
+    if export is None or not hasattr(torch.compiler, "save_cache_artifacts"):
+        return None
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None or len(saved[0]) > limit:
+        return None
+    export.mkdir(parents=True, exist_ok=True)
+    (export / COMPILE_CACHE.format(run=run)).write_bytes(saved[0])
+    return len(saved[0])
+
+
+def load_compile_cache(source: Path) -> List[str]:
+    """Load the artifacts :func:`save_compile_cache` wrote (same torch and GPU) before compiling; their file names."""
+    paths = sorted(source.glob(COMPILE_CACHE.format(run="*")))
+    if not hasattr(torch.compiler, "load_cache_artifacts"):
+        return []
+    for path in paths:
+        torch.compiler.load_cache_artifacts(path.read_bytes())
+    return [p.name for p in paths]
 
 
 def import_models(results: Dict[str, Any], source: Path, out: Path) -> None:
@@ -355,6 +381,7 @@ def main(argv: List[str] | None = None) -> int:
     results["errors"] = []
     if args.import_dir is not None:
         import_models(results, args.import_dir, out)
+        results["compile_cache_loaded"] = load_compile_cache(args.import_dir)
     torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
     configs = _configs(args, out)
     started = time.perf_counter()

@@ -127,3 +127,18 @@ def test_gpu_table1_paper_schedule_trains_exports_and_attacks_in_a_fresh_folder(
     assert paired["n"] == 6 and paired["ci95"][0] <= paired["difference"] <= paired["ci95"][1]
     assert abs(paired["difference"] - (paired["kap"] - paired["nt"])) < 1e-9
     assert "KAP − NT on the same images" in (tmp_path / "b" / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_table1_hands_compiled_kernels_to_the_next_session(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import torch
+    import gpu_table1
+
+    compiled = torch.compile(lambda x: torch.sin(x) * 2 + 1)
+    compiled(torch.randn(8))
+    written = gpu_table1.save_compile_cache(tmp_path, "kap_s0.1")
+    assert written and (tmp_path / "compile_cache-kap_s0.1.bin").stat().st_size == written
+    torch._dynamo.reset()
+    assert gpu_table1.load_compile_cache(tmp_path) == ["compile_cache-kap_s0.1.bin"]
+    assert gpu_table1.load_compile_cache(tmp_path / "nothing-here") == []
