@@ -50,6 +50,29 @@ def test_plain_torchvision_models_save_and_load_with_identical_outputs(tmp_path,
         assert torch.equal(kap(x), loaded(x))
 
 
+TORCHVISION_CLASSIFIERS = sorted(torchvision.models.list_models(module=torchvision.models))
+TRACE_SIZE = {"inception_v3": 299}  # its auxiliary head runs in training mode, where convert traces, and needs 299x299
+
+
+def test_the_torchvision_list_is_the_whole_zoo():
+    assert len(TORCHVISION_CLASSIFIERS) >= 70 and {"mnasnet0_5", "vit_h_14", "regnet_y_128gf"} <= set(TORCHVISION_CLASSIFIERS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TORCHVISION_CLASSIFIERS)
+def test_every_torchvision_classifier_saves_and_loads_with_default_arguments(tmp_path, name):
+    from kapify.surgery.tracing import example_input
+
+    plain = torchvision.models.get_model(name)  # default arguments (1000 classes), random weights
+    size = TRACE_SIZE.get(name)
+    x = torch.rand(1, 3, size, size) if size else example_input(plain)
+    kap = kapify.convert(plain, example_input=x).eval()
+    kapify.save(kap, tmp_path / "m.safetensors")
+    loaded = kapify.load(tmp_path / "m.safetensors").eval()
+    with torch.no_grad():
+        assert torch.equal(kap(x), loaded(x))
+
+
 def test_tied_weights_save_once_and_load_into_both_names(tmp_path):
     class Tied(torch.nn.Module):
         def __init__(self):
