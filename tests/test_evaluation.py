@@ -110,6 +110,21 @@ def test_cached_batches_resume_without_attacking_again(tmp_path, monkeypatch):
     assert again["results"][0]["accuracy"] == first["results"][0]["accuracy"]
 
 
+def test_a_corrupt_attack_cache_is_reported_and_the_batch_attacked_again(tmp_path):
+    model, x, y, dist = linear_problem(n=30)
+    first = evaluate(model, x, y, attacks=["pgd"], eps=0.5, batch_size=10, cache_dir=tmp_path, progress=False)
+    files = sorted(tmp_path.rglob("batch*.pt"))
+    files[0].write_bytes(files[0].read_bytes()[:40])  # truncated (a killed write, a full disk)
+    torch.save({"correct": torch.ones(3, dtype=torch.bool), "x_adv": None}, files[1])  # another run's batch
+    with pytest.warns(UserWarning, match="corrupt attack cache") as caught:
+        again = evaluate(model, x, y, attacks=["pgd"], eps=0.5, batch_size=10, cache_dir=tmp_path, progress=False)
+    assert len([w for w in caught if "corrupt attack cache" in str(w.message)]) == 2
+    assert again["results"][0]["accuracy"] == first["results"][0]["accuracy"]
+    assert torch.equal(again["correct"][("pgd", 0.5)], first["correct"][("pgd", 0.5)])
+    assert not list(tmp_path.rglob("*.tmp"))
+    assert torch.load(files[0], weights_only=True)["correct"].shape == (10,)  # rewritten whole
+
+
 def test_masking_flags():
     def row(attack, eps, acc):
         return {"attack": attack, "norm": "L2", "eps": eps, "accuracy": {"mean": acc}}

@@ -114,6 +114,53 @@ def test_torchrun_two_gloo_processes(cifar_dir, tmp_path):
     assert kapify.get_config(kapify.load(tmp_path / "ddp" / "model.safetensors")) is not None
 
 
+def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(cifar_dir, tmp_path, monkeypatch, capsys):
+    standard, calls = OBJECTIVES["standard"], []
+
+    def diverges_at_update_13(model, x, y, cfg):
+        loss, logits = standard(model, x, y, cfg)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) >= 13 else loss), logits
+
+    monkeypatch.setitem(OBJECTIVES, "standard", diverges_at_update_13)
+    args = TINY + ["--data-dir", cifar_dir, "--train-samples", "320", "--epochs", "3", "--output", str(tmp_path),
+                   "--experiment", "nan", "--checkpoint-every", "4"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "the training loss became nan by update 16" in err and "last.pth" in err  # caught at the next checkpoint
+    state = torch.load(tmp_path / "nan" / "last.pth", weights_only=False)
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 2, 12)  # the save before the first nan update
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_a_corrupt_training_checkpoint_is_a_clear_error_not_a_silent_restart(cifar_dir, tmp_path, capsys):
+    args = TINY + ["--data-dir", cifar_dir, "--train-samples", "64", "--epochs", "1", "--output", str(tmp_path), "--experiment", "c"]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "last.pth").write_bytes(b"PK\x03\x04 truncated")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot read the training checkpoint" in err and "--resume none" in err
+    assert (tmp_path / "c" / "last.pth").read_bytes() == b"PK\x03\x04 truncated"  # kept for the user to look at
+    assert main(args + ["--resume", "none"]) == 0
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(cifar_dir, tmp_path, monkeypatch, capsys):
+    args = TINY + ["--data-dir", cifar_dir, "--train-samples", "160", "--output", str(tmp_path), "--experiment", "full"]
+    assert main(args + ["--epochs", "1"]) == 0
+    before = (tmp_path / "full" / "last.pth").read_bytes()
+
+    def disk_full(obj, f, *a, **k):
+        open(f, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    assert main(args + ["--epochs", "2"]) == 2
+    assert "cannot write the training checkpoint" in capsys.readouterr().err
+    assert (tmp_path / "full" / "last.pth").read_bytes() == before and not list((tmp_path / "full").glob("*.tmp"))
+    monkeypatch.undo()
+    assert main(args + ["--epochs", "2"]) == 0  # resumes from the intact checkpoint
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--dataset", "mnist"], "unknown dataset"),
     (["--model", "no_such_model"], "no model named"),

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
@@ -120,8 +122,8 @@ def evaluate(
                 batches = range(0, len(y_all), batch_size)
                 for b in tqdm(batches, desc=f"{attack} {norm} eps={e:g}", disable=not progress or rank != 0, leave=False):
                     cached = folder / f"batch{b // batch_size:05d}.pt" if folder is not None else None
-                    if cached is not None and cached.is_file():
-                        saved = torch.load(cached, weights_only=True)
+                    saved = _cached_batch(cached, min(batch_size, len(y_all) - b), return_examples)
+                    if saved is not None:
                         batch_correct, x_adv, batch_notes = saved["correct"], saved.get("x_adv"), []
                     else:
                         x, y = x_all[b:b + batch_size].to(device), y_all[b:b + batch_size].to(device)
@@ -130,7 +132,9 @@ def evaluate(
                         batch_correct = (predict(model, x_adv) == y).cpu() & clean_correct[b:b + batch_size]
                         x_adv = x_adv.detach().cpu()
                         if cached is not None:
-                            torch.save({"correct": batch_correct, "x_adv": x_adv if return_examples else None}, cached)
+                            tmp = cached.with_name(cached.name + ".tmp")
+                            torch.save({"correct": batch_correct, "x_adv": x_adv if return_examples else None}, tmp)
+                            os.replace(tmp, cached)  # a batch file is whole or absent
                     correct.append(batch_correct)
                     notes.extend(n for n in batch_notes if n not in notes)
                     if return_examples:
@@ -143,6 +147,24 @@ def evaluate(
                 if return_examples and advs:
                     examples[(attack, e)] = _unshard(torch.cat(advs), index, images.shape[0], world)
     return {"results": results, "examples": examples, "correct": per_image}
+
+
+def _cached_batch(path: Optional[Path], size: int, need_examples: bool) -> Optional[Dict[str, Any]]:
+    """A batch's saved result, or None to attack it (again): none saved, or a file that is unreadable or
+    does not hold this batch's ``size`` flags (a corrupt or foreign cache is reported and replaced)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, weights_only=True)
+        ok = saved["correct"].dtype == torch.bool and saved["correct"].shape == (size,)
+        ok = ok and (not need_examples or (saved.get("x_adv") is not None and len(saved["x_adv"]) == size))
+    except Exception as err:  # truncated zip, wrong pickle, missing keys
+        ok, saved = False, f"{type(err).__name__}: {err}"
+    if not ok:
+        warnings.warn(f"kapify-eval: ignoring the corrupt attack cache file {path} ({saved if isinstance(saved, str) else 'wrong contents'}); "
+                      f"attacking that batch again", stacklevel=3)
+        return None
+    return saved
 
 
 def _unshard(part: torch.Tensor, index: torch.Tensor, n: int, world: int) -> torch.Tensor:

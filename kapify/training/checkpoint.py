@@ -30,10 +30,16 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def save_state(path: Path, state: Dict[str, Any]) -> None:
-    """Write ``state`` with ``torch.save`` to a temporary name, then rename (never a torn file)."""
+    """Write ``state`` with ``torch.save`` to a temporary name, then rename (never a torn file). A failed
+    write (a full disk) leaves the previous checkpoint as it was and no temporary file behind."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as either
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write the training checkpoint {path} ({err}); the previous one is unchanged: "
+                      f"free space, then rerun the same command to resume from it") from err
 
 
 def load_state(path: Path) -> Optional[Dict[str, Any]]:

@@ -154,6 +154,11 @@ def _batches(loader: Loader, epoch: int, skip: int, rng: Optional[Dict[str, Any]
     return iterator
 
 
+def _diverged(loss: float, step: int, run_dir: Path) -> str:
+    return (f"the training loss became {loss} by update {step}; {run_dir / 'last.pth'} (if any) holds the last state before it: "
+            f"lower the learning rate or sigma, then rerun to resume from there (or --resume none to start over)")
+
+
 def train(cfg: TrainConfig) -> Dict[str, Any]:
     """Train the model ``cfg`` describes and return the final metrics (also in ``<run>/metrics.json``)."""
     _check(cfg)
@@ -226,7 +231,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         return min(1.0, update / warmup_steps)
     log = _CsvLog(run_dir / "log.csv", env.is_main)
 
-    def checkpoint(epoch: int, batch: int) -> None:
+    def checkpoint(epoch: int, batch: int, loss_total: float) -> None:
+        """Save last.pth, unless the loss went non-finite since the last save: then that one is kept."""
+        if not math.isfinite(loss_total):
+            raise FloatingPointError(_diverged(loss_total, step, run_dir))
         if env.is_main:
             save_state(run_dir / "last.pth", {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -284,15 +292,15 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             if step % max(cfg.log_every, 1) == 0 or batch_index + 1 == first + remaining:
                 mean_loss = loss_sum.item() / seen  # one device sync per log interval, not per update
                 if not math.isfinite(mean_loss):
-                    raise FloatingPointError(f"the training loss became {mean_loss} by update {step}; lower the learning rate or sigma")
+                    raise FloatingPointError(_diverged(mean_loss, step, run_dir))
                 bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{correct.item() / seen:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 stopped = batch_index + 1 < first + remaining
                 if stopped:
-                    checkpoint(epoch, batch_index + 1)
+                    checkpoint(epoch, batch_index + 1, loss_sum.item())
                 break
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                checkpoint(epoch, batch_index + 1)
+                checkpoint(epoch, batch_index + 1, loss_sum.item())
         bar.close()
         skip = 0
         if stopped:
@@ -320,7 +328,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             best = score
             if env.is_main and cfg.early_stop:
                 serialization.save(eval_model, run_dir / "best.safetensors", extra={**extra, "epoch": epoch + 1, **row})
-        checkpoint(epoch + 1, 0)
+        checkpoint(epoch + 1, 0, loss_sum)
         if cfg.max_steps is not None and step >= cfg.max_steps:
             stopped = epoch + 1 < cfg.epochs
             break
@@ -353,7 +361,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         cfg = parse_args(argv)
         train(cfg)
-    except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as err:
+    except (ValueError, OSError, NotImplementedError, RuntimeError, FloatingPointError) as err:
         print(f"train_timm: error: {err}", file=sys.stderr)
         return 2
     finally:
