@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-LOWEST=("torch==2.11.0" "torchvision==0.26.0" "timm==1.0.15")
+LOWEST=("torch==2.11.0" "torchvision==0.26.0" "timm==1.0.25")
 [ -x .venv-lowest/bin/python ] || "$PYTHON" -m venv .venv-lowest
 .venv-lowest/bin/python -m pip install -q "${LOWEST[@]}"
 .venv-lowest/bin/python -m pip install -q -e ".[test]" "${LOWEST[@]}"

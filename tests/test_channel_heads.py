@@ -116,7 +116,7 @@ def test_one_head_over_conv_features_widens_v_and_treats_q_k_like_a_norm():
     """iFormer's SHMA: q, k, v are convs, their channels on SDPA's feature dim. v's channels pass to the
     output; q.k is scaled by 1/sqrt(their count), so function_preserving keeps q and k (as it keeps a
     LayerNorm'd group) and convert widens them."""
-    from timm.models.iformer import SHMA
+    SHMA = pytest.importorskip("timm.models.iformer", reason="iFormer first shipped after the lowest timm kapify supports").SHMA
 
     model = nn.Sequential(nn.Conv2d(3, 20, 1), SHMA(20), nn.Conv2d(20, 6, 1)).double().eval()
     x = torch.rand(2, 3, 4, 4, dtype=torch.float64)
