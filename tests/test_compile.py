@@ -41,6 +41,7 @@ def test_converted_resnet18_compiles_in_one_graph_with_its_noise(case):
 def test_resolve_compile():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_compile("auto", cpu) is None and resolve_compile("auto", cuda) == "reduce-overhead"
+    assert resolve_compile("auto", cuda, "pgd_at") is None and resolve_compile("default", cuda, "trades") == "default"
     assert resolve_compile("off", cuda) is None and resolve_compile(False, cuda) is None
     assert resolve_compile(True, cpu) == "default" and resolve_compile("max-autotune", cpu) == "max-autotune"
     with pytest.raises(ValueError, match="compile must be one of"):

@@ -20,10 +20,13 @@ __all__ = ["COMPILE_MODES", "resolve_compile", "compile_model"]
 COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def resolve_compile(compile: object, device: torch.device) -> Optional[str]:
+def resolve_compile(compile: object, device: torch.device, objective: str = "standard") -> Optional[str]:
     """The ``torch.compile`` mode a run uses on ``device``, or None for eager.
 
-    Accepts the YAML booleans of older configs (true: ``default``, false: ``off``).
+    ``auto`` compiles only the ``standard`` objective: adversarial training attacks the model in eval
+    mode inside each step, which would switch the compiled graphs back and forth (not measured; ask
+    for a mode explicitly to try it). Accepts the YAML booleans of older configs (true: ``default``,
+    false: ``off``).
 
     Example:
         >>> resolve_compile("auto", torch.device("cpu")) is None, resolve_compile("auto", torch.device("cuda"))
@@ -34,7 +37,7 @@ def resolve_compile(compile: object, device: torch.device) -> Optional[str]:
     if compile not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {list(COMPILE_MODES)} (or true/false), got {compile!r}")
     if compile == "auto":
-        return "reduce-overhead" if device.type == "cuda" else None
+        return "reduce-overhead" if device.type == "cuda" and objective == "standard" else None
     return None if compile == "off" else str(compile)
 
 

@@ -211,7 +211,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         if env.is_main:
             print(f"resuming {run_dir} at epoch {start_epoch}, batch {skip} (update {step})", file=sys.stderr)
 
-    compile_mode = resolve_compile(cfg.compile, device)
+    compile_mode = resolve_compile(cfg.compile, device, cfg.objective)
     cuda_graphs = compile_mode in ("reduce-overhead", "max-autotune")
     if env.is_main:
         print(f"training in {precision.describe()} on {device}, {loader_kind} data loader, "
