@@ -43,11 +43,16 @@ def test_plain_torchvision_models_save_and_load_with_identical_outputs(tmp_path,
     plain = torchvision.models.get_model(name, weights=None, num_classes=7)  # built as users do, not by kapify.create_model
     kap = kapify.convert(plain, example_input=torch.rand(1, 3, size, size)).eval()
     assert kapify.get_config(kap).source == {"library": "torchvision", "name": name, "kwargs": {"num_classes": 7}}
+    assert_round_trip(kap, tmp_path, torch.rand(2, 3, size, size))
+
+
+def assert_round_trip(kap: torch.nn.Module, tmp_path, x: torch.Tensor, **load_kwargs) -> torch.nn.Module:
+    """Save ``kap``, load it back (with ``load_kwargs``), check equal outputs on ``x``; return the loaded model."""
     kapify.save(kap, tmp_path / "m.safetensors")
-    loaded = kapify.load(tmp_path / "m.safetensors").eval()
-    x = torch.rand(2, 3, size, size)
+    loaded = kapify.load(tmp_path / "m.safetensors", **load_kwargs).eval()
     with torch.no_grad():
         assert torch.equal(kap(x), loaded(x))
+    return loaded
 
 
 TORCHVISION_CLASSIFIERS = sorted(torchvision.models.list_models(module=torchvision.models))
@@ -66,11 +71,7 @@ def test_every_torchvision_classifier_saves_and_loads_with_default_arguments(tmp
     plain = torchvision.models.get_model(name)  # default arguments (1000 classes), random weights
     size = TRACE_SIZE.get(name)
     x = torch.rand(1, 3, size, size) if size else example_input(plain)
-    kap = kapify.convert(plain, example_input=x).eval()
-    kapify.save(kap, tmp_path / "m.safetensors")
-    loaded = kapify.load(tmp_path / "m.safetensors").eval()
-    with torch.no_grad():
-        assert torch.equal(kap(x), loaded(x))
+    assert_round_trip(kapify.convert(plain, example_input=x).eval(), tmp_path, x)
 
 
 def test_tied_weights_save_once_and_load_into_both_names(tmp_path):
@@ -86,12 +87,8 @@ def test_tied_weights_save_once_and_load_into_both_names(tmp_path):
             return self.tail(self.head(self.conv(x).mean((2, 3))))
 
     kap = kapify.convert(Tied(), grid="rect", example_input=torch.rand(1, 3, 8, 8)).eval()
-    kapify.save(kap, tmp_path / "m.safetensors")
-    loaded = kapify.load(tmp_path / "m.safetensors", model=Tied()).eval()
+    loaded = assert_round_trip(kap, tmp_path, torch.rand(2, 3, 8, 8), model=Tied())
     assert loaded.tail.weight is loaded.head.weight
-    x = torch.rand(2, 3, 8, 8)
-    with torch.no_grad():
-        assert torch.equal(kap(x), loaded(x))
 
 
 def test_a_model_kapify_cannot_name_saves_and_loads_with_model_argument(tmp_path):
