@@ -156,13 +156,14 @@ def _cached_batch(path: Optional[Path], size: int, need_examples: bool) -> Optio
         return None
     try:
         saved = torch.load(path, weights_only=True)
-        ok = saved["correct"].dtype == torch.bool and saved["correct"].shape == (size,)
-        ok = ok and (not need_examples or (saved.get("x_adv") is not None and len(saved["x_adv"]) == size))
+        fits = saved["correct"].dtype == torch.bool and saved["correct"].shape == (size,)
+        fits = fits and (not need_examples or (saved.get("x_adv") is not None and len(saved["x_adv"]) == size))
+        problem = None if fits else "wrong contents"
     except Exception as err:  # truncated zip, wrong pickle, missing keys
-        ok, saved = False, f"{type(err).__name__}: {err}"
-    if not ok:
-        warnings.warn(f"kapify-eval: ignoring the corrupt attack cache file {path} ({saved if isinstance(saved, str) else 'wrong contents'}); "
-                      f"attacking that batch again", stacklevel=3)
+        problem = f"{type(err).__name__}: {err}"
+    if problem is not None:
+        warnings.warn(f"kapify-eval: ignoring the corrupt attack cache file {path} ({problem}); attacking that batch again",
+                      stacklevel=3)
         return None
     return saved
 

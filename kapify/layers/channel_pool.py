@@ -146,12 +146,12 @@ def _box_sum(z: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     return out
 
 
-def _inverse_counts(rows: int, cols: int, kernel: List[int], like: torch.Tensor) -> torch.Tensor:
+def _inverse_counts(rows: int, cols: int, kernel: List[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """1 / (real positions under each centred window) on a (rows, cols) plane: the average's divisor."""
     per_dim = []
     for size, k in zip((rows, cols), kernel):
-        i = torch.arange(size, device=like.device)
-        per_dim.append((torch.clamp(i + k // 2, max=size - 1) - torch.clamp(i - k // 2, min=0) + 1).to(like.dtype))
+        i = torch.arange(size, device=device)
+        per_dim.append((torch.clamp(i + k // 2, max=size - 1) - torch.clamp(i - k // 2, min=0) + 1).to(dtype))
     return 1.0 / (per_dim[0][:, None] * per_dim[1][None, :])
 
 
@@ -164,7 +164,7 @@ class _BoxMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: torch.Tensor, kernel: List[int]) -> torch.Tensor:  # type: ignore[override]
         work = torch.float64 if z.dtype == torch.float64 else torch.float32
-        scale = _inverse_counts(z.shape[-2], z.shape[-1], kernel, z.to(work)[..., :1, :1])
+        scale = _inverse_counts(z.shape[-2], z.shape[-1], kernel, z.device, work)
         ctx.save_for_backward(scale)
         ctx.kernel, ctx.dtype = kernel, z.dtype
         return _box_sums(z.to(work), kernel).mul_(scale).to(z.dtype)

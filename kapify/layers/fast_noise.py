@@ -8,7 +8,7 @@ generator of cuRAND, and Box-Muller): element ``e`` of a call gets the normal nu
 a 64-bit key drawn from torch's default CPU generator. So the noise is reproducible from
 ``torch.manual_seed`` (and from a checkpoint's RNG state), and independent of how the elements are
 split across threads. The kernel is compiled once per machine with the system C compiler into
-``$KAPIFY_CACHE_DIR`` (default ``~/.cache/kapify``); without a compiler, or with
+kapify's cache folder (``$KAPIFY_CACHE_DIR``, default ``~/.cache/kapify``, as the dataset cache); without a compiler, or with
 ``KAPIFY_FAST_NOISE=0``, :func:`add_gaussian` returns None and the caller uses torch's generator.
 """
 from __future__ import annotations
@@ -29,16 +29,11 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 
+from ..data.cache import cache_dir
+
 __all__ = ["add_gaussian", "fast_noise_available", "kernel_normals", "torch_generator"]
 
 _SOURCE = Path(__file__).with_name("normal_kernel.c")
-
-
-def cache_dir() -> Path:
-    """Where compiled kernels are kept: ``$KAPIFY_CACHE_DIR``, else ``$XDG_CACHE_HOME/kapify``, else ``~/.cache/kapify``."""
-    if os.environ.get("KAPIFY_CACHE_DIR"):
-        return Path(os.environ["KAPIFY_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kapify"
 
 
 def _cpu_identity() -> str:
@@ -60,9 +55,9 @@ def _compile_flags(openmp: bool) -> List[str]:
 def _build(compiler: str) -> Path:
     """Compile ``normal_kernel.c`` into the cache (once per source, compiler, flags and CPU); return the
     library. With OpenMP if the compiler has it, else single-threaded."""
-    errors = []
+    errors, source, cpu = [], _SOURCE.read_text(), _cpu_identity()
     for flags in (_compile_flags(openmp=True), _compile_flags(openmp=False)):
-        key = hashlib.sha256("\0".join([_SOURCE.read_text(), compiler, *flags, _cpu_identity()]).encode()).hexdigest()[:16]
+        key = hashlib.sha256("\0".join([source, compiler, *flags, cpu]).encode()).hexdigest()[:16]
         target = cache_dir() / f"normal_kernel-{key}.so"
         if target.is_file():
             return target
@@ -119,7 +114,8 @@ class _AddGaussian(torch.autograd.Function):
     """``x + sigma * z``, into a new tensor or into ``x`` itself; the gradient passes through unchanged."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, sigma: float, seed: int, threads: int, inplace: bool) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, kernel: Callable, sigma: float, seed: int, threads: int,  # type: ignore[override]
+                inplace: bool) -> torch.Tensor:
         if inplace:
             ctx.mark_dirty(x)
             out = x
@@ -127,12 +123,12 @@ class _AddGaussian(torch.autograd.Function):
             out = torch.empty_like(x)  # same layout as x when x is dense (channels_last stays channels_last)
             if out.stride() != x.stride():  # a strided view: copy it into the dense layout, then add in place
                 x = out.copy_(x)
-        _run(_kernel_for(x.dtype), x, out, 0, out.numel(), sigma, seed, threads)
+        _run(kernel, x, out, 0, out.numel(), sigma, seed, threads)
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None, None, None]:  # type: ignore[override]
-        return grad, None, None, None, None
+    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
+        return grad, None, None, None, None, None
 
 
 def _reusable(x: torch.Tensor) -> bool:
@@ -194,7 +190,7 @@ def add_gaussian(x: torch.Tensor, sigma: float, threads: Optional[int] = None, r
     if kernel is None or x.numel() == 0:
         return None
     inplace = reuse_input and _reusable(x)
-    return _AddGaussian.apply(x, float(sigma), _seed(), threads or torch.get_num_threads(), inplace)
+    return _AddGaussian.apply(x, kernel, float(sigma), _seed(), threads or torch.get_num_threads(), inplace)
 
 
 def kernel_normals(numel: int, seed: int, dtype: torch.dtype = torch.float32, start: int = 0,
