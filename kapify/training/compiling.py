@@ -4,7 +4,7 @@
 of 512 images on an H200 against far less arithmetic), with ``reduce-overhead``: inductor's fused
 kernels replayed as CUDA graphs. On a CPU it stays eager: on a 2-core Xeon (CIFAR ResNet18, batch 64,
 bf16, train step; docs/overhead.md) compiling made the plain model 0.93x as slow, but KAP(σ=0.1)
-3.1x slower than eager (inductor's CPU random numbers cost ~25 ns each, kapify's eager CPU noise
+3.1x slower than eager (inductor's CPU noise costs ~24 ns per element, kapify's eager CPU noise
 kernel ~1 ns). Converted models compile in one graph, noise included (``tests/test_compile.py``).
 """
 from __future__ import annotations
