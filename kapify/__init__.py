@@ -36,6 +36,9 @@ from .surgery import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "data",  # subpackages: kapify.data.cifar10(...), kapify.evaluation.evaluate(...), kapify.models.adapt(...)
+    "evaluation",
+    "models",
     "set_blend",
     "arrange_channels",
     "ChannelGrid",

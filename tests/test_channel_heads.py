@@ -17,6 +17,7 @@ from torch import nn
 
 import kapify
 from kapify.surgery.conv_types import is_conv
+from tests.helpers import without_layernorm
 
 
 def _heads(model: nn.Module) -> dict:
@@ -24,13 +25,6 @@ def _heads(model: nn.Module) -> dict:
              for n, m in model.named_modules() if "Attention" in type(m).__name__ or type(m).__name__.endswith("Attn")
              or type(m).__name__ in ("GPSA", "MHSA")}
     return {n: h for n, h in heads.items() if isinstance(h, int)}
-
-
-def _without_layernorm(model: nn.Module) -> nn.Module:
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.LayerNorm) or type(module).__name__.startswith("LayerNorm"):
-            model.set_submodule(name, nn.Identity())
-    return model
 
 
 def _tv_swin(v2: bool) -> nn.Module:
@@ -78,7 +72,7 @@ MODELS = {  # name -> (builder, input side)
 def test_widening_adds_whole_heads_and_keeps_the_function(name):
     build, side = MODELS[name]
     torch.manual_seed(0)
-    model = _without_layernorm(build()).double().eval()
+    model = without_layernorm(build()).double().eval()
     x = torch.rand(2, 3, side, side, dtype=torch.float64)
     before = _heads(model)
     assert before, "no attention block found"

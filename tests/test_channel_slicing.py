@@ -13,7 +13,7 @@ from kapify.surgery.channels.blocks import _BLOCK_HANDLERS
 from kapify.surgery.channels.graph import GroupSet
 from kapify.surgery.conv_types import is_conv
 from kapify.surgery.rewiden import RewidenError
-from tests.conftest import assert_unchanged, state_snapshot
+from tests.helpers import assert_unchanged, state_snapshot
 
 
 def _widen(model: nn.Module, x: torch.Tensor) -> nn.Module:

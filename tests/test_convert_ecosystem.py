@@ -55,7 +55,7 @@ def test_state_dict_round_trip(timm_pair):
 
 def test_caller_model_is_not_modified():
     model = timm.create_model("resnet18", pretrained=False)
-    from tests.conftest import assert_unchanged, state_snapshot
+    from tests.helpers import assert_unchanged, state_snapshot
 
     snap = state_snapshot(model)
     kap = kapify.convert(model)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import kapify
-from tests.conftest import assert_unchanged, state_snapshot
+from tests.helpers import assert_unchanged, state_snapshot
 
 
 class DataDependent(nn.Module):

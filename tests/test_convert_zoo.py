@@ -7,20 +7,7 @@ import torchvision
 import kapify
 from kapify.layers import channel_pool
 from kapify.surgery.kap_conv import original_class
-from tests.conftest import called_convs
-
-TIMM = ["resnet18", "resnet50", "resnet18d", "seresnet18", "wide_resnet50_2", "efficientnet_b0",
-        "mobilenetv3_large_100", "convnext_tiny", "regnety_016", "densenet121", "vgg11_bn"]
-TORCHVISION = ["resnet18", "mobilenet_v2", "efficientnet_b0", "densenet121", "convnext_tiny", "vgg11_bn",
-               "regnet_y_400mf", "shufflenet_v2_x1_0"]
-CASES = [("timm", n) for n in TIMM] + [("torchvision", n) for n in TORCHVISION]
-
-
-def build(library, name):
-    if library == "timm":
-        return timm.create_model(name, pretrained=False, num_classes=10)
-    return torchvision.models.get_model(name, weights=None, num_classes=10)
-
+from tests.helpers import CASES, build, called_convs
 
 @pytest.mark.parametrize("library,name", CASES, ids=[f"{lib}-{n}" for lib, n in CASES])
 def test_every_conv_is_pooled(library, name):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import kapify
-from conftest import free_port
+from tests.helpers import free_port
 from kapify.evaluation import ATTACKS, AdversarialExampleError, attack_mode, certify, evaluate, masking_flags, register_attack
 from kapify.evaluation.diagnostics import activation_change, topography_score
 from kapify.evaluation.harness import main

@@ -51,7 +51,7 @@ def test_blend_schedule_resumes_bit_identically(cifar_dir, tmp_path):
 
 def test_initial_checkpoint_takes_both_kinds_of_file_and_refuses_a_misfit(cifar_dir, tmp_path):
     info = dataset_info("cifar10")
-    nt = train(parse_args(TINY + ["--data-dir", cifar_dir, "--train-samples", "64", "--epochs", "1", "--pool", "none",
+    train(parse_args(TINY + ["--data-dir", cifar_dir, "--train-samples", "64", "--epochs", "1", "--pool", "none",
                                   "--sigma", "0", "--output", str(tmp_path), "--experiment", "nt"]))
     trained = kapify.load(tmp_path / "nt" / "model.safetensors").state_dict()
     plain_file = tmp_path / "plain.pth"

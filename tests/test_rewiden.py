@@ -11,8 +11,7 @@ from torch import nn
 import kapify
 from kapify.surgery.resize import resize_layer
 from kapify.surgery.rewiden import RewidenError
-from tests.conftest import assert_unchanged, state_snapshot
-from tests.test_convert_zoo import CASES, build
+from tests.helpers import CASES, assert_unchanged, build, state_snapshot, without_layernorm
 
 
 # where channel groups legitimately stay fixed (rectangular grids), and the reason the report gives
@@ -579,12 +578,10 @@ def test_a_conv_sliding_along_the_channels_lets_them_widen():
 def test_tiny_vit_blocks_fx_keeps_whole_widen_their_stream_and_keep_the_attention_inside():
     """TinyViT's block is a leaf (it pads to whole windows): its layer rule says attention's ``qkv`` reads the stream
     and ``proj`` writes it (the per-head widths between stay), ``local_conv`` is depthwise and the MLP adds to it."""
-    from tests.test_channel_heads import _without_layernorm
-
     torch.manual_seed(0)
     model = timm.models.tiny_vit.TinyVit(embed_dims=(16, 40), depths=(1, 2), num_heads=(1, 2), window_sizes=(4, 4),
                                          num_classes=10)
-    model = _without_layernorm(model).double().eval()
+    model = without_layernorm(model).double().eval()
     x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
     wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
     with torch.no_grad():

@@ -3,18 +3,16 @@ noise in training, saved and loaded as TorchScript."""
 import copy
 
 import pytest
-import timm
 import torch
-import torchvision
 
 import kapify
 from kapify.models import adapt
+from tests.helpers import CASES, build
 
 
 def _model(name: str) -> torch.nn.Module:
-    if name.startswith("torchvision/"):
-        return torchvision.models.get_model(name.split("/")[1], num_classes=10)
-    return timm.create_model(name, pretrained=False, num_classes=10)
+    library, _, short = name.rpartition("/")
+    return build(library or "timm", short)
 
 
 @pytest.mark.parametrize("name,grid,pool,blend", [
@@ -37,3 +35,14 @@ def test_scripted_model_matches_eager(name, grid, pool, blend, tmp_path):
         torch.testing.assert_close(torch.jit.load(tmp_path / "m.pt")(x), expected, rtol=1e-4, atol=1e-5)
         scripted.train()  # last: training mode also updates BatchNorm statistics
         assert not torch.allclose(scripted(x), scripted(x))  # noise on in training
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("library,name", CASES, ids=[f"{lib}-{n}" for lib, n in CASES])
+def test_every_zoo_model_scripts_after_conversion(library, name):
+    """The models of kapify's zoo tests script, square-grid KAP with noise, outputs equal to eager."""
+    x = torch.rand(2, 3, 64, 64)
+    kap = kapify.convert(build(library, name).eval(), k=3, sigma=0.1, example_input=x[:1]).eval()
+    scripted = torch.jit.script(copy.deepcopy(kap))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), kap(x), rtol=1e-4, atol=1e-5)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kapify
-from conftest import free_port
+from tests.helpers import free_port
 from kapify.data import dataset_info
 from kapify.training import OBJECTIVES, TrainConfig, build_model, main, parse_args, train, width_kwargs
 
