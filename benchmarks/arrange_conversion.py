@@ -7,6 +7,7 @@
 The checkpoint is a recipe run of a plain model (``--pool none``); its weights are loaded into the
 plain architecture, then each variant is scored on the same 2,000 random test images.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,25 @@ def main() -> int:
     parser.add_argument("--k", type=int, nargs="+", default=[3])
     args = parser.parse_args()
     run_args = kapify.load_extra(args.checkpoint)["args"]
-    cfg = parse_args(["--model", run_args["model"], "--model-kwargs", str(run_args["model_kwargs"]), "--pool", "none", "--sigma", "0",
-                      "--grid", "rect", "--initial-checkpoint", args.checkpoint])
-    plain = build_plain_model(cfg, dataset_info("cifar10")).eval()  # the trained weights in the plain (noise-free) model
+    cfg = parse_args(
+        [
+            "--model",
+            run_args["model"],
+            "--model-kwargs",
+            str(run_args["model_kwargs"]),
+            "--pool",
+            "none",
+            "--sigma",
+            "0",
+            "--grid",
+            "rect",
+            "--initial-checkpoint",
+            args.checkpoint,
+        ]
+    )
+    plain = build_plain_model(
+        cfg, dataset_info("cifar10")
+    ).eval()  # the trained weights in the plain (noise-free) model
     x, y = images(False, 2000, 0, args.data_dir)
     x_train, _ = images(True, 2000, 1, args.data_dir)
     example = torch.rand(1, 3, 32, 32)
@@ -55,19 +72,26 @@ def main() -> int:
         model.train()
         with torch.no_grad():
             for i in range(0, len(x_train), 250):
-                model(x_train[i:i + 250])
+                model(x_train[i : i + 250])
         return model
 
     arranged, report = kapify.arrange_channels(plain, example_input=example)
     print(f"plain: {accuracy(plain):.4f}   arranged plain: {accuracy(arranged):.4f}")
     for r in report:
-        print(f"  {r.producers[0]:<16} grid {r.grid:<6} neighbour similarity {r.before:.3f} -> {r.after:.3f}"
-              + (f"  (left: {r.skipped})" if r.skipped else ""))
+        print(
+            f"  {r.producers[0]:<16} grid {r.grid:<6} neighbour similarity {r.before:.3f} -> {r.after:.3f}"
+            + (f"  (left: {r.skipped})" if r.skipped else "")
+        )
     print("| k | convert | arrange + convert | convert + BN recalibration | arrange + convert + BN recalibration |")
     print("|---|---|---|---|---|")
     for k in args.k:
-        scores = [accuracy(kapify.convert(m, k=k, sigma=0, grid="rect", example_input=example)) for m in (plain, arranged)]
-        scores += [accuracy(recalibrated(kapify.convert(m, k=k, sigma=0, grid="rect", example_input=example))) for m in (plain, arranged)]
+        scores = [
+            accuracy(kapify.convert(m, k=k, sigma=0, grid="rect", example_input=example)) for m in (plain, arranged)
+        ]
+        scores += [
+            accuracy(recalibrated(kapify.convert(m, k=k, sigma=0, grid="rect", example_input=example)))
+            for m in (plain, arranged)
+        ]
         print(f"| {k} | " + " | ".join(f"{100 * s:.1f}" for s in scores) + " |")
     return 0
 

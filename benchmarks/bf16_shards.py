@@ -9,6 +9,7 @@ The model a later session attacks is the bf16-rounded one: score its clean accur
     python benchmarks/bf16_shards.py export runs/kap_s0.1/model.safetensors $OUT/kap_s0.1
     python benchmarks/bf16_shards.py import .carry/kap_s0.1 runs/kap_s0.1/model.safetensors
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,8 @@ def _shard_paths(stem: Path) -> List[Path]:
 
 
 def export_shards(checkpoint: Path, stem: Path, max_bytes: int = MAX_BYTES) -> List[Path]:
-    """Write ``checkpoint``'s tensors (floats as bf16) to ``<stem>.bf16-NN.safetensors`` files of at most ``max_bytes``."""
+    """Write ``checkpoint``'s tensors (floats as bf16) to ``<stem>.bf16-NN.safetensors`` files of at most
+    ``max_bytes``."""
     with safe_open(str(checkpoint), framework="pt") as f:
         metadata = dict(f.metadata() or {})
     tensors = load_file(str(checkpoint))
@@ -51,8 +53,11 @@ def export_shards(checkpoint: Path, stem: Path, max_bytes: int = MAX_BYTES) -> L
     paths = []
     for index, shard in enumerate(shards):
         path = stem.parent / f"{stem.name}.bf16-{index:02d}.safetensors"
-        meta = {**metadata, "bf16_shards": json.dumps({"index": index, "count": len(shards)})} if index == 0 else \
-            {"bf16_shards": json.dumps({"index": index, "count": len(shards)})}
+        meta = (
+            {**metadata, "bf16_shards": json.dumps({"index": index, "count": len(shards)})}
+            if index == 0
+            else {"bf16_shards": json.dumps({"index": index, "count": len(shards)})}
+        )
         save_file(shard, str(path), metadata=meta)
         paths.append(path)
     return paths

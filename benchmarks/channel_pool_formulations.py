@@ -8,6 +8,7 @@ checked equal, printed as ratios to kapify's own (``avg_pool2d`` over a free (N*
 
     python benchmarks/channel_pool_formulations.py --device cpu --batch 32
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,11 +74,23 @@ def main() -> None:
         base = statistics.median(times["kapify (avg_pool2d view)"])
         for name in variants:
             med = statistics.median(times[name])
-            rows_out.append({"channels": c, "grid": str(grid), "spatial": hw, "variant": name, "ms": 1000 * med, "ratio": med / base})
+            rows_out.append(
+                {
+                    "channels": c,
+                    "grid": str(grid),
+                    "spatial": hw,
+                    "variant": name,
+                    "ms": 1000 * med,
+                    "ratio": med / base,
+                }
+            )
     print(f"device {dev}, batch {args.batch}, K={k}, forward+backward, median of {args.repeats}")
     print(f"{'C':>5} {'grid':>6} {'HxW':>6}  {'variant':<26} {'ms':>9} {'ratio':>6}")
     for r in rows_out:
-        print(f"{r['channels']:>5} {r['grid']:>6} {r['spatial']:>3}x{r['spatial']:<3} {r['variant']:<26} {r['ms']:9.2f} {r['ratio']:6.2f}")
+        print(
+            f"{r['channels']:>5} {r['grid']:>6} {r['spatial']:>3}x{r['spatial']:<3} {r['variant']:<26} "
+            f"{r['ms']:9.2f} {r['ratio']:6.2f}"
+        )
     print(json.dumps({"device": str(dev), "rows": rows_out}))
 
 

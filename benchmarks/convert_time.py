@@ -7,6 +7,7 @@ writes JSON.
     git worktree add /tmp/kapify-base <commit>
     python benchmarks/convert_time.py --baseline /tmp/kapify-base --out time.json resnet50 skresnet18 tv/regnet_y_800mf
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,9 @@ print(best)
 
 def _seconds(checkout: str, name: str) -> float:
     env = {**os.environ, "PYTHONPATH": checkout}
-    out = subprocess.run([sys.executable, "-c", _TIME_ONE, name], env=env, cwd=checkout, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _TIME_ONE, name], env=env, cwd=checkout, capture_output=True, text=True, check=True
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 

@@ -9,6 +9,7 @@
 
     python benchmarks/cpu_noise_and_pool_ops.py --threads 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from kapify.layers.channel_pool import box_mean
 from kapify.layers.fast_noise import add_gaussian, fast_noise_available
 from kapify.layers.noise import gaussian_like
+
 
 def median_s(fn: Callable[[], object], repeats: int) -> float:
     fn()
@@ -41,7 +43,10 @@ def noise_rows(repeats: int, with_compile: bool) -> None:
         x = torch.randn(64, 64, 32, 32).to(dtype=dtype, memory_format=torch.channels_last)
         n = x.numel()
 
-        row = {"torch normal_ + add": median_s(lambda: gaussian_like(x, 0.1).add_(x), repeats), "kapify kernel": median_s(lambda: add_gaussian(x, 0.1), repeats)}
+        row = {
+            "torch normal_ + add": median_s(lambda: gaussian_like(x, 0.1).add_(x), repeats),
+            "kapify kernel": median_s(lambda: add_gaussian(x, 0.1), repeats),
+        }
         if compiled is not None:
             row["torch.compile"] = median_s(lambda: compiled(x), repeats)
         print(f"  {str(dtype):15s} " + "  ".join(f"{k} {v / n * 1e9:.2f}" for k, v in row.items()))
@@ -62,7 +67,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile (its compilation takes ~20 s)")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="leave out torch.compile (its compilation takes ~20 s)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -9,6 +9,7 @@ after:  ``--amp auto`` (bf16 autocast + channels_last where the CPU has AMX/AVX5
 
 Prints images/s per (model, variant, path) and the after/before and KAP/plain ratios.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,10 @@ MODELS = {
     "ResNet18 (CIFAR stem)": ["--config", str(ROOT / "recipes/configs/cifar10_resnet18_nt.yaml")],
 }
 VARIANTS = {"plain": ["--pool", "none", "--sigma", "0"], "KAP σ=0.1": ["--pool", "avg", "--sigma", "0.1"]}
-PATHS = {"before": ["--amp", "none", "--channels-last", "false", "--loader", "torch"], "after": ["--amp", "auto", "--loader", "tensor"]}
+PATHS = {
+    "before": ["--amp", "none", "--channels-last", "false", "--loader", "torch"],
+    "after": ["--amp", "auto", "--loader", "tensor"],
+}
 
 
 def images_per_s(argv: list[str], out: str) -> tuple[float, str]:
@@ -49,27 +53,58 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    common = ["--data-dir", args.data_dir, "--no-download", "--epochs", "1", "--train-samples", str(args.train_samples),
-              "--val-samples", "0", "--test-samples", "64", "--batch-size", str(args.batch_size), "--workers", "0", "--grid", "square"]
+    common = [
+        "--data-dir",
+        args.data_dir,
+        "--no-download",
+        "--epochs",
+        "1",
+        "--train-samples",
+        str(args.train_samples),
+        "--val-samples",
+        "0",
+        "--test-samples",
+        "64",
+        "--batch-size",
+        str(args.batch_size),
+        "--workers",
+        "0",
+        "--grid",
+        "square",
+    ]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model, model_args in MODELS.items():
             for variant, variant_args in VARIANTS.items():
                 for path, path_args in PATHS.items():
                     name = f"{len(rows)}"
-                    speed, precision = images_per_s(model_args + common + variant_args + path_args + ["--experiment", name], tmp)
-                    rows.append({"model": model, "variant": variant, "path": path, "precision": precision, "images_per_s": speed})
+                    speed, precision = images_per_s(
+                        model_args + common + variant_args + path_args + ["--experiment", name], tmp
+                    )
+                    rows.append(
+                        {
+                            "model": model,
+                            "variant": variant,
+                            "path": path,
+                            "precision": precision,
+                            "images_per_s": speed,
+                        }
+                    )
                     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     lookup = {(r["model"], r["variant"], r["path"]): r["images_per_s"] for r in rows}
-    print(f"CPU: {torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_has_fast_bf16()}, threads: {args.threads}, "
-          f"batch {args.batch_size}, {args.train_samples} images, one epoch each\n")
+    print(
+        f"CPU: {torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_has_fast_bf16()}, threads: {args.threads}, "
+        f"batch {args.batch_size}, {args.train_samples} images, one epoch each\n"
+    )
     print("| model | variant | before (img/s) | after (img/s) | after precision | speed-up |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         if r["path"] == "after":
             before = lookup[(r["model"], r["variant"], "before")]
-            print(f"| {r['model']} | {r['variant']} | {before:.0f} | {r['images_per_s']:.0f} | {r['precision']} | "
-                  f"{r['images_per_s'] / before:.2f}x |")
+            print(
+                f"| {r['model']} | {r['variant']} | {before:.0f} | {r['images_per_s']:.0f} | {r['precision']} | "
+                f"{r['images_per_s'] / before:.2f}x |"
+            )
     print("\n| model | KAP/plain step time, before | after |\n|---|---|---|")
     for model in MODELS:
         ratio = {p: lookup[(model, "plain", p)] / lookup[(model, "KAP σ=0.1", p)] for p in PATHS}

@@ -16,7 +16,8 @@ Two schedules (``--schedule``):
 
     python benchmarks/gpu_table1.py --out results/gpu_table1 --data-dir .data        # fast: about 9 min on one H200
     python benchmarks/gpu_table1.py --out /tmp/smoke --data-dir ../shared/data --smoke # any device, ~1 min on a CPU
-    python benchmarks/gpu_table1.py --schedule paper --out /tmp/t1 --data-dir .data --stages train --models kap_s0.1 --export $OUT
+    python benchmarks/gpu_table1.py --schedule paper --out /tmp/t1 --data-dir .data --stages train --models kap_s0.1
+    --export $OUT
 
 Every step saves DIR/results.json and DIR/results.md before the next starts, so rerunning the same
 command resumes (training from its last.pth, attacks from their batch cache). Across GPU sessions,
@@ -25,6 +26,7 @@ trained model as bf16 shards (``bf16_shards.py``) and the results to DIR after e
 ``--import DIR`` in a later session restores them (the attacked model is then the bf16-rounded one,
 and its clean accuracy is measured again). The plan for the paper schedule is in docs/training.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,20 +56,41 @@ from kapify.training.precision import resolve_precision  # noqa: E402
 
 KAP, NT = "KAP(σ=0.1, K=3)", "NT(σ=0.1)"  # KAP first: if time runs out, the model in question has been attacked
 SCHEDULES = {  # label -> (run name, config, overrides)
-    "fast": {KAP: ("kap_s0.1", "recipes/configs/cifar10_resnet18_fast_kap_s0.1.yaml", {}),
-             NT: ("nt_s0.1", "recipes/configs/cifar10_resnet18_fast_nt.yaml", {"sigma": 0.1})},
-    "paper": {KAP: ("kap_s0.1", "recipes/configs/cifar10_resnet18_kap_s0.1.yaml", {}),
-              NT: ("nt_s0.1", "recipes/configs/cifar10_resnet18_nt_s0.1.yaml", {})},
+    "fast": {
+        KAP: ("kap_s0.1", "recipes/configs/cifar10_resnet18_fast_kap_s0.1.yaml", {}),
+        NT: ("nt_s0.1", "recipes/configs/cifar10_resnet18_fast_nt.yaml", {"sigma": 0.1}),
+    },
+    "paper": {
+        KAP: ("kap_s0.1", "recipes/configs/cifar10_resnet18_kap_s0.1.yaml", {}),
+        NT: ("nt_s0.1", "recipes/configs/cifar10_resnet18_nt_s0.1.yaml", {}),
+    },
 }
 RUN_NAMES = ["kap_s0.1", "nt_s0.1"]
 # attack groups: name -> (attacks, eps); each finished (group, model) is saved before the next starts
-EVAL_GROUPS = {"pgd": ("clean,pgd", "0.5,1"), "aa": ("clean,autoattack", "0.5,1"), "square": ("clean,square", "1"),
-               "test": ("clean", "1"), "aa1": ("clean,autoattack", "1"), "aa05": ("clean,autoattack", "0.5")}
+EVAL_GROUPS = {
+    "pgd": ("clean,pgd", "0.5,1"),
+    "aa": ("clean,autoattack", "0.5,1"),
+    "square": ("clean,square", "1"),
+    "test": ("clean", "1"),
+    "aa1": ("clean,autoattack", "1"),
+    "aa05": ("clean,autoattack", "0.5"),
+}
 # the order of each schedule's steps: the paper's number (AutoAttack at ε=1, both models) before the rest
 PLANS = {
     "fast": [("pgd", KAP), ("pgd", NT), ("aa", KAP), "overhead", ("aa", NT), ("square", KAP), ("square", NT)],
-    "paper": [("test", KAP), ("test", NT), ("aa1", KAP), ("aa1", NT), ("pgd", KAP), ("pgd", NT), "overhead",
-              ("aa05", KAP), ("aa05", NT), ("square", KAP), ("square", NT)],
+    "paper": [
+        ("test", KAP),
+        ("test", NT),
+        ("aa1", KAP),
+        ("aa1", NT),
+        ("pgd", KAP),
+        ("pgd", NT),
+        "overhead",
+        ("aa05", KAP),
+        ("aa05", NT),
+        ("square", KAP),
+        ("square", NT),
+    ],
 }
 TABLE_A1_PGD_STEP = 4 / 255
 COMPILE_CACHE = "compile_cache-{run}.bin"  # torch.compile's artifacts of one training, handed back with the results
@@ -89,8 +112,14 @@ def checkpoint_path(out: Path, run: str) -> Path:
 
 
 def _configs(args: argparse.Namespace, out: Path) -> Dict[str, Any]:
-    common = {"data_dir": args.data_dir, "download": False, "output": str(out / "runs"), "device": args.device, "workers": 0,
-              "compile": args.compile}
+    common = {
+        "data_dir": args.data_dir,
+        "download": False,
+        "output": str(out / "runs"),
+        "device": args.device,
+        "workers": 0,
+        "compile": args.compile,
+    }
     if args.smoke:
         common.update(train_samples=256, val_samples=0, test_samples=200, batch_size=64, epochs=1, warmup_epochs=0)
     configs = {}
@@ -146,7 +175,9 @@ def choose_epochs(results: Dict[str, Any], configs: Dict[str, Any], args: argpar
     return max(1, min(first.epochs, int(60 * args.train_minutes / (1.15 * sum(seconds.values())))))
 
 
-def train_models(results: Dict[str, Any], configs: Dict[str, Any], epochs: int, out: Path, export: Optional[Path]) -> None:
+def train_models(
+    results: Dict[str, Any], configs: Dict[str, Any], epochs: int, out: Path, export: Optional[Path]
+) -> None:
     for label, cfg in configs.items():
         if results["models"].get(label, {}).get("test_acc") is not None:
             continue
@@ -162,13 +193,23 @@ def train_models(results: Dict[str, Any], configs: Dict[str, Any], epochs: int, 
         log = (Path(metrics["run_dir"]) / "log.csv").read_text().splitlines()
         epoch_times = [float(line.split(",")[7]) for line in log[1:]]
         results["models"][label] = {
-            "run": cfg.experiment, "epochs": epochs, "test_acc": metrics["test_acc"], "test_images": metrics["test_images"],
-            "train_time_s": metrics["train_time_s"], "epoch_time_s": epoch_times, "precision": metrics["precision"],
-            "loader": metrics["loader"], "compile": metrics["compile"], "first_update_s": metrics["first_update_s"],
-            "batch_size": cfg.batch_size, "lr": cfg.lr,
+            "run": cfg.experiment,
+            "epochs": epochs,
+            "test_acc": metrics["test_acc"],
+            "test_images": metrics["test_images"],
+            "train_time_s": metrics["train_time_s"],
+            "epoch_time_s": epoch_times,
+            "precision": metrics["precision"],
+            "loader": metrics["loader"],
+            "compile": metrics["compile"],
+            "first_update_s": metrics["first_update_s"],
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
         }
         if export is not None:
-            results["models"][label]["shards"] = [p.name for p in export_shards(checkpoint_path(out, cfg.experiment), export / cfg.experiment)]
+            results["models"][label]["shards"] = [
+                p.name for p in export_shards(checkpoint_path(out, cfg.experiment), export / cfg.experiment)
+            ]
             if metrics["compile"] != "off":
                 results["models"][label]["compile_cache_bytes"] = save_compile_cache(export, cfg.experiment)
         _save(out, results, export)
@@ -213,8 +254,9 @@ def import_models(results: Dict[str, Any], source: Path, out: Path) -> None:
             results[key] = earlier[key]
 
 
-def evaluate_step(results: Dict[str, Any], args: argparse.Namespace, out: Path, key: str, label: str,
-                  export: Optional[Path]) -> None:
+def evaluate_step(
+    results: Dict[str, Any], args: argparse.Namespace, out: Path, key: str, label: str, export: Optional[Path]
+) -> None:
     """Run attack group ``key`` on model ``label`` unless done; save."""
     attacks, eps = EVAL_GROUPS[key]
     model = results["models"].get(label)
@@ -227,9 +269,20 @@ def evaluate_step(results: Dict[str, Any], args: argparse.Namespace, out: Path, 
     if args.schedule == "paper":
         options["pgd_step_size"] = TABLE_A1_PGD_STEP
     print(f"gpu_table1: {label}: {attacks} at eps {eps} on {n_examples} images", file=sys.stderr, flush=True)
-    cfg = EvalConfig(checkpoint=str(checkpoint_path(out, model["run"])), data_dir=args.data_dir, download=False,
-                     n_examples=n_examples, seed=0, attacks=attacks, eps=eps, device=args.device, batch_size=500,
-                     out=str(out / "eval" / model["run"] / key), progress=False, **options)
+    cfg = EvalConfig(
+        checkpoint=str(checkpoint_path(out, model["run"])),
+        data_dir=args.data_dir,
+        download=False,
+        n_examples=n_examples,
+        seed=0,
+        attacks=attacks,
+        eps=eps,
+        device=args.device,
+        batch_size=500,
+        out=str(out / "eval" / model["run"] / key),
+        progress=False,
+        **options,
+    )
     started = time.perf_counter()
     try:
         done = run_evaluation(cfg)
@@ -238,9 +291,14 @@ def evaluate_step(results: Dict[str, Any], args: argparse.Namespace, out: Path, 
         _save(out, results, export)
         return
     model.setdefault("eval", {})[key] = {
-        "rows": [{"attack": r["attack"], "eps": r["eps"], "accuracy": r["accuracy"]["mean"], "n": r["n"]} for r in done["results"]],
+        "rows": [
+            {"attack": r["attack"], "eps": r["eps"], "accuracy": r["accuracy"]["mean"], "n": r["n"]}
+            for r in done["results"]
+        ],
         "n_examples": n_examples,
-        "flags": [f["message"] for f in done["flags"]], "time_s": time.perf_counter() - started, "device": done["device"],
+        "flags": [f["message"] for f in done["flags"]],
+        "time_s": time.perf_counter() - started,
+        "device": done["device"],
     }
     results["paired"] = paired_differences(results, out)
     _save(out, results, export)
@@ -266,8 +324,15 @@ def paired_differences(results: Dict[str, Any], out: Path) -> Dict[str, Any]:
             mean = sum(diffs) / n
             sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else 0.0
             half = 1.96 * sd / math.sqrt(n)
-            paired[row] = {"kap": sum(a[row]) / n, "nt": sum(b[row]) / n, "difference": mean, "ci95": [mean - half, mean + half],
-                           "n": n, "kap_only": diffs.count(1), "nt_only": diffs.count(-1)}
+            paired[row] = {
+                "kap": sum(a[row]) / n,
+                "nt": sum(b[row]) / n,
+                "difference": mean,
+                "ci95": [mean - half, mean + half],
+                "n": n,
+                "kap_only": diffs.count(1),
+                "nt_only": diffs.count(-1),
+            }
     return dict(sorted(paired.items()))
 
 
@@ -275,8 +340,19 @@ def run_overhead(results: Dict[str, Any], args: argparse.Namespace, out: Path, e
     if "overhead" in results or args.skip_overhead:
         return
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--device", device, "--out", str(out / "overhead.json")]
-    cmd += ["--scenarios", "cifar", "--cifar-batch", "4", "--repeats", "1", "--warmup", "0"] if args.smoke else ["--cifar-batch", "32,256"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "overhead.py"),
+        "--device",
+        device,
+        "--out",
+        str(out / "overhead.json"),
+    ]
+    cmd += (
+        ["--scenarios", "cifar", "--cifar-batch", "4", "--repeats", "1", "--warmup", "0"]
+        if args.smoke
+        else ["--cifar-batch", "32,256"]
+    )
     print("gpu_table1: " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     (out / "overhead.txt").write_text(done.stdout + done.stderr)
@@ -301,63 +377,139 @@ def _median(values: List[float]) -> Optional[float]:
 
 
 def markdown(results: Dict[str, Any]) -> str:
-    """The short table: per model, clean test accuracy, robust accuracy per attack, training cost; the paired differences."""
+    """The short table: per model, clean test accuracy, robust accuracy per attack, training cost; the paired
+    differences."""
     env = results["environment"]
     schedule = results.get("schedule", "fast")
-    lines = [f"# gpu_table1 ({schedule} schedule): CIFAR-10 ResNet18, NT(σ=0.1) vs KAP(σ=0.1, K=3)"
-             f"{' (SMOKE RUN: not a result)' if results['smoke'] else ''}",
-             "", f"Device: {env['device_name']}; torch {env['torch']}; command: `{results['command']}`.",
-             f"Robust accuracy in % on {results['n_examples']} fixed CIFAR-10 (JPEG copy) test images (seed 0), L2; "
-             "'clean' is the full test set at the end of training (fp32 weights)"
-             + ("; 'clean (attacked weights)' the same for the weights the attacks ran on." if schedule == "paper" else "."), "",
-             "| model | epochs | clean | clean (attacked weights) | PGD ε=0.5 | PGD ε=1 | AA ε=0.5 | AA ε=1 | Square ε=1 "
-             "| s/epoch (eager probe) | first update s | precision, compile |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# gpu_table1 ({schedule} schedule): CIFAR-10 ResNet18, NT(σ=0.1) vs KAP(σ=0.1, K=3)"
+        f"{' (SMOKE RUN: not a result)' if results['smoke'] else ''}",
+        "",
+        f"Device: {env['device_name']}; torch {env['torch']}; command: `{results['command']}`.",
+        f"Robust accuracy in % on {results['n_examples']} fixed CIFAR-10 (JPEG copy) test images (seed 0), L2; "
+        "'clean' is the full test set at the end of training (fp32 weights)"
+        + ("; 'clean (attacked weights)' the same for the weights the attacks ran on." if schedule == "paper" else "."),
+        "",
+        "| model | epochs | clean | clean (attacked weights) | PGD ε=0.5 | PGD ε=1 | AA ε=0.5 | AA ε=1 | Square ε=1 "
+        "| s/epoch (eager probe) | first update s | precision, compile |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     probe = results.get("probe", {}).get("eager_epoch_s", {})
     for label, m in results["models"].items():
-        per_epoch = _median(m.get("epoch_time_s", [])[1:] or m.get("epoch_time_s", []))  # the first epoch includes compilation
+        per_epoch = _median(
+            m.get("epoch_time_s", [])[1:] or m.get("epoch_time_s", [])
+        )  # the first epoch includes compilation
         eager = f" ({probe[label]:.1f})" if label in probe else ""
-        lines.append(f"| {label} | {m['epochs']} | {100 * m['test_acc']:.2f} | {_robust(m, 'clean', 1.0, ('test',))} | "
-                     f"{_robust(m, 'pgd', 0.5, ('pgd',))} | {_robust(m, 'pgd', 1.0, ('pgd',))} | "
-                     f"{_robust(m, 'autoattack', 0.5, ('aa', 'aa05'))} | {_robust(m, 'autoattack', 1.0, ('aa', 'aa1'))} | "
-                     f"{_robust(m, 'square', 1.0, ('square',))} | {per_epoch if per_epoch is None else round(per_epoch, 2)}{eager} | "
-                     f"{m.get('first_update_s') or 0:.1f} | {m['precision']}, {m.get('compile', 'off')} |")
+        lines.append(
+            f"| {label} | {m['epochs']} | {100 * m['test_acc']:.2f} | {_robust(m, 'clean', 1.0, ('test',))} | "
+            f"{_robust(m, 'pgd', 0.5, ('pgd',))} | {_robust(m, 'pgd', 1.0, ('pgd',))} | "
+            f"{_robust(m, 'autoattack', 0.5, ('aa', 'aa05'))} | {_robust(m, 'autoattack', 1.0, ('aa', 'aa1'))} | "
+            f"{_robust(m, 'square', 1.0, ('square',))} | "
+            f"{per_epoch if per_epoch is None else round(per_epoch, 2)}{eager} | "
+            f"{m.get('first_update_s') or 0:.1f} | {m['precision']}, {m.get('compile', 'off')} |"
+        )
     if results.get("paired"):
-        lines += ["", "KAP − NT on the same images (percentage points; 95% interval of the paired difference):", "",
-                  "| attack | KAP | NT | KAP − NT | 95% interval | n | only KAP correct | only NT correct |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "KAP − NT on the same images (percentage points; 95% interval of the paired difference):",
+            "",
+            "| attack | KAP | NT | KAP − NT | 95% interval | n | only KAP correct | only NT correct |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for row, p in results["paired"].items():
-            lines.append(f"| {row} | {100 * p['kap']:.1f} | {100 * p['nt']:.1f} | {100 * p['difference']:+.1f} | "
-                         f"[{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}] | {p['n']} | {p['kap_only']} | {p['nt_only']} |")
+            lines.append(
+                f"| {row} | {100 * p['kap']:.1f} | {100 * p['nt']:.1f} | {100 * p['difference']:+.1f} | "
+                f"[{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}] | {p['n']} | {p['kap_only']} | "
+                f"{p['nt_only']} |"
+            )
     if results.get("errors"):
         lines += ["", "Errors:", ""] + [f"- {e}" for e in results["errors"]]
-    flags = [f"- {label}: {f}" for label, m in results["models"].items() for g in m.get("eval", {}).values() for f in g["flags"]]
+    flags = [
+        f"- {label}: {f}"
+        for label, m in results["models"].items()
+        for g in m.get("eval", {}).values()
+        for f in g["flags"]
+    ]
     if flags:
         lines += ["", "Masking flags:", ""] + flags
     if "overhead" in results and (Path(results["out"]) / "overhead.txt").is_file():
-        lines += ["", "Overhead (`benchmarks/overhead.py`, ratios to plain):", "", "```",
-                  (Path(results["out"]) / "overhead.txt").read_text().strip()[-3000:], "```"]
+        lines += [
+            "",
+            "Overhead (`benchmarks/overhead.py`, ratios to plain):",
+            "",
+            "```",
+            (Path(results["out"]) / "overhead.txt").read_text().strip()[-3000:],
+            "```",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: List[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="output folder (results.json, results.md, runs/, eval/)")
-    parser.add_argument("--schedule", default="fast", choices=sorted(SCHEDULES), help="fast (30 epochs, batch 512) or paper (200, batch 128)")
-    parser.add_argument("--data-dir", default=str(ROOT / ".data"), help="folder holding cifar10-jpeg/ or cifar-10-batches-py/")
+    parser.add_argument(
+        "--schedule",
+        default="fast",
+        choices=sorted(SCHEDULES),
+        help="fast (30 epochs, batch 512) or paper (200, batch 128)",
+    )
+    parser.add_argument(
+        "--data-dir", default=str(ROOT / ".data"), help="folder holding cifar10-jpeg/ or cifar-10-batches-py/"
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
-    parser.add_argument("--compile", default="auto", choices=list(COMPILE_MODES), help="torch.compile mode of training (auto: reduce-overhead on CUDA)")
-    parser.add_argument("--stages", default="train,attack", help="train, attack (attacks and the overhead benchmark), or both")
-    parser.add_argument("--train-minutes", type=float, default=4.0, help="fast schedule: both trainings together (picks the epoch count)")
-    parser.add_argument("--epochs", type=int, default=None, help="fix the epoch count instead (paper schedule: default 200)")
-    parser.add_argument("--n-examples", type=int, default=1000, help="attacked test images (the first n of one seeded order)")
-    parser.add_argument("--aa-examples", type=int, default=None,
-                        help="fast schedule: images for AutoAttack (default 500; on an H200 it took 261 s for 1000 images x 2 eps of the NT model)")
-    parser.add_argument("--models", default=",".join(RUN_NAMES), help="comma-separated runs to train and attack (default: both)")
-    parser.add_argument("--export", type=Path, default=None, help="also write results and bf16 weight shards here (a GPU session's $OUT)")
-    parser.add_argument("--import", dest="import_dir", type=Path, default=None, help="restore models and results a session exported here")
+    parser.add_argument(
+        "--compile",
+        default="auto",
+        choices=list(COMPILE_MODES),
+        help="torch.compile mode of training (auto: reduce-overhead on CUDA)",
+    )
+    parser.add_argument(
+        "--stages", default="train,attack", help="train, attack (attacks and the overhead benchmark), or both"
+    )
+    parser.add_argument(
+        "--train-minutes",
+        type=float,
+        default=4.0,
+        help="fast schedule: both trainings together (picks the epoch count)",
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="fix the epoch count instead (paper schedule: default 200)"
+    )
+    parser.add_argument(
+        "--n-examples", type=int, default=1000, help="attacked test images (the first n of one seeded order)"
+    )
+    parser.add_argument(
+        "--aa-examples",
+        type=int,
+        default=None,
+        help="fast schedule: images for AutoAttack (default 500; on an H200 it took 261 s for 1000 images x 2 eps of "
+        "the NT model)",
+    )
+    parser.add_argument(
+        "--models", default=",".join(RUN_NAMES), help="comma-separated runs to train and attack (default: both)"
+    )
+    parser.add_argument(
+        "--export",
+        type=Path,
+        default=None,
+        help="also write results and bf16 weight shards here (a GPU session's $OUT)",
+    )
+    parser.add_argument(
+        "--import",
+        dest="import_dir",
+        type=Path,
+        default=None,
+        help="restore models and results a session exported here",
+    )
     parser.add_argument("--skip-overhead", action="store_true", help="leave out benchmarks/overhead.py")
-    parser.add_argument("--skip-square", action="store_true", help="leave out Square (rerun without it to add it: the rest resumes)")
-    parser.add_argument("--smoke", action="store_true", help="256 training images, 1 epoch, 20 attacked images: checks the pipeline")
+    parser.add_argument(
+        "--skip-square", action="store_true", help="leave out Square (rerun without it to add it: the rest resumes)"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="256 training images, 1 epoch, 20 attacked images: checks the pipeline"
+    )
     args = parser.parse_args(argv)
     if not args.models or set(args.models.split(",")) - set(RUN_NAMES):
         parser.error(f"--models takes a comma-separated subset of {RUN_NAMES}, got {args.models!r}")
@@ -374,9 +526,16 @@ def main(argv: List[str] | None = None) -> int:
     if results.get("schedule", args.schedule) != args.schedule:
         parser.error(f"{out} holds a {results['schedule']}-schedule run: use another --out")
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    results.update({"command": "python benchmarks/gpu_table1.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                    "schedule": args.schedule, "smoke": args.smoke, "out": str(out), "n_examples": args.n_examples,
-                    "environment": {"device_name": device_name, "torch": torch.__version__}})
+    results.update(
+        {
+            "command": "python benchmarks/gpu_table1.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "schedule": args.schedule,
+            "smoke": args.smoke,
+            "out": str(out),
+            "n_examples": args.n_examples,
+            "environment": {"device_name": device_name, "torch": torch.__version__},
+        }
+    )
     results.setdefault("models", {})
     results["errors"] = []
     if args.import_dir is not None:

@@ -20,6 +20,7 @@ time GPU runs.
 ``--amp auto`` (default) is what the recipes run: bf16 autocast + channels_last on CUDA and on CPUs
 with native bf16 (AMX / AVX512-BF16), fp32 elsewhere.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,13 @@ def build(variant: dict, small: bool, num_classes: int) -> nn.Module:
         model = small_image_stem(model)  # the CIFAR ResNet18 of the paper: 3x3 stride-1 stem, no max-pool
     if not variant or set(variant) == {"compile"}:
         return model
-    options = {"grid": "rect", **{k: v for k, v in variant.items() if k not in ("fold", "torch_rng", "compile")}}  # rect: the plain model's widths
-    kap = kapify.convert(model, k=3, example_input=torch.randn(1, 3, 32 if small else 224, 32 if small else 224), **options)
+    options = {
+        "grid": "rect",
+        **{k: v for k, v in variant.items() if k not in ("fold", "torch_rng", "compile")},
+    }  # rect: the plain model's widths
+    kap = kapify.convert(
+        model, k=3, example_input=torch.randn(1, 3, 32 if small else 224, 32 if small else 224), **options
+    )
     return kapify.fold(kap) if variant.get("fold") else kap
 
 
@@ -128,24 +134,43 @@ def bench(scenario: str, batch: int, size: int, args, device: torch.device) -> L
     for (mode, name), ts in times.items():
         median = statistics.median(ts)
         base = statistics.median(times[(mode, "plain")])
-        rows.append(dict(scenario=scenario, batch=batch, size=size, precision=precision.describe(), mode=mode, variant=name, median_s=median,
-                         ratio=median / base, peak_mib=memory.get((mode, name)),
-                         mem_ratio=(memory[(mode, name)] / memory[(mode, "plain")]) if memory else None))
+        rows.append(
+            dict(
+                scenario=scenario,
+                batch=batch,
+                size=size,
+                precision=precision.describe(),
+                mode=mode,
+                variant=name,
+                median_s=median,
+                ratio=median / base,
+                peak_mib=memory.get((mode, name)),
+                mem_ratio=(memory[(mode, name)] / memory[(mode, "plain")]) if memory else None,
+            )
+        )
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--cifar-batch", default="256", help="batch size(s) at 32 px, comma-separated for a sweep (e.g. 32,256)")
+    parser.add_argument(
+        "--cifar-batch", default="256", help="batch size(s) at 32 px, comma-separated for a sweep (e.g. 32,256)"
+    )
     parser.add_argument("--imagenet-batch", default="64", help="batch size(s) at 224 px, comma-separated")
     parser.add_argument("--scenarios", default="cifar,imagenet")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "none"],
-                        help="auto: bf16 + channels_last where the device runs them fast (as the recipes), else fp32")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of: {', '.join(VARIANTS)}")
+    parser.add_argument(
+        "--amp",
+        default="auto",
+        choices=["auto", "bf16", "none"],
+        help="auto: bf16 + channels_last where the device runs them fast (as the recipes), else fp32",
+    )
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of: {', '.join(VARIANTS)}"
+    )
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     args.variants = [v.strip() for v in args.variants.split(",")]
@@ -161,13 +186,22 @@ def main() -> None:
         batches, size = plan[scenario]
         for batch in (int(b) for b in str(batches).split(",")):
             rows += bench(scenario, batch, size, args, device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; {rows[0]['precision']}; median of {args.repeats} (warm-up {args.warmup})")
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"device: {name}; torch {torch.__version__}; {rows[0]['precision']}; median of {args.repeats} (warm-up "
+        f"{args.warmup})"
+    )
     print(f"{'scenario':<10} {'mode':<6} {'variant':<22} {'median':>10} {'x plain':>8} {'peak MiB':>9}")
     for r in rows:
         peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
-        print(f"{r['scenario'] + '/' + str(r['batch']):<10} {r['mode']:<6} {r['variant']:<22} "
-              f"{r['median_s'] * 1000:>8.1f}ms {r['ratio']:>7.2f}x {peak:>9}")
+        print(
+            f"{r['scenario'] + '/' + str(r['batch']):<10} {r['mode']:<6} {r['variant']:<22} "
+            f"{r['median_s'] * 1000:>8.1f}ms {r['ratio']:>7.2f}x {peak:>9}"
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": name, "torch": torch.__version__, "args": vars(args), "rows": rows}, f, indent=2)

@@ -5,33 +5,34 @@ Example:
     >>> model = kapify.convert(timm.create_model("resnet18"), k=3, sigma=0.1)
     >>> print(kapify.summary(model))  # doctest: +SKIP
 """
+
 from . import data, evaluation, models
 from .layers import ChannelGrid, GaussianNoise, KernelAvgPool, KernelMaxPool, channel_pool, set_noise
 from .model_source import create_model
 from .reporting import summary
 from .serialization import load, load_config, load_extra, save
-from .surgery.optional import diagnostics
 from .surgery import (
-    arrange_channels,
     ChannelHandler,
+    KapConfig,
+    TracingError,
+    arrange_channels,
     channel_groups,
+    convert,
+    fold,
+    get_config,
+    is_converted,
     register_block_handler,
     register_channel_handler,
+    register_conv_type,
     register_layer_rule,
+    register_leaf_module,
     register_node_rule,
     rewiden,
     set_blend,
     square_width,
     width_mult,
-    KapConfig,
-    TracingError,
-    convert,
-    fold,
-    get_config,
-    is_converted,
-    register_conv_type,
-    register_leaf_module,
 )
+from .surgery.optional import diagnostics
 
 __version__ = "0.1.0"
 

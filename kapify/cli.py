@@ -1,4 +1,5 @@
 """``kapify`` command line: convert a timm/torchvision model and print (or save) its summary."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,11 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--k", type=int, default=3, help="KAP kernel size (odd)")
     conv.add_argument("--sigma", type=float, default=0.1, help="training noise std (0: no noise)")
     conv.add_argument("--pool", choices=["avg", "max", "none"], default="avg", help="avg=KAP, max=KMP, none=noise only")
-    conv.add_argument("--grid", default="square", help="channel layout: square (re-widen to perfect squares), rect (keep widths) or line")
+    conv.add_argument(
+        "--grid",
+        default="square",
+        help="channel layout: square (re-widen to perfect squares), rect (keep widths) or line",
+    )
     conv.add_argument("--no-input-noise", dest="input_noise", action="store_false", help="no noise on the input")
     conv.add_argument("--exclude", nargs="*", default=None, help="conv name patterns to leave alone")
     conv.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the model's)")
@@ -37,8 +42,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         model = kapify.create_model(args.model, **kwargs)
         converted = kapify.convert(
-            model, k=args.k, sigma=args.sigma, pool=None if args.pool == "none" else args.pool,
-            grid=args.grid, input_noise=args.input_noise, exclude=args.exclude,
+            model,
+            k=args.k,
+            sigma=args.sigma,
+            pool=None if args.pool == "none" else args.pool,
+            grid=args.grid,
+            input_noise=args.input_noise,
+            exclude=args.exclude,
         )
     except (ValueError, NotImplementedError, kapify.TracingError) as err:
         print(f"kapify: error: {err}", file=sys.stderr)

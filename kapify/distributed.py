@@ -1,4 +1,5 @@
 """torchrun support shared by training and evaluation: process group set-up and small collectives."""
+
 from __future__ import annotations
 
 import os

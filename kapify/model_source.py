@@ -1,4 +1,5 @@
 """Where a model comes from (a timm or torchvision model name), so a checkpoint can rebuild it."""
+
 from __future__ import annotations
 
 import contextlib
@@ -50,7 +51,9 @@ def build_from_source(source: Dict[str, Any], pretrained: bool = False) -> nn.Mo
     for step in source.get("adapt") or []:
         options = {k: v for k, v in step.items() if k != "name"}
         if step.get("name") not in ADAPTATIONS:
-            raise ValueError(f"the model source names an unknown adaptation {step.get('name')!r}; registered: {sorted(ADAPTATIONS)}")
+            raise ValueError(
+                f"the model source names an unknown adaptation {step.get('name')!r}; registered: {sorted(ADAPTATIONS)}"
+            )
         model = ADAPTATIONS[step["name"]](model, **options)
     return model
 

@@ -1,5 +1,6 @@
 """Dataclass-defined options shared by the recipes and ``kapify-eval``: every field becomes a
 ``--flag``; ``--config file.yaml`` (timm's args-file convention) sets values, flags override."""
+
 from __future__ import annotations
 
 import argparse
@@ -46,16 +47,25 @@ def build_parser(cls: type, description: str, prog: Optional[str] = None) -> arg
     parser.add_argument("-c", "--config", default=None, help="YAML args file; command-line flags override it")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        kwargs: Dict[str, Any] = {"help": f.metadata["help"], "dest": f.name, "default": argparse.SUPPRESS,
-                                  "type": _flag_type(hints[f.name])}
+        kwargs: Dict[str, Any] = {
+            "help": f.metadata["help"],
+            "dest": f.name,
+            "default": argparse.SUPPRESS,
+            "type": _flag_type(hints[f.name]),
+        }
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         flag = "--" + f.name.replace("_", "-")
         if kwargs["type"] is _bool:
             group = parser.add_mutually_exclusive_group()
             group.add_argument(flag, nargs="?", const=True, metavar="BOOL", **kwargs)
-            group.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", default=argparse.SUPPRESS,
-                               help=f"the opposite of {flag}")
+            group.add_argument(
+                "--no-" + flag[2:],
+                dest=f.name,
+                action="store_false",
+                default=argparse.SUPPRESS,
+                help=f"the opposite of {flag}",
+            )
         else:
             parser.add_argument(flag, **kwargs)
     return parser

@@ -1,4 +1,5 @@
 """``kapify.save`` / ``kapify.load``: safetensors weights with the conversion config as JSON metadata."""
+
 from __future__ import annotations
 
 import itertools
@@ -61,9 +62,13 @@ def _metadata(path: PathLike) -> Dict[str, str]:
         with safe_open(os.fspath(path), framework="pt") as f:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{os.fspath(path)!r} is not a readable safetensors file ({err}); is it corrupt or truncated?") from err
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a readable safetensors file ({err}); is it corrupt or truncated?"
+        ) from err
     if _CONFIG_KEY not in metadata:
-        raise NotACheckpointError(f"{os.fspath(path)!r} is a safetensors file but not a kapify checkpoint (no '{_CONFIG_KEY}' metadata)")
+        raise NotACheckpointError(
+            f"{os.fspath(path)!r} is a safetensors file but not a kapify checkpoint (no '{_CONFIG_KEY}' metadata)"
+        )
     return metadata
 
 
@@ -88,8 +93,10 @@ def load(path: PathLike, model: Optional[nn.Module] = None, device: Union[str, t
     config = load_config(path)
     if model is None:
         if config.source is None:
-            raise ValueError(f"{os.fspath(path)!r} holds a model kapify cannot rebuild by name (not a timm, torchvision or "
-                             f"kapify.create_model model): pass the unconverted model, kapify.load(path, model=plain_model)")
+            raise ValueError(
+                f"{os.fspath(path)!r} holds a model kapify cannot rebuild by name (not a timm, torchvision or "
+                f"kapify.create_model model): pass the unconverted model, kapify.load(path, model=plain_model)"
+            )
         model = build_from_source(config.source)
     converted = convert(model, **config.convert_kwargs())
     if config.folded:
@@ -102,9 +109,13 @@ def load(path: PathLike, model: Optional[nn.Module] = None, device: Union[str, t
             raise ValueError(
                 f"the rebuilt model does not match the checkpoint's recorded layers (first difference: recorded "
                 f"{recorded}, rebuilt {rebuilt}); "
-                + (f"the checkpoint was written by a kapify whose conversion differs (config version {config.version}, "
-                   f"this kapify writes {get_config(converted).version}): load it with that kapify version" if older else
-                   "did the timm/torchvision version or the model source change?")
+                + (
+                    f"the checkpoint was written by a kapify whose conversion differs (config version "
+                    f"{config.version}, "
+                    f"this kapify writes {get_config(converted).version}): load it with that kapify version"
+                    if older
+                    else "did the timm/torchvision version or the model source change?"
+                )
             )
     get_config(converted).source = config.source
     _load_weights(converted, path, device)
@@ -122,9 +133,15 @@ def _load_weights(model: nn.Module, path: PathLike, device: Union[str, torch.dev
     state._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]
     aliases: Dict[tuple, List[str]] = {}  # names of one tensor (tied weights): save_model stores one of them
     for name, tensor in own.items():
-        aliases.setdefault((tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)), []).append(name)
-    dropped = {name for names in aliases.values() if any(n in stored for n in names) for name in names if name not in stored}
+        aliases.setdefault(
+            (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)), []
+        ).append(name)
+    dropped = {
+        name for names in aliases.values() if any(n in stored for n in names) for name in names if name not in stored
+    }
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in dropped]
     if missing or unexpected:
-        raise RuntimeError(f"{os.fspath(path)!r} does not fit the rebuilt model: missing {missing[:10]}, unexpected {unexpected[:10]}")
+        raise RuntimeError(
+            f"{os.fspath(path)!r} does not fit the rebuilt model: missing {missing[:10]}, unexpected {unexpected[:10]}"
+        )

@@ -5,6 +5,7 @@
 
 Rerunning the command skips finished runs and resumes the interrupted one (see kapify.training.study).
 """
+
 import sys
 
 from kapify.training.study import main

@@ -8,6 +8,7 @@
 Options: ``--help`` (every flag of :class:`kapify.training.TrainConfig`); the YAML file sets defaults
 and flags override it. Rerunning a command resumes its run from ``<output>/<experiment>/last.pth``.
 """
+
 import sys
 
 from kapify.training import main

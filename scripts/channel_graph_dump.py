@@ -5,6 +5,7 @@ commits with the same model list and compare the files (``seconds`` aside).
 
     python scripts/channel_graph_dump.py models.txt graphs.jsonl     # models.txt: timm names or torchvision/<name>
 """
+
 from __future__ import annotations
 
 import json
@@ -22,15 +23,26 @@ def dump(name: str) -> dict:
     from kapify.surgery.channels import analyze_channels
     from kapify.surgery.tracing import example_input
 
-    model = (torchvision.models.get_model(name.split("/")[1], weights=None) if name.startswith("torchvision/")
-             else timm.create_model(name, pretrained=False)).eval()
+    model = (
+        torchvision.models.get_model(name.split("/")[1], weights=None)
+        if name.startswith("torchvision/")
+        else timm.create_model(name, pretrained=False)
+    ).eval()
     graph = analyze_channels(model, example_input(model))
-    return {"groups": [[g.id, g.width, g.producers, g.consumers, g.channelwise, g.divisor, g.fixed, g.normalised]
-                       for g in graph.groups],
-            "inputs": graph.inputs, "outputs": graph.outputs, "channelwise": graph.channelwise,
-            "parameters": {k: [dim, list(lo)] for k, (dim, lo) in graph.parameters.items()}, "spread": graph.spread,
-            "slices": [[s.owner, s.boundaries, s.kind] for s in graph.slices], "ties": graph.ties,
-            "multiplied": {str(k): v for k, v in graph.multiplied.items()}}
+    return {
+        "groups": [
+            [g.id, g.width, g.producers, g.consumers, g.channelwise, g.divisor, g.fixed, g.normalised]
+            for g in graph.groups
+        ],
+        "inputs": graph.inputs,
+        "outputs": graph.outputs,
+        "channelwise": graph.channelwise,
+        "parameters": {k: [dim, list(lo)] for k, (dim, lo) in graph.parameters.items()},
+        "spread": graph.spread,
+        "slices": [[s.owner, s.boundaries, s.kind] for s in graph.slices],
+        "ties": graph.ties,
+        "multiplied": {str(k): v for k, v in graph.multiplied.items()},
+    }
 
 
 def main() -> int:

@@ -8,7 +8,6 @@ import torch
 os.environ["KAPIFY_CACHE_DIR"] = tempfile.mkdtemp(prefix="kapify-test-cache-")
 
 
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -1,4 +1,5 @@
 """Plain helpers shared by several test modules (fixtures live in conftest.py, references in reference.py)."""
+
 from __future__ import annotations
 
 import socket
@@ -60,10 +61,29 @@ def without_layernorm(model: nn.Module) -> nn.Module:
 
 
 # the timm and torchvision models kapify's zoo tests convert (pooling, re-widening, TorchScript)
-TIMM = ["resnet18", "resnet50", "resnet18d", "seresnet18", "wide_resnet50_2", "efficientnet_b0",
-        "mobilenetv3_large_100", "convnext_tiny", "regnety_016", "densenet121", "vgg11_bn"]
-TORCHVISION = ["resnet18", "mobilenet_v2", "efficientnet_b0", "densenet121", "convnext_tiny", "vgg11_bn",
-               "regnet_y_400mf", "shufflenet_v2_x1_0"]
+TIMM = [
+    "resnet18",
+    "resnet50",
+    "resnet18d",
+    "seresnet18",
+    "wide_resnet50_2",
+    "efficientnet_b0",
+    "mobilenetv3_large_100",
+    "convnext_tiny",
+    "regnety_016",
+    "densenet121",
+    "vgg11_bn",
+]
+TORCHVISION = [
+    "resnet18",
+    "mobilenet_v2",
+    "efficientnet_b0",
+    "densenet121",
+    "convnext_tiny",
+    "vgg11_bn",
+    "regnet_y_400mf",
+    "shufflenet_v2_x1_0",
+]
 CASES = [("timm", n) for n in TIMM] + [("torchvision", n) for n in TORCHVISION]
 
 

@@ -1,4 +1,5 @@
 """Slow, obviously-correct references the fast ops are tested against."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,6 @@
-"""kapify.arrange_channels: permuting coupled channels keeps the plain model's function and puts similar filters side by side."""
+"""kapify.arrange_channels: permuting coupled channels keeps the plain model's function and puts similar filters side
+by side."""
+
 import pytest
 import timm
 import torch
@@ -9,12 +11,16 @@ from kapify.layers import ChannelGrid
 from kapify.surgery.arrange import grid_placement, neighbour_similarity
 
 
-@pytest.mark.parametrize("build", [
-    lambda: timm.create_model("resnet18", pretrained=False, num_classes=10),       # residual adds
-    lambda: torchvision.models.densenet121(num_classes=10),                         # concats
-    lambda: torchvision.models.resnext50_32x4d(num_classes=10),                     # grouped convs
-    lambda: timm.create_model("seresnet18", pretrained=False, num_classes=10),      # squeeze-excitation multiplies
-], ids=["resnet18", "densenet121", "resnext50", "seresnet18"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: timm.create_model("resnet18", pretrained=False, num_classes=10),  # residual adds
+        lambda: torchvision.models.densenet121(num_classes=10),  # concats
+        lambda: torchvision.models.resnext50_32x4d(num_classes=10),  # grouped convs
+        lambda: timm.create_model("seresnet18", pretrained=False, num_classes=10),  # squeeze-excitation multiplies
+    ],
+    ids=["resnet18", "densenet121", "resnext50", "seresnet18"],
+)
 def test_arranged_model_computes_what_the_original_did(build):
     torch.manual_seed(0)
     model = build().double().eval()
@@ -29,7 +35,9 @@ def test_arranged_model_computes_what_the_original_did(build):
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), arranged.state_dict().values()))
     with torch.no_grad():
         assert torch.allclose(arranged(x), model(x), rtol=1e-10, atol=1e-12)
-    assert all(r.skipped for r in report if r.producers[-1] in ("fc", "classifier", "head.fc"))  # logits keep their order
+    assert all(
+        r.skipped for r in report if r.producers[-1] in ("fc", "classifier", "head.fc")
+    )  # logits keep their order
 
 
 def test_placement_recovers_a_hidden_two_dimensional_layout():
@@ -37,7 +45,7 @@ def test_placement_recovers_a_hidden_two_dimensional_layout():
     grid = ChannelGrid(6, 6)
     rows, cols = torch.meshgrid(torch.arange(6.0), torch.arange(6.0), indexing="ij")
     points = torch.stack([rows.flatten(), cols.flatten()], 1)
-    sim = torch.exp(-torch.cdist(points, points) ** 2)  # similar = close on a hidden 6x6 sheet
+    sim = torch.exp(-(torch.cdist(points, points) ** 2))  # similar = close on a hidden 6x6 sheet
     shuffle = torch.randperm(36)
     sim = sim[shuffle][:, shuffle]
     scrambled = neighbour_similarity(sim, torch.arange(36), grid)

@@ -7,6 +7,7 @@ Their LayerNorms are swapped for identities: a norm over the channels keeps a gr
 ``function_preserving`` (new channels would enter its statistics), and these tests need the stream
 itself widened, to check that everything coupled to it follows exactly.
 """
+
 import math
 
 import pytest
@@ -21,9 +22,11 @@ from tests.helpers import without_layernorm
 
 
 def _heads(model: nn.Module) -> dict:
-    heads = {n: next((getattr(m, a) for a in ("num_heads", "n_heads", "groups") if hasattr(m, a)), None)
-             for n, m in model.named_modules() if "Attention" in type(m).__name__ or type(m).__name__.endswith("Attn")
-             or type(m).__name__ in ("GPSA", "MHSA")}
+    heads = {
+        n: next((getattr(m, a) for a in ("num_heads", "n_heads", "groups") if hasattr(m, a)), None)
+        for n, m in model.named_modules()
+        if "Attention" in type(m).__name__ or type(m).__name__.endswith("Attn") or type(m).__name__ in ("GPSA", "MHSA")
+    }
     return {n: h for n, h in heads.items() if isinstance(h, int)}
 
 
@@ -31,40 +34,106 @@ def _tv_swin(v2: bool) -> nn.Module:
     from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
     extra = dict(block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2) if v2 else {}
-    return SwinTransformer(patch_size=[4, 4], embed_dim=24, depths=[1, 1], num_heads=[2, 4], window_size=[4, 4],
-                           num_classes=10, **extra)
+    return SwinTransformer(
+        patch_size=[4, 4], embed_dim=24, depths=[1, 1], num_heads=[2, 4], window_size=[4, 4], num_classes=10, **extra
+    )
 
 
 MODELS = {  # name -> (builder, input side)
-    "vit (Attention)": (lambda: timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, num_classes=10), 32),
-    "vit attention pool": (lambda: timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, num_classes=10, global_pool="map"), 32),
-    "cait (talking heads, class attention)": (lambda: timm.models.cait.Cait(
-        img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, depth_token_only=1, num_classes=10), 32),
-    "pvt_v2 (one head, kv of a pooled stream)": (lambda: timm.models.pvt_v2.PyramidVisionTransformerV2(
-        depths=(1, 1), embed_dims=(16, 32), num_heads=(1, 2), sr_ratios=(2, 1), mlp_ratios=(2, 2), num_classes=10), 32),
-    "eva (RoPE, F.linear with a q/v bias)": (lambda: timm.models.eva.Eva(
-        img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, qkv_bias=True, use_rot_pos_emb=True,
-        num_classes=10), 32),
-    "davit (window and channel attention)": (lambda: timm.models.davit.DaVit(
-        depths=(1, 1), embed_dims=(24, 48), num_heads=(2, 4), window_size=4, num_classes=10), 32),
-    "torchvision maxvit (einsum, n_heads)": (lambda: torchvision.models.maxvit.MaxVit(
-        input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16, 32], block_layers=[1, 1], head_dim=8,
-        stochastic_depth_prob=0.0, num_classes=10), 32),
+    "vit (Attention)": (
+        lambda: timm.models.vision_transformer.VisionTransformer(
+            img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, num_classes=10
+        ),
+        32,
+    ),
+    "vit attention pool": (
+        lambda: timm.models.vision_transformer.VisionTransformer(
+            img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, num_classes=10, global_pool="map"
+        ),
+        32,
+    ),
+    "cait (talking heads, class attention)": (
+        lambda: timm.models.cait.Cait(
+            img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, depth_token_only=1, num_classes=10
+        ),
+        32,
+    ),
+    "pvt_v2 (one head, kv of a pooled stream)": (
+        lambda: timm.models.pvt_v2.PyramidVisionTransformerV2(
+            depths=(1, 1), embed_dims=(16, 32), num_heads=(1, 2), sr_ratios=(2, 1), mlp_ratios=(2, 2), num_classes=10
+        ),
+        32,
+    ),
+    "eva (RoPE, F.linear with a q/v bias)": (
+        lambda: timm.models.eva.Eva(
+            img_size=32,
+            patch_size=8,
+            embed_dim=48,
+            depth=1,
+            num_heads=3,
+            qkv_bias=True,
+            use_rot_pos_emb=True,
+            num_classes=10,
+        ),
+        32,
+    ),
+    "davit (window and channel attention)": (
+        lambda: timm.models.davit.DaVit(
+            depths=(1, 1), embed_dims=(24, 48), num_heads=(2, 4), window_size=4, num_classes=10
+        ),
+        32,
+    ),
+    "torchvision maxvit (einsum, n_heads)": (
+        lambda: torchvision.models.maxvit.MaxVit(
+            input_size=(32, 32),
+            stem_channels=8,
+            partition_size=2,
+            block_channels=[16, 32],
+            block_layers=[1, 1],
+            head_dim=8,
+            stochastic_depth_prob=0.0,
+            num_classes=10,
+        ),
+        32,
+    ),
     "torchvision swin": (lambda: _tv_swin(False), 32),
     "torchvision swin v2": (lambda: _tv_swin(True), 32),
-    "xcit (cross-covariance attention, Fourier position encoding)": (lambda: timm.models.xcit.Xcit(
-        img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, cls_attn_layers=1, num_classes=10), 32),
-    "twins (windowed attention FX keeps whole)": (lambda: timm.models.twins.Twins(
-        img_size=32, patch_size=4, embed_dims=(16, 32), num_heads=(2, 4), mlp_ratios=(2, 2), depths=(2, 2), wss=(2, 2),
-        sr_ratios=(2, 1), num_classes=10), 32),
-    "convit (gated positional attention FX keeps whole)": (lambda: timm.models.convit.ConVit(
-        img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=3, local_up_to_layer=1, num_classes=10), 32),  # 3 x 16 wide
-    "fastvit attention (heads of a stored head_dim, NCHW)": (lambda: nn.Sequential(
-        nn.Conv2d(3, 48, 1), timm.models.fastvit.Attention(48, head_dim=16), nn.Conv2d(48, 4, 1)), 8),
-    "torchvision vit (nn.MultiheadAttention)": (lambda: torchvision.models.VisionTransformer(
-        image_size=32, patch_size=8, num_layers=2, num_heads=3, hidden_dim=48, mlp_dim=96, num_classes=10), 32),
+    "xcit (cross-covariance attention, Fourier position encoding)": (
+        lambda: timm.models.xcit.Xcit(
+            img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, cls_attn_layers=1, num_classes=10
+        ),
+        32,
+    ),
+    "twins (windowed attention FX keeps whole)": (
+        lambda: timm.models.twins.Twins(
+            img_size=32,
+            patch_size=4,
+            embed_dims=(16, 32),
+            num_heads=(2, 4),
+            mlp_ratios=(2, 2),
+            depths=(2, 2),
+            wss=(2, 2),
+            sr_ratios=(2, 1),
+            num_classes=10,
+        ),
+        32,
+    ),
+    "convit (gated positional attention FX keeps whole)": (
+        lambda: timm.models.convit.ConVit(
+            img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=3, local_up_to_layer=1, num_classes=10
+        ),
+        32,
+    ),  # 3 x 16 wide
+    "fastvit attention (heads of a stored head_dim, NCHW)": (
+        lambda: nn.Sequential(nn.Conv2d(3, 48, 1), timm.models.fastvit.Attention(48, head_dim=16), nn.Conv2d(48, 4, 1)),
+        8,
+    ),
+    "torchvision vit (nn.MultiheadAttention)": (
+        lambda: torchvision.models.VisionTransformer(
+            image_size=32, patch_size=8, num_layers=2, num_heads=3, hidden_dim=48, mlp_dim=96, num_classes=10
+        ),
+        32,
+    ),
 }
 
 
@@ -110,7 +179,9 @@ def test_one_head_over_conv_features_widens_v_and_treats_q_k_like_a_norm():
     """iFormer's SHMA: q, k, v are convs, their channels on SDPA's feature dim. v's channels pass to the
     output; q.k is scaled by 1/sqrt(their count), so function_preserving keeps q and k (as it keeps a
     LayerNorm'd group) and convert widens them."""
-    SHMA = pytest.importorskip("timm.models.iformer", reason="iFormer first shipped after the lowest timm kapify supports").SHMA
+    SHMA = pytest.importorskip(
+        "timm.models.iformer", reason="iFormer first shipped after the lowest timm kapify supports"
+    ).SHMA
 
     model = nn.Sequential(nn.Conv2d(3, 20, 1), SHMA(20), nn.Conv2d(20, 6, 1)).double().eval()
     x = torch.rand(2, 3, 4, 4, dtype=torch.float64)
@@ -119,7 +190,9 @@ def test_one_head_over_conv_features_widens_v_and_treats_q_k_like_a_norm():
         torch.testing.assert_close(wide(x), model(x), rtol=1e-9, atol=1e-9)
     shma = wide[1]
     assert shma.q.c.out_channels == shma.k.c.out_channels == 10  # q, k: their width scales the attention
-    assert shma.v_gate.c.out_channels > 40 and shma.proj.c.in_channels == shma.v_gate.c.out_channels // 2  # v (and its gate)
+    assert (
+        shma.v_gate.c.out_channels > 40 and shma.proj.c.in_channels == shma.v_gate.c.out_channels // 2
+    )  # v (and its gate)
     config = kapify.get_config(kapify.convert(model.float(), example_input=x.float()))
     assert config.fixed_widths == {"2": "model output"}  # the logits conv keeps its width; q and k widen to 16
     assert all(math.isqrt(r.out_channels) ** 2 == r.out_channels for r in config.layers if r.name != "2")
@@ -149,10 +222,15 @@ def test_multihead_attention_widens_by_heads_with_packed_projections():
 
 def test_cross_attention_with_another_width_keeps_its_channels():
     """Keys and values from a stream of another width: the layer's channels cannot follow, they stay."""
+
     class Cross(nn.Module):
         def __init__(self):
             super().__init__()
-            self.q, self.kv, self.attn = nn.Linear(4, 8), nn.Linear(4, 6), nn.MultiheadAttention(8, 2, kdim=6, vdim=6, batch_first=True)
+            self.q, self.kv, self.attn = (
+                nn.Linear(4, 8),
+                nn.Linear(4, 6),
+                nn.MultiheadAttention(8, 2, kdim=6, vdim=6, batch_first=True),
+            )
 
         def forward(self, x):
             return self.attn(self.q(x), self.kv(x), self.kv(x))[0].sum(1)
@@ -165,7 +243,9 @@ def test_cross_attention_with_another_width_keeps_its_channels():
 
 def test_a_position_embedding_unsqueezed_to_the_batch_widens_with_the_stream():
     """CLIP ResNets' attention pool: ``resample_abs_pos_embed(self.pos_embed.unsqueeze(0), ...) + x``."""
-    model = nn.Sequential(nn.Conv2d(3, 12, 1), timm.layers.AttentionPool2d(12, feat_size=4, num_heads=2, out_features=10))
+    model = nn.Sequential(
+        nn.Conv2d(3, 12, 1), timm.layers.AttentionPool2d(12, feat_size=4, num_heads=2, out_features=10)
+    )
     model = model.double().eval()
     x = torch.rand(2, 3, 4, 4, dtype=torch.float64)
     wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()

@@ -5,8 +5,19 @@ from kapify.layers import ChannelGrid, KernelAvgPool, KernelMaxPool, channel_poo
 from tests.reference import channel_pool_loops
 
 # (channels, grid) with grid None = a line: squares, rectangles, tiny and prime layouts
-LAYOUTS = [(16, (4, 4)), (12, (3, 4)), (12, (4, 3)), (10, (2, 5)), (2, (1, 2)), (2, (2, 1)), (1, (1, 1)),
-           (9, None), (8, None), (1, None), (7, (1, 7))]
+LAYOUTS = [
+    (16, (4, 4)),
+    (12, (3, 4)),
+    (12, (4, 3)),
+    (10, (2, 5)),
+    (2, (1, 2)),
+    (2, (2, 1)),
+    (1, (1, 1)),
+    (9, None),
+    (8, None),
+    (1, None),
+    (7, (1, 7)),
+]
 SPATIAL = [(), (5,), (3, 4), (2, 3, 2)]
 
 
@@ -50,8 +61,10 @@ def test_low_precision(dtype, mode):
 
 
 @pytest.mark.parametrize("mode", ["avg", "max"])
-@pytest.mark.parametrize("k,stride,grid,spatial", [(3, 1, (3, 4), (3, 2)), (5, 2, (4, 4), (2,)), (3, 1, None, ()),
-                                                   (3, 2, (2, 5), (2, 2)), (5, 1, (1, 2), (2,))])
+@pytest.mark.parametrize(
+    "k,stride,grid,spatial",
+    [(3, 1, (3, 4), (3, 2)), (5, 2, (4, 4), (2,)), (3, 1, None, ()), (3, 2, (2, 5), (2, 2)), (5, 1, (1, 2), (2,))],
+)
 def test_gradcheck(mode, k, stride, grid, spatial):
     channels = grid[0] * grid[1] if grid else 7
     x = torch.randn(2, channels, *spatial, dtype=torch.float64, requires_grad=True)
@@ -98,7 +111,9 @@ def test_bad_grid_and_input():
 
 
 @pytest.mark.parametrize("mode", ["avg", "max"])
-@pytest.mark.parametrize("grid,stride,keep", [((3, 3), 1, 7), ((4, 4), 1, 10), ((4, 4), 2, 3), ((5, 5), 1, 1), ((2, 3), 1, 5)])
+@pytest.mark.parametrize(
+    "grid,stride,keep", [((3, 3), 1, 7), ((4, 4), 1, 10), ((4, 4), 2, 3), ((5, 5), 1, 1), ((2, 3), 1, 5)]
+)
 def test_keep_passes_on_the_first_pooled_channels(mode, grid, stride, keep):
     """A sheet with spare channels: pool the whole sheet, pass on the first ``keep`` (any memory layout)."""
     x = torch.randn(2, grid[0] * grid[1], 3, 5, dtype=torch.float64, requires_grad=True)
@@ -134,7 +149,9 @@ def test_box_route_matches_loop_reference(k, channels, grid):
 
     assert (grid or (1, channels))[1] >= BOX_MIN_COLS  # these layouts take the box route
     x = torch.randn(2, channels, 3, 2).to(memory_format=torch.channels_last)
-    torch.testing.assert_close(channel_pool(x, k, 1, grid, "avg"), channel_pool_loops(x, k, 1, grid, "avg"), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        channel_pool(x, k, 1, grid, "avg"), channel_pool_loops(x, k, 1, grid, "avg"), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("k,grid", [(3, (3, 17)), (5, (2, 16)), (3, None)])

@@ -1,5 +1,6 @@
 """Channel slicing: splits, chunks and slices cut channel groups into segments; block handlers
 rewrite the sizes a block stores; each built-in handler on its real timm block, function preserved."""
+
 import math
 
 import pytest
@@ -49,7 +50,12 @@ BLOCKS = [
     (lambda: timm.create_model("mixnet_s", num_classes=10), "MixedConv2d", "splits", 0.8),
     (lambda: timm.create_model("fasternet_t0", num_classes=10), "Partial_conv3", "dim_conv3", 1.0),
     (lambda: timm.create_model("inception_next_atto", num_classes=10), "InceptionDWConv2d", "split_indexes", 1.0),
-    (lambda: timm.create_model("coatnet_pico_rw_224", img_size=64, num_classes=10), "Attention2d", "num_heads", 0.75),  # 2x growth cap: convert gives the rest spare filters
+    (
+        lambda: timm.create_model("coatnet_pico_rw_224", img_size=64, num_classes=10),
+        "Attention2d",
+        "num_heads",
+        0.75,
+    ),  # 2x growth cap: convert gives the rest spare filters
     (lambda: timm.create_model("test_mambaout", num_classes=10), "GatedConvBlock", "split_indices", 0.8),
 ]
 
@@ -62,7 +68,9 @@ def test_block_handler_rewrites_stored_sizes_and_keeps_the_function(build, block
     assert before, f"no {block} in the model"
     graph = analyze_channels(model, x)
     assert any(site.owner in before for site in graph.slices)
-    assert not any("cuts the channels" in (g.fixed or "") or "is not channel-aware" in (g.fixed or "") for g in graph.groups)
+    assert not any(
+        "cuts the channels" in (g.fixed or "") or "is not channel-aware" in (g.fixed or "") for g in graph.groups
+    )
     wide = _widen(model, x)
     after = {n: getattr(m, attr) for n, m in wide.named_modules() if n in before}
     assert any(after[n] != before[n] for n in before), "no stored size was rewritten"
@@ -157,7 +165,11 @@ def test_chunk_pieces_widen_together_and_a_piece_that_stays_holds_them_all():
     graph = analyze_channels(Chunks(), x)
     assert len(graph.outputs["conv"]) == 3 and graph.ties
     wide = _widen(Chunks(), x)
-    assert wide.conv.out_channels % 3 == 0 and wide.conv.out_channels > 12 and wide.head.in_channels == 2 * 9 + wide.conv.out_channels // 3
+    assert (
+        wide.conv.out_channels % 3 == 0
+        and wide.conv.out_channels > 12
+        and wide.head.in_channels == 2 * 9 + wide.conv.out_channels // 3
+    )
     model = Chunks(to_output=True).double().eval()  # r is a model output: no piece may widen
     wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x.double())
     assert wide.conv.out_channels == 12
@@ -175,7 +187,7 @@ class SliceAdd(nn.Module):
     def forward(self, x):
         s = self.stem(x)
         y = self.expand(s)
-        return self.head(torch.cat([y[:, :self.k] + s, y.narrow(1, self.k, self.rest)], 1))
+        return self.head(torch.cat([y[:, : self.k] + s, y.narrow(1, self.k, self.rest)], 1))
 
 
 def test_a_slice_and_narrow_follow_the_channels_and_square_the_sliced_conv(monkeypatch):
@@ -256,7 +268,11 @@ def test_a_converted_model_with_rewritten_split_sizes_saves_and_loads(tmp_path):
     loaded = kapify.load(tmp_path / "cs3.safetensors").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), kap(x))
-    assert [b.expand_chs for b in loaded.stages] == [b.expand_chs for b in kap.stages] != [b.expand_chs for b in model.stages]
+    assert (
+        [b.expand_chs for b in loaded.stages]
+        == [b.expand_chs for b in kap.stages]
+        != [b.expand_chs for b in model.stages]
+    )
 
 
 def test_metaformer_scale_pow_and_repeat_are_followed():

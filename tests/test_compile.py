@@ -1,5 +1,6 @@
 """Compiled training: converted models trace into one torch.compile graph with the noise drawn inside
 it, and the recipes' --compile option resolves and runs."""
+
 import json
 
 import pytest
@@ -24,8 +25,12 @@ CASES = {
 def test_converted_resnet18_compiles_in_one_graph_with_its_noise(case):
     options = dict(CASES[case])
     blend = options.pop("blend", None)
-    model = kapify.convert(small_image_stem(timm.create_model("resnet18", num_classes=10)), k=3,
-                           example_input=torch.randn(1, 3, 32, 32), **options).train()
+    model = kapify.convert(
+        small_image_stem(timm.create_model("resnet18", num_classes=10)),
+        k=3,
+        example_input=torch.randn(1, 3, 32, 32),
+        **options,
+    ).train()
     if blend is not None:
         kapify.set_blend(model, blend)
     torch._dynamo.reset()
@@ -59,10 +64,35 @@ def test_bad_compile_mode_is_refused_before_training(tmp_path):
 
 @pytest.mark.slow
 def test_compiled_training_runs_and_records_its_mode(tmp_path, cifar_dir):
-    cfg = parse_args(["--model", "kapify/small_convnet", "--dataset", "cifar10", "--data-dir", str(cifar_dir),
-                      "--no-download", "--output", str(tmp_path), "--epochs", "1", "--batch-size", "32",
-                      "--train-samples", "64", "--val-samples", "0", "--test-samples", "32", "--compile", "default",
-                      "--amp", "none", "--workers", "0"])
+    cfg = parse_args(
+        [
+            "--model",
+            "kapify/small_convnet",
+            "--dataset",
+            "cifar10",
+            "--data-dir",
+            str(cifar_dir),
+            "--no-download",
+            "--output",
+            str(tmp_path),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--train-samples",
+            "64",
+            "--val-samples",
+            "0",
+            "--test-samples",
+            "32",
+            "--compile",
+            "default",
+            "--amp",
+            "none",
+            "--workers",
+            "0",
+        ]
+    )
     metrics = train(cfg)
     assert metrics["compile"] == "default" and metrics["first_update_s"] > 0
     assert json.loads((tmp_path / cfg.run_name() / "metrics.json").read_text())["compile"] == "default"

@@ -1,5 +1,6 @@
 """A converted model keeps working where the original did: timm/torchvision API, state_dict, eval,
 torch.compile, autocast, channels_last, DDP."""
+
 import os
 
 import pytest
@@ -116,7 +117,8 @@ def test_torch_compile(timm_pair):
 
 @pytest.mark.parametrize("name", ["resnet18", "resnetv2_50", "efficientnet_b0"])
 def test_fx_feature_extractors_keep_kap_convs_as_leaves(name):
-    """timm's FX feature extractor (timm's test-suite check) traces a converted model, runs the pools, and backpropagates."""
+    """timm's FX feature extractor (timm's test-suite check) traces a converted model, runs the pools, and
+    backpropagates."""
     from timm.models import FeatureGraphNet
 
     model = kapify.convert(timm.create_model(name, pretrained=False, num_classes=10), grid="rect").eval()
@@ -124,8 +126,11 @@ def test_fx_feature_extractors_keep_kap_convs_as_leaves(name):
     x = torch.rand(2, 3, 64, 64, requires_grad=True)
     stages, hooks = {}, []
     for info in model.feature_info[1:3]:
-        hooks.append(model.get_submodule(info["module"]).register_forward_hook(
-            lambda m, i, o, key=info["module"]: stages.__setitem__(key, o)))
+        hooks.append(
+            model.get_submodule(info["module"]).register_forward_hook(
+                lambda m, i, o, key=info["module"]: stages.__setitem__(key, o)
+            )
+        )
     model(x)
     for h in hooks:
         h.remove()
@@ -140,7 +145,9 @@ def test_torchvision_feature_extractor_on_a_converted_model():
 
     model = kapify.convert(torchvision.models.resnet18(num_classes=10), grid="rect").eval()
     graph = create_feature_extractor(model, {"layer2": "mid", "fc": "logits"})
-    assert isinstance(graph.get_submodule("layer2.0.conv1"), kapify.surgery.kap_conv.KapConvMixin)  # a leaf, not traced through
+    assert isinstance(
+        graph.get_submodule("layer2.0.conv1"), kapify.surgery.kap_conv.KapConvMixin
+    )  # a leaf, not traced through
     x = torch.rand(1, 3, 64, 64)
     assert torch.allclose(graph(x)["logits"], model(x), atol=1e-6)
 
@@ -156,6 +163,7 @@ def test_widened_timm_models_report_their_new_widths(name):
     def record(key):
         def hook(module, inputs, output):  # returns None, so the output is kept
             shapes.setdefault(key, output.shape)
+
         return hook
 
     hooks = [model.get_submodule(i["module"]).register_forward_hook(record(i["module"])) for i in model.feature_info]
@@ -164,7 +172,10 @@ def test_widened_timm_models_report_their_new_widths(name):
     for h in hooks:
         h.remove()
     for info in model.feature_info:
-        assert info["num_chs"] in (shapes[info["module"]][1], shapes[info["module"]][-1]), (info, shapes[info["module"]])
+        assert info["num_chs"] in (shapes[info["module"]][1], shapes[info["module"]][-1]), (
+            info,
+            shapes[info["module"]],
+        )
     model.reset_classifier(0)
     with torch.no_grad():
         assert model(x).shape == (1, model.num_features)
@@ -190,5 +201,7 @@ def test_timm_model_suite_checks_hold_after_conversion(name, grid):
     final, intermediates = kap.forward_intermediates(x)
     assert [t.shape[1] for t in intermediates] == [info["num_chs"] for info in kap.feature_info]
     assert kap.forward_head(final, pre_logits=True).shape[-1] == getattr(kap, "head_hidden_size", kap.num_features)
-    features = kapify.convert(timm.create_model(name, pretrained=False, features_only=True), grid=grid, example_input=x).eval()
+    features = kapify.convert(
+        timm.create_model(name, pretrained=False, features_only=True), grid=grid, example_input=x
+    ).eval()
     assert [f.shape[1] for f in features(x)] == features.feature_info.channels()

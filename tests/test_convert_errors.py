@@ -1,4 +1,5 @@
 """Bad input gets a clear, specific error and leaves the caller's model untouched."""
+
 import warnings
 
 import pytest
@@ -70,7 +71,9 @@ def test_already_converted(model):
 def test_untraceable_names_the_module_and_the_fix():
     net = Untraceable()
     snap = state_snapshot(net)
-    with pytest.raises(kapify.TracingError, match=r"inside module 'gate' \(DataDependent\).*register_leaf_module\(DataDependent\)"):
+    with pytest.raises(
+        kapify.TracingError, match=r"inside module 'gate' \(DataDependent\).*register_leaf_module\(DataDependent\)"
+    ):
         kapify.convert(net, example_input=torch.randn(1, 3, 8, 8))
     assert_unchanged(net, snap)
     kap = kapify.convert(net, leaf_modules=[DataDependent], example_input=torch.randn(1, 3, 8, 8))
@@ -122,7 +125,9 @@ def test_functional_conv_is_reported():
 
 def test_k_larger_than_the_grid_warns_and_names_the_layer():
     model = kapify.models.SmallConvNet(depth=2, width=[64, 9], num_classes=4)
-    with pytest.warns(UserWarning, match=r"k=5 is larger than the channel grid of 1 conv\(s\), e.g. features.1.0 \(3x3\)"):
+    with pytest.warns(
+        UserWarning, match=r"k=5 is larger than the channel grid of 1 conv\(s\), e.g. features.1.0 \(3x3\)"
+    ):
         kapify.convert(model, k=5, grid="rect")
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -1,4 +1,5 @@
 """Every conv of common timm / torchvision models is followed by a pool, forward and backward work."""
+
 import pytest
 import timm
 import torch
@@ -8,6 +9,7 @@ import kapify
 from kapify.layers import channel_pool
 from kapify.surgery.kap_conv import original_class
 from tests.helpers import CASES, build, called_convs
+
 
 @pytest.mark.parametrize("library,name", CASES, ids=[f"{lib}-{n}" for lib, n in CASES])
 def test_every_conv_is_pooled(library, name):
@@ -49,7 +51,12 @@ def test_include_exclude():
     assert "conv1" not in names and not any("downsample" in n for n in names) and "layer1.0.conv1" in names
     only = kapify.convert(model, include="layer4.*")
     assert {r.name for r in kapify.get_config(only).layers} == {
-        "layer4.0.conv1", "layer4.0.conv2", "layer4.0.downsample.0", "layer4.1.conv1", "layer4.1.conv2"}
+        "layer4.0.conv1",
+        "layer4.0.conv2",
+        "layer4.0.downsample.0",
+        "layer4.1.conv1",
+        "layer4.1.conv2",
+    }
 
 
 def test_k1_without_noise_is_the_identity():

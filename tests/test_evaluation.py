@@ -1,20 +1,28 @@
 """kapify-eval: attacks find what must be found, checks reject bad examples, resume, report, CLI."""
+
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 import kapify
-from tests.helpers import free_port
-from kapify.evaluation import ATTACKS, AdversarialExampleError, attack_mode, certify, evaluate, masking_flags, register_attack
+from kapify.evaluation import (
+    ATTACKS,
+    AdversarialExampleError,
+    attack_mode,
+    certify,
+    evaluate,
+    masking_flags,
+    register_attack,
+)
 from kapify.evaluation.diagnostics import activation_change, topography_score
 from kapify.evaluation.harness import main
 from kapify.layers import ChannelGrid
+from tests.helpers import free_port
 
 
 def linear_problem(n=200, classes=4, seed=0):
@@ -53,8 +61,16 @@ def test_attacks_find_exactly_the_examples_within_reach_of_a_linear_model(attack
 def test_square_is_black_box_and_weaker_or_equal():
     model, x, y, dist = linear_problem(n=40)
     eps = float(dist.detach().median())
-    out = evaluate(model, x, y, attacks=["clean", "pgd", "square"], eps=eps, batch_size=40, progress=False,
-                   spec=kapify.evaluation.AttackSpec(square_queries=300))
+    out = evaluate(
+        model,
+        x,
+        y,
+        attacks=["clean", "pgd", "square"],
+        eps=eps,
+        batch_size=40,
+        progress=False,
+        spec=kapify.evaluation.AttackSpec(square_queries=300),
+    )
     acc = {r["attack"]: r["accuracy"] for r in out["results"]}
     assert acc["clean"] == 1.0 and acc["pgd"] <= acc["square"] <= 1.0
 
@@ -142,7 +158,9 @@ def test_certify_constant_classifier():
     with torch.no_grad():
         model[1].weight.zero_()
         model[1].bias.copy_(torch.tensor([5.0, 0.0, 0.0]))
-    rows = certify(model, torch.rand(3, 3, 2, 2), torch.tensor([0, 1, 0]), sigma=0.5, n0=10, n=200, alpha=0.01, progress=False)
+    rows = certify(
+        model, torch.rand(3, 3, 2, 2), torch.tensor([0, 1, 0]), sigma=0.5, n0=10, n=200, alpha=0.01, progress=False
+    )
     assert [r["correct"] for r in rows] == [True, False, True]
     from scipy.stats import beta, norm
 
@@ -161,8 +179,15 @@ def test_diagnostics():
 
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
-    model = kapify.convert(kapify.models.adapt(kapify.create_model("kapify/small_convnet", depth=2, width=16), "normalize_input",
-                                               mean=[0.5] * 3, std=[0.25] * 3), sigma=0.1)
+    model = kapify.convert(
+        kapify.models.adapt(
+            kapify.create_model("kapify/small_convnet", depth=2, width=16),
+            "normalize_input",
+            mean=[0.5] * 3,
+            std=[0.25] * 3,
+        ),
+        sigma=0.1,
+    )
     path = tmp_path / "tiny.safetensors"
     kapify.save(model, path)
     return path
@@ -170,9 +195,36 @@ def tiny_checkpoint(tmp_path):
 
 def test_cli_end_to_end_json_markdown_plots_resume(tiny_checkpoint, cifar_dir, tmp_path, capsys):
     out = tmp_path / "res"
-    argv = ["--checkpoint", str(tiny_checkpoint), "--data-dir", cifar_dir, "--download", "false", "--n-examples", "16",
-            "--repeats", "2", "--attacks", "clean,pgd,square", "--eps", "0.25,1,4", "--pgd-steps", "3", "--square-queries", "10",
-            "--batch-size", "8", "--noise-sensitivity", "true", "--diagnostics", "true", "--out", str(out), "--progress", "false"]
+    argv = [
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--data-dir",
+        cifar_dir,
+        "--download",
+        "false",
+        "--n-examples",
+        "16",
+        "--repeats",
+        "2",
+        "--attacks",
+        "clean,pgd,square",
+        "--eps",
+        "0.25,1,4",
+        "--pgd-steps",
+        "3",
+        "--square-queries",
+        "10",
+        "--batch-size",
+        "8",
+        "--noise-sensitivity",
+        "true",
+        "--diagnostics",
+        "true",
+        "--out",
+        str(out),
+        "--progress",
+        "false",
+    ]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["schema"] == "kapify-eval/1" and results["seeds"] == [0, 1]
@@ -186,14 +238,17 @@ def test_cli_end_to_end_json_markdown_plots_resume(tiny_checkpoint, cifar_dir, t
     assert main(argv) == 0 and len(list((out / "cache").rglob("*.pt"))) == cached  # second run reuses every batch
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--checkpoint", "/nonexistent.safetensors"], "no kapify checkpoint"),
-    (["--attacks", "clean,fgsm"], "unknown attack"),
-    (["--eps", "0"], "eps must be > 0"),
-    (["--eps", "one"], "eps must be numbers"),
-    (["--data-dir", "/nonexistent-kapify"], "cifar10 not found"),
-    (["--model", "resnet18"], "--weights"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--checkpoint", "/nonexistent.safetensors"], "no kapify checkpoint"),
+        (["--attacks", "clean,fgsm"], "unknown attack"),
+        (["--eps", "0"], "eps must be > 0"),
+        (["--eps", "one"], "eps must be numbers"),
+        (["--data-dir", "/nonexistent-kapify"], "cifar10 not found"),
+        (["--model", "resnet18"], "--weights"),
+    ],
+)
 def test_bad_input_is_a_clear_error(flags, message, tiny_checkpoint, tmp_path, capsys):
     argv = ["--checkpoint", str(tiny_checkpoint), "--download", "false", "--out", str(tmp_path)] + flags
     if flags[0] == "--model":
@@ -212,18 +267,62 @@ def test_corrupt_checkpoint_and_nan_logits(tiny_checkpoint, cifar_dir, tmp_path,
         model.head[2].bias.fill_(float("nan"))
     nan_path = tmp_path / "nan.safetensors"
     kapify.save(model, nan_path)
-    assert main(["--checkpoint", str(nan_path), "--data-dir", cifar_dir, "--download", "false", "--n-examples", "4",
-                 "--attacks", "clean", "--out", str(tmp_path / "o"), "--progress", "false"]) == 2
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(nan_path),
+                "--data-dir",
+                cifar_dir,
+                "--download",
+                "false",
+                "--n-examples",
+                "4",
+                "--attacks",
+                "clean",
+                "--out",
+                str(tmp_path / "o"),
+                "--progress",
+                "false",
+            ]
+        )
+        == 2
+    )
     assert "NaN" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_torchrun_shards_examples_over_two_gloo_processes(tiny_checkpoint, cifar_dir, tmp_path):
-    common = ["--checkpoint", str(tiny_checkpoint), "--data-dir", cifar_dir, "--download", "false", "--n-examples", "30",
-              "--attacks", "clean", "--progress", "false"]
+    common = [
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--data-dir",
+        cifar_dir,
+        "--download",
+        "false",
+        "--n-examples",
+        "30",
+        "--attacks",
+        "clean",
+        "--progress",
+        "false",
+    ]
     assert main(common + ["--out", str(tmp_path / "one")]) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
-           "kapify.evaluation.harness"] + common + ["--out", str(tmp_path / "two")]
+    cmd = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "kapify.evaluation.harness",
+        ]
+        + common
+        + ["--out", str(tmp_path / "two")]
+    )
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "results.json").read_text())["results"][0]
@@ -246,9 +345,26 @@ def test_test_time_noise_stays_on_only_when_asked():
 
 def test_adaptive_autoattack_rand_and_the_non_adaptive_label(tiny_checkpoint, cifar_dir, tmp_path):
     out = tmp_path / "rand"
-    argv = ["--checkpoint", str(tiny_checkpoint), "--data-dir", cifar_dir, "--no-download", "--n-examples", "4",
-            "--attacks", "clean,autoattack-rand", "--eps", "0.5", "--test-noise", "--noise-sensitivity", "--out", str(out),
-            "--no-progress", "--batch-size", "4"]
+    argv = [
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--data-dir",
+        cifar_dir,
+        "--no-download",
+        "--n-examples",
+        "4",
+        "--attacks",
+        "clean,autoattack-rand",
+        "--eps",
+        "0.5",
+        "--test-noise",
+        "--noise-sensitivity",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--batch-size",
+        "4",
+    ]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["test_noise"] and [r["attack"] for r in results["results"]] == ["clean", "autoattack-rand"]
@@ -261,8 +377,25 @@ def test_kernel_picture_is_readable_and_shows_the_reference_beside(tiny_checkpoi
     import matplotlib.image
 
     out = tmp_path / "pic"
-    argv = ["--checkpoint", str(tiny_checkpoint), "--data-dir", cifar_dir, "--no-download", "--n-examples", "4", "--attacks",
-            "clean,pgd", "--pgd-steps", "2", "--diagnostics", "--transfer-from", str(tiny_checkpoint), "--out", str(out), "--no-progress"]
+    argv = [
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--data-dir",
+        cifar_dir,
+        "--no-download",
+        "--n-examples",
+        "4",
+        "--attacks",
+        "clean,pgd",
+        "--pgd-steps",
+        "2",
+        "--diagnostics",
+        "--transfer-from",
+        str(tiny_checkpoint),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     picture = matplotlib.image.imread(out / "first_layer_kernels.png")
     assert picture.shape[1] >= 600 and picture.shape[0] >= 350  # two panels, each a 16-kernel grid drawn large

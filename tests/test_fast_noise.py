@@ -1,5 +1,6 @@
 """kapify's compiled CPU noise (kapify/layers/fast_noise.py): exact i.i.d. N(0, sigma^2), independent of
 how the elements are sliced across threads, reproducible from torch's seed, autograd- and layout-safe."""
+
 import math
 import shutil
 
@@ -7,8 +8,7 @@ import pytest
 import torch
 from scipy import stats
 
-from kapify.layers import GaussianNoise
-from kapify.layers import fast_noise
+from kapify.layers import GaussianNoise, fast_noise
 from kapify.layers.fast_noise import add_gaussian, fast_noise_available, kernel_normals, torch_generator
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
@@ -24,8 +24,8 @@ def test_normals_have_the_moments_and_distribution_of_n01():
     z = kernel_normals(N, seed=12345).double()
     assert abs(z.mean().item()) < 5 / math.sqrt(N)
     assert abs(z.var().item() - 1) < 5 * math.sqrt(2 / N)
-    assert abs((z ** 3).mean().item()) < 5 * math.sqrt(15 / N)  # skewness 0
-    assert abs((z ** 4).mean().item() - 3) < 5 * math.sqrt(96 / N)  # kurtosis 3
+    assert abs((z**3).mean().item()) < 5 * math.sqrt(15 / N)  # skewness 0
+    assert abs((z**4).mean().item() - 3) < 5 * math.sqrt(96 / N)  # kurtosis 3
     assert stats.kstest(z[:200_000].numpy(), "norm").pvalue > 1e-4
     assert z.abs().max().item() > 4.5  # the tails are there (P(|z| > 4.5) ~ 7e-6 per number)
 
@@ -124,12 +124,14 @@ def test_reuse_input_writes_in_place_only_where_autograd_allows():
     z = add_gaussian(y, 0.1, reuse_input=True)
     assert z.data_ptr() == y.data_ptr()
     z.square().sum().backward()
-    expected, = torch.autograd.grad(conv(x), x, grad_outputs=2 * z.detach())  # d(z^2)/dz = 2z, and dz/dy = 1
+    (expected,) = torch.autograd.grad(conv(x), x, grad_outputs=2 * z.detach())  # d(z^2)/dz = 2z, and dz/dy = 1
     assert torch.allclose(x.grad, expected, atol=1e-5)
-    for y in (torch.sigmoid(torch.randn(4, 100, requires_grad=True)),  # sigmoid's backward reads its output
-              torch.randn(4, 100, requires_grad=True),  # a leaf
-              torch.randn(4, 200)[:, ::2],  # a view
-              torch.randn(4, 100).t()):  # a view too
+    for y in (
+        torch.sigmoid(torch.randn(4, 100, requires_grad=True)),  # sigmoid's backward reads its output
+        torch.randn(4, 100, requires_grad=True),  # a leaf
+        torch.randn(4, 200)[:, ::2],  # a view
+        torch.randn(4, 100).t(),
+    ):  # a view too
         out = add_gaussian(y, 0.1, reuse_input=True)
         assert out.data_ptr() != y.data_ptr()
     sig_in = torch.randn(4, 100, requires_grad=True)

@@ -1,4 +1,5 @@
 """Issue 12's fast path: dataset cache, tensor loader, precision auto-detection, noise layout, bf16 CPU training."""
+
 import warnings
 from pathlib import Path
 
@@ -20,7 +21,7 @@ def _crop_flip_reference(images, offsets, flips, padding):
     out = torch.empty_like(images)
     n, c, h, w = images.shape
     padded = torch.zeros(n, c, h + 2 * padding, w + 2 * padding, dtype=images.dtype)
-    padded[:, :, padding:padding + h, padding:padding + w] = images
+    padded[:, :, padding : padding + h, padding : padding + w] = images
     for i in range(n):
         for r in range(h):
             for q in range(w):
@@ -34,7 +35,9 @@ def test_random_crop_flip_matches_a_loop(shape, padding):
     images = torch.randint(0, 256, shape, dtype=torch.uint8)
     offsets = torch.randint(0, 2 * padding + 1, (shape[0], 2))
     flips = torch.rand(shape[0]) < 0.5
-    assert torch.equal(random_crop_flip(images, offsets, flips, padding), _crop_flip_reference(images, offsets, flips, padding))
+    assert torch.equal(
+        random_crop_flip(images, offsets, flips, padding), _crop_flip_reference(images, offsets, flips, padding)
+    )
 
 
 def _loader(n=40, **kwargs):
@@ -78,7 +81,9 @@ def test_tensor_loader_refuses_float_images():
 def test_cached_dataset_equals_the_jpeg_decode_exactly(cifar_dir):
     archive = Path(cifar_dir) / "cifar10-jpeg" / "test.tar.gz"
     images, labels, classes = _read_jpeg_archive(archive, "test")
-    first = build_dataset("cifar10", train=False, data_dir=cifar_dir, download=False)  # decodes, or reads this session's cache
+    first = build_dataset(
+        "cifar10", train=False, data_dir=cifar_dir, download=False
+    )  # decodes, or reads this session's cache
     second = build_dataset("cifar10", train=False, data_dir=cifar_dir, download=False)  # reads the cache
     for ds in (first, second):
         assert np.array_equal(ds.images, images) and ds.targets == labels and ds.classes == classes
@@ -172,10 +177,36 @@ def test_boolean_options_are_flags():
 def test_bf16_channels_last_training_on_cpu_records_what_ran(cifar_dir, tmp_path):
     import csv
 
-    metrics = train(parse_args([
-        "--model", "kapify/small_convnet", "--model-kwargs", "{depth: 2, width: 16}", "--data-dir", cifar_dir, "--no-download",
-        "--train-samples", "128", "--val-samples", "32", "--test-samples", "32", "--batch-size", "32", "--epochs", "1",
-        "--amp", "bf16", "--channels-last", "--output", str(tmp_path), "--experiment", "bf16"]))
+    metrics = train(
+        parse_args(
+            [
+                "--model",
+                "kapify/small_convnet",
+                "--model-kwargs",
+                "{depth: 2, width: 16}",
+                "--data-dir",
+                cifar_dir,
+                "--no-download",
+                "--train-samples",
+                "128",
+                "--val-samples",
+                "32",
+                "--test-samples",
+                "32",
+                "--batch-size",
+                "32",
+                "--epochs",
+                "1",
+                "--amp",
+                "bf16",
+                "--channels-last",
+                "--output",
+                str(tmp_path),
+                "--experiment",
+                "bf16",
+            ]
+        )
+    )
     assert metrics["finished"] and metrics["precision"] == "bf16, channels_last" and metrics["loader"] == "tensor"
     row = next(csv.DictReader(open(tmp_path / "bf16" / "log.csv")))
     assert (row["precision"], row["memory_format"]) == ("bf16", "channels_last") and float(row["train_loss"]) > 0

@@ -1,4 +1,5 @@
 """Starting from a trained model: KAP warm-start blend, --initial-checkpoint, --arrange (issue 15)."""
+
 import csv
 
 import pytest
@@ -9,8 +10,23 @@ import kapify
 from kapify.data import dataset_info
 from kapify.training import build_model, parse_args, train
 
-TINY = ["--model", "kapify/small_convnet", "--model-kwargs", "{depth: 2, width: 16}", "--no-download",
-        "--val-samples", "32", "--test-samples", "32", "--batch-size", "32", "--workers", "0", "--grid", "rect"]
+TINY = [
+    "--model",
+    "kapify/small_convnet",
+    "--model-kwargs",
+    "{depth: 2, width: 16}",
+    "--no-download",
+    "--val-samples",
+    "32",
+    "--test-samples",
+    "32",
+    "--batch-size",
+    "32",
+    "--workers",
+    "0",
+    "--grid",
+    "rect",
+]
 
 
 @pytest.mark.parametrize("impl", ["weight", "activation"])
@@ -26,7 +42,9 @@ def test_blend_zero_is_the_plain_model_and_one_is_kap(impl):
         quarter = warm(x)
         kapify.set_blend(warm, 1.0)
         assert torch.allclose(warm(x), kap(x), rtol=0, atol=1e-12)
-        assert torch.allclose(kapify.fold(kapify.convert(plain, sigma=0.0, grid="rect", impl=impl, blend=0.25))(x), quarter, atol=1e-12)
+        assert torch.allclose(
+            kapify.fold(kapify.convert(plain, sigma=0.0, grid="rect", impl=impl, blend=0.25))(x), quarter, atol=1e-12
+        )
     assert kapify.get_config(warm).blend == 1.0
     with pytest.raises(ValueError, match="blend must be in"):
         kapify.set_blend(warm, 1.5)
@@ -35,8 +53,20 @@ def test_blend_zero_is_the_plain_model_and_one_is_kap(impl):
 
 
 def test_blend_schedule_resumes_bit_identically(cifar_dir, tmp_path):
-    args = TINY + ["--data-dir", cifar_dir, "--train-samples", "320", "--epochs", "2", "--sigma", "0.1",
-                   "--kap-warmup-epochs", "1.5", "--output", str(tmp_path)]
+    args = TINY + [
+        "--data-dir",
+        cifar_dir,
+        "--train-samples",
+        "320",
+        "--epochs",
+        "2",
+        "--sigma",
+        "0.1",
+        "--kap-warmup-epochs",
+        "1.5",
+        "--output",
+        str(tmp_path),
+    ]
     straight = train(parse_args(args + ["--experiment", "straight"]))
     assert not train(parse_args(args + ["--experiment", "cut", "--max-steps", "7"]))["finished"]
     resumed = train(parse_args(args + ["--experiment", "cut"]))
@@ -51,8 +81,27 @@ def test_blend_schedule_resumes_bit_identically(cifar_dir, tmp_path):
 
 def test_initial_checkpoint_takes_both_kinds_of_file_and_refuses_a_misfit(cifar_dir, tmp_path):
     info = dataset_info("cifar10")
-    train(parse_args(TINY + ["--data-dir", cifar_dir, "--train-samples", "64", "--epochs", "1", "--pool", "none",
-                                  "--sigma", "0", "--output", str(tmp_path), "--experiment", "nt"]))
+    train(
+        parse_args(
+            TINY
+            + [
+                "--data-dir",
+                cifar_dir,
+                "--train-samples",
+                "64",
+                "--epochs",
+                "1",
+                "--pool",
+                "none",
+                "--sigma",
+                "0",
+                "--output",
+                str(tmp_path),
+                "--experiment",
+                "nt",
+            ]
+        )
+    )
     trained = kapify.load(tmp_path / "nt" / "model.safetensors").state_dict()
     plain_file = tmp_path / "plain.pth"
     torch.save({"state_dict": trained}, plain_file)
@@ -64,7 +113,9 @@ def test_initial_checkpoint_takes_both_kinds_of_file_and_refuses_a_misfit(cifar_
         reference = kapify.load(tmp_path / "nt" / "model.safetensors").eval()
         with torch.no_grad():
             assert torch.allclose(model(x), reference(x), atol=1e-5)  # blend 0: the trained function
-    wide = parse_args(TINY[:2] + ["--model-kwargs", "{depth: 2, width: 25}"] + TINY[4:] + ["--initial-checkpoint", str(plain_file)])
+    wide = parse_args(
+        TINY[:2] + ["--model-kwargs", "{depth: 2, width: 25}"] + TINY[4:] + ["--initial-checkpoint", str(plain_file)]
+    )
     with pytest.raises(ValueError, match="does not fit the model.*shape mismatch"):
         build_model(wide, info)
     with pytest.raises(FileNotFoundError, match="no such file"):
@@ -73,11 +124,34 @@ def test_initial_checkpoint_takes_both_kinds_of_file_and_refuses_a_misfit(cifar_
 
 def test_arrange_option_keeps_the_trained_function_before_pooling(cifar_dir, tmp_path):
     info = dataset_info("cifar10")
-    train(parse_args(TINY + ["--data-dir", cifar_dir, "--train-samples", "64", "--epochs", "1", "--pool", "none",
-                             "--sigma", "0", "--output", str(tmp_path), "--experiment", "nt"]))
+    train(
+        parse_args(
+            TINY
+            + [
+                "--data-dir",
+                cifar_dir,
+                "--train-samples",
+                "64",
+                "--epochs",
+                "1",
+                "--pool",
+                "none",
+                "--sigma",
+                "0",
+                "--output",
+                str(tmp_path),
+                "--experiment",
+                "nt",
+            ]
+        )
+    )
     ckpt = str(tmp_path / "nt" / "model.safetensors")
-    arranged = build_model(parse_args(TINY + ["--initial-checkpoint", ckpt, "--arrange", "similarity", "--kap-warmup-epochs", "1",
-                                              "--sigma", "0"]), info).eval()
+    arranged = build_model(
+        parse_args(
+            TINY + ["--initial-checkpoint", ckpt, "--arrange", "similarity", "--kap-warmup-epochs", "1", "--sigma", "0"]
+        ),
+        info,
+    ).eval()
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(arranged(x), kapify.load(ckpt).eval()(x), atol=1e-5)

@@ -1,4 +1,5 @@
 """Input stages (pixel noise, normalisation) run at every entry point of a converted model, once."""
+
 import copy
 
 import pytest
@@ -37,7 +38,9 @@ def test_input_noise_reaches_every_entry_point_once(name):
 
 
 def test_noise_runs_before_normalisation_on_the_entry_module_and_survives_copies(tmp_path):
-    model = adapt(kapify.create_model("timm/resnet18", num_classes=10), "normalize_input", mean=[0.5] * 3, std=[0.25] * 3)
+    model = adapt(
+        kapify.create_model("timm/resnet18", num_classes=10), "normalize_input", mean=[0.5] * 3, std=[0.25] * 3
+    )
     x = torch.rand(2, 3, 32, 32)
     kap = kapify.convert(model, sigma=0.1, example_input=x)
     assert input_stages(kap) == [kap.kapify_input_noise, kap.kapify_normalize]

@@ -1,4 +1,5 @@
 """Model adaptations replayed from checkpoints, the §4.2 convnet, and the dataset finders."""
+
 import pickle
 
 import numpy as np
@@ -7,7 +8,7 @@ import torch
 
 import kapify
 from kapify.data import build_dataset, build_loader, dataset_info
-from kapify.models import SmallConvNet, adapt, normalize_input, small_image_stem
+from kapify.models import SmallConvNet, adapt, normalize_input
 
 
 @pytest.mark.parametrize("name", ["timm/resnet18", "torchvision/resnet18", "timm/resnet18d", "timm/convnext_atto"])

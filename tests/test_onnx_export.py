@@ -1,4 +1,5 @@
 """A folded model exports to ONNX and runs there with the same outputs (onnxruntime)."""
+
 import numpy as np
 import pytest
 import timm
@@ -12,10 +13,14 @@ ort = pytest.importorskip("onnxruntime")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("build", [
-    lambda: timm.create_model("resnet18", num_classes=10),  # every pool folded into conv weights
-    lambda: torchvision.models.mobilenet_v2(num_classes=10),  # depthwise pools stay activation ops
-], ids=["resnet18-folded", "mobilenet_v2-depthwise-activation-pools"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: timm.create_model("resnet18", num_classes=10),  # every pool folded into conv weights
+        lambda: torchvision.models.mobilenet_v2(num_classes=10),  # depthwise pools stay activation ops
+    ],
+    ids=["resnet18-folded", "mobilenet_v2-depthwise-activation-pools"],
+)
 def test_folded_model_exports_to_onnx_with_equal_outputs(build, tmp_path):
     x = torch.rand(2, 3, 32, 32)
     folded = kapify.fold(kapify.convert(build(), example_input=x[:1])).eval()

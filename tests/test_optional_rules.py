@@ -1,4 +1,5 @@
 """A timm without one of the modules kapify has rules for loses those rules only, and says so."""
+
 import json
 import subprocess
 import sys

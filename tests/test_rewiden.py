@@ -1,5 +1,6 @@
 """Re-widening: channel groups, function-preserving widening on the coverage list, square grids,
 the kernel-size multiplier, width rules, bad input."""
+
 import math
 import warnings
 
@@ -12,7 +13,6 @@ import kapify
 from kapify.surgery.resize import resize_layer
 from kapify.surgery.rewiden import RewidenError
 from tests.helpers import CASES, assert_unchanged, build, state_snapshot, without_layernorm
-
 
 # where channel groups legitimately stay fixed (rectangular grids), and the reason the report gives
 PARTLY_FIXED = {
@@ -114,8 +114,17 @@ def test_regnet_group_widths_widen_each_group_to_square_grids():
     within 4x of 168 is a whole number of groups of 56 (the first is 784), so each group widens (3 x 75 = 225)."""
     from timm.models.regnet import Bottleneck
 
-    model = nn.Sequential(nn.Conv2d(3, 32, 3), Bottleneck(32, 168, group_size=56), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(168, 10)).double().eval()
+    model = (
+        nn.Sequential(
+            nn.Conv2d(3, 32, 3),
+            Bottleneck(32, 168, group_size=56),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(168, 10),
+        )
+        .double()
+        .eval()
+    )
     x = torch.rand(2, 3, 64, 64, dtype=torch.float64)
     wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
     with torch.no_grad():
@@ -130,12 +139,18 @@ def _bn_block(c_in, c_out, groups):
     return [nn.Conv2d(c_in, c_out, 3, padding=1, groups=groups), nn.BatchNorm2d(c_out), nn.ReLU()]
 
 
-@pytest.mark.parametrize("chain, want", [
-    ([(64, 128, 64)], [(64, 144, 16)]),  # depthwise x2: 16 merged groups of 4 -> 9 (4 old groups each)
-    ([(128, 256, 64)], [(144, 324, 36)]),  # SENet154's 64 groups of 2 -> 4: 36 groups of 4 -> 9
-    ([(64, 128, 64), (128, 256, 128)], [(64, 144, 16), (144, 324, 36)]),  # the second reads the first's spread channels
-    ([(64, 256, 64)], [(64, 256, 64)]),  # depthwise x4 is square with whole groups: nothing merged
-])
+@pytest.mark.parametrize(
+    "chain, want",
+    [
+        ([(64, 128, 64)], [(64, 144, 16)]),  # depthwise x2: 16 merged groups of 4 -> 9 (4 old groups each)
+        ([(128, 256, 64)], [(144, 324, 36)]),  # SENet154's 64 groups of 2 -> 4: 36 groups of 4 -> 9
+        (
+            [(64, 128, 64), (128, 256, 128)],
+            [(64, 144, 16), (144, 324, 36)],
+        ),  # the second reads the first's spread channels
+        ([(64, 256, 64)], [(64, 256, 64)]),  # depthwise x4 is square with whole groups: nothing merged
+    ],
+)
 def test_grouped_convs_with_a_depth_multiplier_merge_groups_to_square_outputs(chain, want):
     layers = [nn.Conv2d(3, chain[0][0], 1)]
     for c_in, c_out, groups in chain:
@@ -158,7 +173,9 @@ def test_merged_groups_read_only_their_old_inputs_and_keep_the_old_filters():
     resize_layer(conv, new_in=4, new_out=10, out_index=out_index, zero_new_inputs=True)
     assert conv.groups == 2 and conv.weight.shape == (10, 2, 3, 3)
     torch.testing.assert_close(conv.weight[out_index, torch.arange(4).repeat_interleave(2) % 2], old[:, 0])
-    assert (conv.weight[out_index, (torch.arange(4).repeat_interleave(2) + 1) % 2] == 0).all()  # the other old group's input
+    assert (
+        conv.weight[out_index, (torch.arange(4).repeat_interleave(2) + 1) % 2] == 0
+    ).all()  # the other old group's input
     assert conv.weight[[4, 9]].abs().sum() > 0  # new filters: the layer's own init
 
 
@@ -167,7 +184,11 @@ def test_maxxvit_convnext_block_merges_the_groups_of_its_stride_2_depthwise_conv
     to a 1x1 conv's shortcut (LayerNorm swapped for an identity so the stream widens with the function kept)."""
     block = timm.create_model("maxxvit_rmlp_nano_rw_256", pretrained=False).stages[1].blocks[0].conv
     block.norm = nn.Identity()
-    model = nn.Sequential(nn.Conv2d(3, 64, 1), block, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10)).double().eval()
+    model = (
+        nn.Sequential(nn.Conv2d(3, 64, 1), block, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+        .double()
+        .eval()
+    )
     x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
     wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
     assert (wide[1].conv_dw.in_channels, wide[1].conv_dw.out_channels, wide[1].conv_dw.groups) == (64, 144, 16)
@@ -177,7 +198,9 @@ def test_maxxvit_convnext_block_merges_the_groups_of_its_stride_2_depthwise_conv
 
 
 def test_a_transposed_conv_keeps_its_filters_and_computes_the_same():
-    model = nn.Sequential(nn.Conv2d(3, 5, 1), nn.ConvTranspose2d(5, 6, 4, stride=2, padding=1), nn.ReLU(), nn.Conv2d(6, 2, 1)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 5, 1), nn.ConvTranspose2d(5, 6, 4, stride=2, padding=1), nn.ReLU(), nn.Conv2d(6, 2, 1)
+    ).eval()
     x = torch.rand(2, 3, 4, 4)
     wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x)
     assert wide[1].weight.shape == (9, 9, 4, 4) and (wide[1].in_channels, wide[1].out_channels) == (9, 9)
@@ -199,7 +222,9 @@ def test_square_width_rule():
 def test_kernel_size_multiplier_keeps_downstream_shapes_and_centres_old_filters(stride):
     model = kapify.models.SmallConvNet(depth=2, width=12, num_classes=5).eval()
     x = torch.rand(2, 3, 16, 16)
-    kap = kapify.convert(model, k=1, stride=stride, sigma=0.0, grid="rect")  # K=1: each output is exactly its centre filter
+    kap = kapify.convert(
+        model, k=1, stride=stride, sigma=0.0, grid="rect"
+    )  # K=1: each output is exactly its centre filter
     assert kap.features[0][0].weight.shape[0] == 12 * stride * stride
     assert kap.features[1][0].in_channels == 12  # downstream unchanged
     torch.testing.assert_close(kap.eval()(x), model(x), rtol=1e-5, atol=1e-5)
@@ -209,11 +234,14 @@ def test_kernel_size_multiplier_keeps_downstream_shapes_and_centres_old_filters(
     torch.testing.assert_close(kap3.eval()(x), kap3w.eval()(x), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("rule,match", [
-    (lambda c: c - 1, "shrinks"),
-    (lambda c: c * 1.5, "must return an int"),
-    ("hexagonal", "unknown width rule"),
-])
+@pytest.mark.parametrize(
+    "rule,match",
+    [
+        (lambda c: c - 1, "shrinks"),
+        (lambda c: c * 1.5, "must return an int"),
+        ("hexagonal", "unknown width rule"),
+    ],
+)
 def test_bad_width_rules_leave_the_model_untouched(rule, match):
     model = timm.create_model("resnet18", num_classes=10)
     snap = state_snapshot(model)
@@ -252,7 +280,10 @@ def test_a_channel_shuffle_into_a_conv_widens_both_halves_together():
 
     model, x = Shuffle().double().eval(), torch.rand(2, 3, 4, 4, dtype=torch.double)
     wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x[:1]).eval()
-    assert (wide.a.out_channels, wide.b.out_channels) == (16, 8)  # a's halves: one group of 4 -> 8, so 16 is square; b: output
+    assert (wide.a.out_channels, wide.b.out_channels) == (
+        16,
+        8,
+    )  # a's halves: one group of 4 -> 8, so 16 is square; b: output
     wide = kapify.rewiden(model, {"name": "mult", "m": 2}, function_preserving=True, example_input=x[:1]).eval()
     assert wide.a.out_channels == 16 and wide.b.in_channels == 16
     torch.testing.assert_close(wide(x), model(x), rtol=1e-10, atol=1e-10)
@@ -275,7 +306,9 @@ def test_a_hard_coded_width_falls_back_to_rect_with_a_warning():
         kapify.rewiden(model, {"name": "mult", "m": 2}, example_input=torch.rand(1, 3, 4, 4))
     with pytest.warns(UserWarning, match="falls back to rectangular grids"):
         kap = kapify.convert(model, example_input=torch.rand(1, 3, 4, 4))
-    assert kap.a.kap_pool.keep == 8 and "re-widening failed" in kapify.get_config(kap).fixed_widths["a"]  # on a 3x3 sheet
+    assert (
+        kap.a.kap_pool.keep == 8 and "re-widening failed" in kapify.get_config(kap).fixed_widths["a"]
+    )  # on a 3x3 sheet
 
 
 class ChannelsLastBlock(nn.Module):
@@ -366,18 +399,35 @@ def test_a_vit_stream_widens_with_its_tokens_and_position_embedding():
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, reg_tokens=2, num_classes=10).eval()
     x = torch.rand(2, 3, 32, 32)  # cls/reg tokens are expanded and concatenated, pos_embed added, x[:, 0] pooled
     stream = next(g for g in kapify.channel_groups(model, x) if "patch_embed.proj" in g.producers)
-    assert stream.fixed is None and stream.normalised and {"cls_token", "reg_token", "pos_embed"} <= set(stream.channelwise)
+    assert (
+        stream.fixed is None
+        and stream.normalised
+        and {"cls_token", "reg_token", "pos_embed"} <= set(stream.channelwise)
+    )
     kap = kapify.convert(model, example_input=x)
     assert kap.patch_embed.proj.out_channels == 256 and not kapify.get_config(kap).fixed_widths
-    assert kap.pos_embed.shape == (1, model.pos_embed.shape[1], 256) and kap.reg_token.shape == (1, 2, 256) and kap.cls_token.shape == (1, 1, 256)
+    assert (
+        kap.pos_embed.shape == (1, model.pos_embed.shape[1], 256)
+        and kap.reg_token.shape == (1, 2, 256)
+        and kap.cls_token.shape == (1, 1, 256)
+    )
     attn = kap.blocks[0].attn  # its inner width (3 heads of 64) widens by whole heads to a square: 4 heads
     assert attn.qkv.weight.shape == (3 * 256, 256) and attn.num_heads == 4 and kap(x).shape == (2, 10)
 
 
-@pytest.mark.parametrize("index,axis,expected", [
-    ((slice(None), 0), 2, 1), ((slice(None), 0), 1, None), ((Ellipsis, 0), 1, 1), ((slice(None), slice(1, None)), 2, 2),
-    ((slice(None), None, slice(None)), 1, 2), (0, 1, 0), ((slice(None), slice(0, 5)), 1, None), ((slice(None), [0, 1]), 2, None),
-])
+@pytest.mark.parametrize(
+    "index,axis,expected",
+    [
+        ((slice(None), 0), 2, 1),
+        ((slice(None), 0), 1, None),
+        ((Ellipsis, 0), 1, 1),
+        ((slice(None), slice(1, None)), 2, 2),
+        ((slice(None), None, slice(None)), 1, 2),
+        (0, 1, 0),
+        ((slice(None), slice(0, 5)), 1, None),
+        ((slice(None), [0, 1]), 2, None),
+    ],
+)
 def test_indexing_follows_the_channel_axis(index, axis, expected):
     from kapify.surgery.channels.axes import indexed_axis as _indexed_axis
 
@@ -451,10 +501,13 @@ def test_a_reshape_sized_off_a_channel_count_it_cannot_line_up_keeps_both_widths
         torch.testing.assert_close(wide(x), model(x))
 
 
-@pytest.mark.parametrize("norm,groups_attr", [
-    (lambda groups: nn.GroupNorm(groups, 12), "num_groups"),
-    (lambda groups: timm.layers.EvoNorm2dS0a(12, groups=groups), "groups"),  # RegNetZ-EvoS: no width attribute
-])
+@pytest.mark.parametrize(
+    "norm,groups_attr",
+    [
+        (lambda groups: nn.GroupNorm(groups, 12), "num_groups"),
+        (lambda groups: timm.layers.EvoNorm2dS0a(12, groups=groups), "groups"),  # RegNetZ-EvoS: no width attribute
+    ],
+)
 def test_group_norms_widen_by_whole_groups_and_keep_the_function(norm, groups_attr):
     """3 groups of 4: new channels form new groups of 4, so the old groups keep their statistics and
     function_preserving widens the norm; one group normalises over all channels and keeps its width."""
@@ -471,7 +524,9 @@ def test_a_leaf_block_with_a_layer_rule_widens_its_input():
     """VGG's ConvMlp: a leaf for FX (it pools a small input first); its rule says fc1 reads the input."""
     from timm.models.vgg import ConvMlp
 
-    model = nn.Sequential(nn.Conv2d(3, 20, 3), ConvMlp(20, 36, kernel_size=2, mlp_ratio=1.0), nn.Flatten(), nn.Linear(36 * 9, 5))
+    model = nn.Sequential(
+        nn.Conv2d(3, 20, 3), ConvMlp(20, 36, kernel_size=2, mlp_ratio=1.0), nn.Flatten(), nn.Linear(36 * 9, 5)
+    )
     model = model.double().eval()
     x = torch.rand(2, 3, 6, 6, dtype=torch.float64)
     wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
@@ -511,7 +566,9 @@ def test_a_classifier_over_flattened_channels_widens_with_them():
     assert wide.conv.out_channels == 9 and wide.fc.in_features == 36
     torch.testing.assert_close(wide.eval()(x), model(x))
     torch.testing.assert_close(wide.fc.weight[:, :32], model.fc.weight)  # channel 8's four entries come last
-    sliced = next(g for g in kapify.channel_groups(FlattenedClassifier(slice_features=True), x) if "conv" in g.producers)
+    sliced = next(
+        g for g in kapify.channel_groups(FlattenedClassifier(slice_features=True), x) if "conv" in g.producers
+    )
     assert "flattened over 4 entries" in sliced.fixed
 
 
@@ -549,7 +606,12 @@ def test_convert_keeps_normalised_widths_when_widening_them_breaks_the_model():
         def __init__(self):
             super().__init__()
             self.a, self.norm, self.c = nn.Conv2d(3, 8, 1), nn.GroupNorm(1, 8), nn.Conv2d(3, 4, 1)
-            self.b, self.d, self.e, self.f = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1), nn.Conv2d(3, 20, 1), nn.Conv2d(20, 4, 1)
+            self.b, self.d, self.e, self.f = (
+                nn.Conv2d(8, 4, 1),
+                nn.Conv2d(8, 4, 1),
+                nn.Conv2d(3, 20, 1),
+                nn.Conv2d(20, 4, 1),
+            )
 
         def forward(self, x):
             y, v = self.norm(self.a(x)), self.c(x)
@@ -579,8 +641,9 @@ def test_tiny_vit_blocks_fx_keeps_whole_widen_their_stream_and_keep_the_attentio
     """TinyViT's block is a leaf (it pads to whole windows): its layer rule says attention's ``qkv`` reads the stream
     and ``proj`` writes it (the per-head widths between stay), ``local_conv`` is depthwise and the MLP adds to it."""
     torch.manual_seed(0)
-    model = timm.models.tiny_vit.TinyVit(embed_dims=(16, 40), depths=(1, 2), num_heads=(1, 2), window_sizes=(4, 4),
-                                         num_classes=10)
+    model = timm.models.tiny_vit.TinyVit(
+        embed_dims=(16, 40), depths=(1, 2), num_heads=(1, 2), window_sizes=(4, 4), num_classes=10
+    )
     model = without_layernorm(model).double().eval()
     x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
     wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
@@ -588,7 +651,10 @@ def test_tiny_vit_blocks_fx_keeps_whole_widen_their_stream_and_keep_the_attentio
         torch.testing.assert_close(wide(x), model(x), rtol=1e-9, atol=1e-9)
     block, old = wide.stages[1].blocks[1], model.stages[1].blocks[1]
     assert block.local_conv.conv.out_channels == block.attn.qkv.in_features == block.mlp.fc2.out_features == 49
-    assert block.attn.qkv.out_features == old.attn.qkv.out_features and block.attn.proj.in_features == old.attn.proj.in_features
+    assert (
+        block.attn.qkv.out_features == old.attn.qkv.out_features
+        and block.attn.proj.in_features == old.attn.proj.in_features
+    )
     assert all(math.isqrt(m.out_channels) ** 2 == m.out_channels for m in wide.modules() if isinstance(m, nn.Conv2d))
 
 
@@ -596,16 +662,33 @@ def test_shvit_partial_single_head_attention_widens_its_stored_sizes_together():
     """SHViT's SHSA splits the stream at ``self.pdim``, q, k, v at ``self.qk_dim`` and reshapes v to ``self.pdim``:
     the two places cut at one stored size keep one width, q and k (contracted) stay, v is sized so q, k, v is square."""
     torch.manual_seed(0)
-    model = timm.models.shvit.SHViT(embed_dim=(40, 56, 64), partial_dim=(12, 20, 24), qk_dim=(8, 8, 8), depth=(1, 1, 1),
-                                    types=("i", "s", "s"), norm_layer=nn.Identity, num_classes=10).double().eval()
-    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):  # proj's BN starts at 0: give it a function
+    model = (
+        timm.models.shvit.SHViT(
+            embed_dim=(40, 56, 64),
+            partial_dim=(12, 20, 24),
+            qk_dim=(8, 8, 8),
+            depth=(1, 1, 1),
+            types=("i", "s", "s"),
+            norm_layer=nn.Identity,
+            num_classes=10,
+        )
+        .double()
+        .eval()
+    )
+    for bn in (
+        m for m in model.modules() if isinstance(m, nn.BatchNorm2d)
+    ):  # proj's BN starts at 0: give it a function
         bn.weight.data.uniform_(0.5, 2)
     x = torch.rand(2, 3, 64, 64, dtype=torch.float64)
     wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
     with torch.no_grad():
         torch.testing.assert_close(wide(x), model(x), rtol=1e-9, atol=1e-9)
     attn = next(m for m in wide.modules() if type(m).__name__ == "SHSA")
-    assert attn.qk_dim == 8 and attn.qkv.c.out_channels == 2 * attn.qk_dim + attn.pdim and attn.dim == attn.proj[1].c.out_channels
+    assert (
+        attn.qk_dim == 8
+        and attn.qkv.c.out_channels == 2 * attn.qk_dim + attn.pdim
+        and attn.dim == attn.proj[1].c.out_channels
+    )
     assert all(math.isqrt(m.out_channels) ** 2 == m.out_channels for m in wide.modules() if isinstance(m, nn.Conv2d))
 
 
@@ -624,7 +707,10 @@ def test_mobilevit_v2_blocks_fx_keeps_whole_widen_their_transformer_and_stored_e
     with torch.no_grad():
         torch.testing.assert_close(wide(x), model(x), rtol=1e-9, atol=1e-9)
     attn = wide.stages[2][1].transformer[0].attn
-    assert attn.qkv_proj.out_channels == 1 + 2 * attn.embed_dim and attn.embed_dim > model.stages[2][1].transformer[0].attn.embed_dim
+    assert (
+        attn.qkv_proj.out_channels == 1 + 2 * attn.embed_dim
+        and attn.embed_dim > model.stages[2][1].transformer[0].attn.embed_dim
+    )
     assert all(math.isqrt(m.out_channels) ** 2 == m.out_channels for m in wide.modules() if isinstance(m, nn.Conv2d))
 
 
@@ -634,8 +720,17 @@ def test_cond_conv_experts_widen_like_convs_and_keep_the_function():
     from timm.models._efficientnet_blocks import CondConvResidual
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 20, 1), CondConvResidual(20, 20, exp_ratio=3.0, num_experts=8), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Linear(20, 5)).double().eval()
+    model = (
+        nn.Sequential(
+            nn.Conv2d(3, 20, 1),
+            CondConvResidual(20, 20, exp_ratio=3.0, num_experts=8),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(20, 5),
+        )
+        .double()
+        .eval()
+    )
     for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
         bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
     x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
@@ -644,14 +739,26 @@ def test_cond_conv_experts_widen_like_convs_and_keep_the_function():
         torch.testing.assert_close(wide(x), model(x), rtol=1e-9, atol=1e-9)
     pw, dw = wide[1].conv_pw, wide[1].conv_dw
     assert (pw.in_channels, pw.out_channels, dw.out_channels, dw.groups) == (25, 64, 64, 64)
-    assert pw.weight_shape == (64, 25, 1, 1) and pw.weight.shape == (8, 64 * 25) and wide[1].routing_fn.out_features == 8
+    assert (
+        pw.weight_shape == (64, 25, 1, 1) and pw.weight.shape == (8, 64 * 25) and wide[1].routing_fn.out_features == 8
+    )
 
 
-@pytest.mark.parametrize("c_mid, c_out, groups", [(8, 8, 4), (8, 16, 8)])  # whole new groups; a depth multiplier (merged)
+@pytest.mark.parametrize(
+    "c_mid, c_out, groups", [(8, 8, 4), (8, 16, 8)]
+)  # whole new groups; a depth multiplier (merged)
 def test_a_grouped_transposed_conv_keeps_its_function(c_mid, c_out, groups):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, c_mid, 1), nn.ConvTranspose2d(c_mid, c_out, 4, stride=2, padding=1, groups=groups),
-                          nn.ReLU(), nn.Conv2d(c_out, 2, 1)).double().eval()
+    model = (
+        nn.Sequential(
+            nn.Conv2d(3, c_mid, 1),
+            nn.ConvTranspose2d(c_mid, c_out, 4, stride=2, padding=1, groups=groups),
+            nn.ReLU(),
+            nn.Conv2d(c_out, 2, 1),
+        )
+        .double()
+        .eval()
+    )
     x = torch.rand(2, 3, 5, 5, dtype=torch.float64)
     wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
     assert math.isqrt(wide[1].out_channels) ** 2 == wide[1].out_channels > c_out

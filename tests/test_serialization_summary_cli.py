@@ -30,17 +30,31 @@ def test_save_plain_timm_model_infers_source(tmp_path):
     import timm
 
     kap = kapify.convert(timm.create_model("resnet18", pretrained=False, num_classes=7))
-    assert kapify.get_config(kap).source == {"library": "timm", "name": "resnet18",
-                                             "kwargs": {"num_classes": 7, "in_chans": 3}}
+    assert kapify.get_config(kap).source == {
+        "library": "timm",
+        "name": "resnet18",
+        "kwargs": {"num_classes": 7, "in_chans": 3},
+    }
     kapify.save(kap, tmp_path / "m.safetensors")
     assert kapify.load(tmp_path / "m.safetensors").num_classes == 7
 
 
-@pytest.mark.parametrize("name,size", [("resnet18", 32), ("regnet_x_400mf", 32), ("mobilenet_v3_small", 32),
-                                       ("efficientnet_b0", 32), ("inception_v3", 299), ("squeezenet1_1", 48),
-                                       ("mnasnet0_5", 32)])  # MNASNet reads its version from the state_dict's metadata
+@pytest.mark.parametrize(
+    "name,size",
+    [
+        ("resnet18", 32),
+        ("regnet_x_400mf", 32),
+        ("mobilenet_v3_small", 32),
+        ("efficientnet_b0", 32),
+        ("inception_v3", 299),
+        ("squeezenet1_1", 48),
+        ("mnasnet0_5", 32),
+    ],
+)  # MNASNet reads its version from the state_dict's metadata
 def test_plain_torchvision_models_save_and_load_with_identical_outputs(tmp_path, name, size):
-    plain = torchvision.models.get_model(name, weights=None, num_classes=7)  # built as users do, not by kapify.create_model
+    plain = torchvision.models.get_model(
+        name, weights=None, num_classes=7
+    )  # built as users do, not by kapify.create_model
     kap = kapify.convert(plain, example_input=torch.rand(1, 3, size, size)).eval()
     assert kapify.get_config(kap).source == {"library": "torchvision", "name": name, "kwargs": {"num_classes": 7}}
     assert_round_trip(kap, tmp_path, torch.rand(2, 3, size, size))
@@ -68,7 +82,9 @@ TRACE_SIZE = {"inception_v3": 299}  # its auxiliary head runs in training mode, 
 
 
 def test_the_torchvision_list_is_the_whole_zoo():
-    assert len(TORCHVISION_CLASSIFIERS) >= 70 and {"mnasnet0_5", "vit_h_14", "regnet_y_128gf"} <= set(TORCHVISION_CLASSIFIERS)
+    assert len(TORCHVISION_CLASSIFIERS) >= 70 and {"mnasnet0_5", "vit_h_14", "regnet_y_128gf"} <= set(
+        TORCHVISION_CLASSIFIERS
+    )
 
 
 @pytest.mark.slow
@@ -103,8 +119,13 @@ def test_a_model_kapify_cannot_name_saves_and_loads_with_model_argument(tmp_path
     class Custom(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                                            torch.nn.Flatten(), torch.nn.Linear(16, 3))
+            self.body = torch.nn.Sequential(
+                torch.nn.Conv2d(3, 16, 3, padding=1),
+                torch.nn.ReLU(),
+                torch.nn.AdaptiveAvgPool2d(1),
+                torch.nn.Flatten(),
+                torch.nn.Linear(16, 3),
+            )
 
         def forward(self, x):
             return self.body(x)

@@ -1,5 +1,6 @@
 """A conv whose width is fixed at a non-square C gets spare filters: ``convert(grid="square")`` gives it
 the next square number of filters, pools them on the full square sheet and passes on the first C."""
+
 import copy
 import dataclasses
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 import kapify
-from kapify.layers import ChannelGrid, KernelAvgPool, channel_pool, pool_conv_weight
+from kapify.layers import ChannelGrid, KernelAvgPool, pool_conv_weight
 from kapify.surgery.kap_conv import attach_kap
 from tests.reference import channel_pool_loops
 
@@ -60,23 +61,31 @@ def test_convert_gives_fixed_widths_spare_filters_and_keeps_the_function(sknet):
         grid = ChannelGrid.parse(r.grid)
         assert grid.rows == grid.cols and grid.channels == r.out_channels == kap.get_submodule(r.name).weight.shape[0]
         if r in spare:
-            assert (grid.rows - 1) ** 2 < r.pooled_channels < grid.channels and r.name in kapify.get_config(kap).fixed_widths
+            assert (grid.rows - 1) ** 2 < r.pooled_channels < grid.channels and r.name in kapify.get_config(
+                kap
+            ).fixed_widths
     assert "on a square sheet with spare filters" in str(kapify.summary(kap))
     with torch.no_grad():
         out = kap(x)
         # k=1 and no noise: the spare filters pass nothing on, so the plain function is kept
-        torch.testing.assert_close(kapify.convert(sknet, k=1, sigma=0.0, example_input=x).eval()(x), sknet(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            kapify.convert(sknet, k=1, sigma=0.0, example_input=x).eval()(x), sknet(x), rtol=1e-5, atol=1e-5
+        )
         torch.testing.assert_close(kapify.fold(kap)(x), out, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(torch.jit.script(copy.deepcopy(kap))(x), out, rtol=1e-4, atol=1e-5)
     kap.train()
     kap(x).sum().backward()
-    assert kap.get_submodule(spare[0].name).weight.grad[spare[0].pooled_channels:].abs().sum() > 0  # spare filters learn
+    assert (
+        kap.get_submodule(spare[0].name).weight.grad[spare[0].pooled_channels :].abs().sum() > 0
+    )  # spare filters learn
 
 
 def test_spare_filters_with_kernel_size_multiplier_and_kmp(sknet):
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
-        wide = kapify.convert(sknet, k=1, sigma=0.0, stride=2, example_input=x).eval()  # k=1: the old filters, at the centres
+        wide = kapify.convert(
+            sknet, k=1, sigma=0.0, stride=2, example_input=x
+        ).eval()  # k=1: the old filters, at the centres
         torch.testing.assert_close(wide(x), sknet(x), rtol=1e-5, atol=1e-5)
         kmp = kapify.convert(sknet, k=3, sigma=0.0, pool="max", example_input=x).eval()
         assert kmp(x).shape == (1, 10) and kapify.summary(kmp).spare_filters == kapify.summary(wide).spare_filters
@@ -113,8 +122,12 @@ def test_a_checkpoint_from_before_spare_filters_gets_a_clear_error(sknet, tmp_pa
     kap = kapify.convert(sknet, k=3, sigma=0.1)
     config = kapify.get_config(kap)
     config.version = 1
-    config.layers = [r if r.out_channels == r.pooled_channels else
-                     dataclasses.replace(r, grid="8x16", out_channels=r.pooled_channels) for r in config.layers]
+    config.layers = [
+        r
+        if r.out_channels == r.pooled_channels
+        else dataclasses.replace(r, grid="8x16", out_channels=r.pooled_channels)
+        for r in config.layers
+    ]
     kapify.save(kap, tmp_path / "old.safetensors")
     with pytest.raises(ValueError, match="config version 1, this kapify writes 2"):
         kapify.load(tmp_path / "old.safetensors")

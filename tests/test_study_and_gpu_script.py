@@ -1,6 +1,7 @@
-"""recipes/study.py end to end on a tiny subset, and benchmarks/gpu_table1.py --smoke (so the one GPU run cannot fail for a trivial reason)."""
+"""recipes/study.py end to end on a tiny subset, and benchmarks/gpu_table1.py --smoke (so the one GPU run cannot fail
+for a trivial reason)."""
+
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 STUDY = """
 description: tiny two-run study
-train: {model_kwargs: {depth: 1, width: 9}, train_samples: 64, val_samples: 0, test_samples: 40, batch_size: 32, epochs: 1}
+train: {model_kwargs: {depth: 1, width: 9}, train_samples: 64, val_samples: 0, test_samples: 40, batch_size: 32,
+epochs: 1}
 runs:
   - {name: nt, label: NT, config: %(root)s/recipes/configs/cifar10_convnet3_nt.yaml, overrides: {sigma: 0.1}}
   - {name: kap, label: KAP, config: %(root)s/recipes/configs/cifar10_convnet3_kap.yaml, overrides: {sigma: 0.1}}
@@ -27,7 +29,16 @@ evaluation:
 def test_two_run_study_end_to_end_and_rerun_skips_finished_runs(cifar_dir, tmp_path, capsys):
     spec = tmp_path / "tiny.yaml"
     spec.write_text(STUDY % {"root": ROOT})
-    argv = ["--config", str(spec), "--out", str(tmp_path / "out"), "--data-dir", cifar_dir, "--no-download", "--no-progress"]
+    argv = [
+        "--config",
+        str(spec),
+        "--out",
+        str(tmp_path / "out"),
+        "--data-dir",
+        cifar_dir,
+        "--no-download",
+        "--no-progress",
+    ]
     assert study_main(argv) == 0
     study = json.loads((tmp_path / "out" / "study.json").read_text())
     assert [r["name"] for r in study["rows"]] == ["nt", "kap", "ft"]
@@ -70,7 +81,9 @@ def test_gpu_table1_smoke_runs_every_stage(cifar_dir, tmp_path, monkeypatch):
     for model in results["models"].values():
         assert set(model["eval"]) == {"pgd", "aa", "square"} and model["epoch_time_s"]
     assert "SMOKE RUN" in (out / "results.md").read_text()
-    assert gpu_table1.main(["--out", str(out), "--data-dir", cifar_dir, "--smoke"]) == 0  # rerun resumes: nothing left to do
+    assert (
+        gpu_table1.main(["--out", str(out), "--data-dir", cifar_dir, "--smoke"]) == 0
+    )  # rerun resumes: nothing left to do
     assert len(json.loads((out / "results.json").read_text())["stage_time_s"]) == 2
 
 
@@ -113,13 +126,29 @@ def test_gpu_table1_paper_schedule_trains_exports_and_attacks_in_a_fresh_folder(
 
     handed_back = tmp_path / "OUT"
     common = ["--schedule", "paper", "--data-dir", cifar_dir, "--smoke", "--n-examples", "6"]
-    assert gpu_table1.main(common + ["--out", str(tmp_path / "a"), "--stages", "train", "--export", str(handed_back)]) == 0
+    assert (
+        gpu_table1.main(common + ["--out", str(tmp_path / "a"), "--stages", "train", "--export", str(handed_back)]) == 0
+    )
     first = json.loads((handed_back / "results.json").read_text())
     assert first["schedule"] == "paper" and set(first["models"]) == {gpu_table1.KAP, gpu_table1.NT}
     assert all(m["compile"] == "off" and m["shards"] for m in first["models"].values())  # auto: eager on a CPU
     assert len(list(handed_back.glob("*.bf16-*.safetensors"))) <= 6  # with results.json/.md: within the 8 files
-    assert gpu_table1.main(common + ["--out", str(tmp_path / "b"), "--stages", "attack", "--import", str(handed_back),
-                                     "--skip-overhead", "--skip-square"]) == 0
+    assert (
+        gpu_table1.main(
+            common
+            + [
+                "--out",
+                str(tmp_path / "b"),
+                "--stages",
+                "attack",
+                "--import",
+                str(handed_back),
+                "--skip-overhead",
+                "--skip-square",
+            ]
+        )
+        == 0
+    )
     second = json.loads((tmp_path / "b" / "results.json").read_text())
     for model in second["models"].values():
         assert model["weights"] == "bf16 (imported)" and set(model["eval"]) == {"test", "aa1", "pgd", "aa05"}
@@ -132,8 +161,8 @@ def test_gpu_table1_paper_schedule_trains_exports_and_attacks_in_a_fresh_folder(
 @pytest.mark.slow
 def test_gpu_table1_hands_compiled_kernels_to_the_next_session(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import torch
     import gpu_table1
+    import torch
 
     compiled = torch.compile(lambda x: torch.sin(x) * 2 + 1)
     compiled(torch.randn(8))

@@ -1,5 +1,6 @@
 """torch.jit.script compiles converted models (timm's test-suite check): same outputs in eval,
 noise in training, saved and loaded as TorchScript."""
+
 import copy
 
 import pytest
@@ -15,16 +16,21 @@ def _model(name: str) -> torch.nn.Module:
     return build(library or "timm", short)
 
 
-@pytest.mark.parametrize("name,grid,pool,blend", [
-    ("resnet18", "rect", "avg", 0.5),            # weight route, warm-start blend, pixel normalisation moved to conv1
-    ("resnet18", "square", "max", 1.0),          # KMP, re-widened
-    ("efficientnet_b0", "square", "avg", 1.0),   # depthwise convs (activation route), SE
-    ("torchvision/mobilenet_v2", "square", "avg", 1.0),
-])
+@pytest.mark.parametrize(
+    "name,grid,pool,blend",
+    [
+        ("resnet18", "rect", "avg", 0.5),  # weight route, warm-start blend, pixel normalisation moved to conv1
+        ("resnet18", "square", "max", 1.0),  # KMP, re-widened
+        ("efficientnet_b0", "square", "avg", 1.0),  # depthwise convs (activation route), SE
+        ("torchvision/mobilenet_v2", "square", "avg", 1.0),
+    ],
+)
 def test_scripted_model_matches_eager(name, grid, pool, blend, tmp_path):
     model = adapt(_model(name), "normalize_input", mean=[0.5] * 3, std=[0.25] * 3)
     x = torch.rand(2, 3, 64, 64)
-    kap = kapify.convert(model, k=3, sigma=0.1, pool=pool, grid=grid, example_input=x, blend=blend if pool == "avg" else 1.0)
+    kap = kapify.convert(
+        model, k=3, sigma=0.1, pool=pool, grid=grid, example_input=x, blend=blend if pool == "avg" else 1.0
+    )
     kap.train()(x)  # leaves the input stages in training mode: the script must follow the model's mode
     kap.eval()
     scripted = torch.jit.script(copy.deepcopy(kap))

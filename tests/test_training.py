@@ -1,4 +1,5 @@
 """recipes/train_timm.py: configs, objectives, learning on real CIFAR-10, resume, torchrun, bad input."""
+
 import csv
 import glob
 import os
@@ -10,22 +11,46 @@ import pytest
 import torch
 
 import kapify
-from tests.helpers import free_port
 from kapify.data import dataset_info
-from kapify.training import OBJECTIVES, TrainConfig, build_model, main, parse_args, train, width_kwargs
+from kapify.training import OBJECTIVES, build_model, main, parse_args, train, width_kwargs
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(glob.glob(str(ROOT / "recipes" / "configs" / "*.yaml")))
-TINY = ["--model", "kapify/small_convnet", "--model-kwargs", "{depth: 2, width: 16}", "--download", "false",
-        "--val-samples", "64", "--test-samples", "64", "--batch-size", "32", "--workers", "0"]
+TINY = [
+    "--model",
+    "kapify/small_convnet",
+    "--model-kwargs",
+    "{depth: 2, width: 16}",
+    "--download",
+    "false",
+    "--val-samples",
+    "64",
+    "--test-samples",
+    "64",
+    "--batch-size",
+    "32",
+    "--workers",
+    "0",
+]
 
 
 def test_there_is_a_config_per_paper_row():
     names = {Path(c).stem for c in CONFIGS}
-    for row in ["cifar10_resnet18_nt", "cifar10_resnet18_nt_s0.1", "cifar10_resnet18_at_es", "cifar10_resnet18_trades",
-                "cifar10_resnet18_kap_s0.1", "cifar10_resnet18_kap_s0.2", "cifar100_resnet18_kap_s0.1",
-                "tinyimagenet_resnet18_kap_s0.1", "imagenet_resnet18wide4_kap_s0.1", "cifar10_resnet18_fast_kap_s0.1",
-                "cifar10_convnet1_kap", "cifar10_convnet3_kap_s0.2"]:
+    for row in [
+        "cifar10_resnet18_nt",
+        "cifar10_resnet18_nt_s0.1",
+        "cifar10_resnet18_at_es",
+        "cifar10_resnet18_trades",
+        "cifar10_resnet18_kap_s0.1",
+        "cifar10_resnet18_kap_s0.2",
+        "cifar100_resnet18_kap_s0.1",
+        "tinyimagenet_resnet18_kap_s0.1",
+        "imagenet_resnet18wide4_kap_s0.1",
+        "cifar10_resnet18_fast_kap_s0.1",
+        "cifar10_convnet1_kap",
+        "cifar10_convnet3_kap_s0.2",
+    ]:
         assert row in names
 
 
@@ -68,8 +93,27 @@ def test_adversarial_objectives_train_and_stay_in_budget(objective, cifar_dir, t
         return x_adv
 
     monkeypatch.setattr(objectives, "pgd", checked_pgd)
-    metrics = train(parse_args(TINY + ["--data-dir", cifar_dir, "--objective", objective, "--attack-steps", "2",
-                                       "--epochs", "1", "--train-samples", "96", "--output", str(tmp_path), "--sigma", "0"]))
+    metrics = train(
+        parse_args(
+            TINY
+            + [
+                "--data-dir",
+                cifar_dir,
+                "--objective",
+                objective,
+                "--attack-steps",
+                "2",
+                "--epochs",
+                "1",
+                "--train-samples",
+                "96",
+                "--output",
+                str(tmp_path),
+                "--sigma",
+                "0",
+            ]
+        )
+    )
     assert metrics["finished"] and budgets and all(n <= eps + 1e-5 and not training for n, eps, training in budgets)
 
 
@@ -77,20 +121,61 @@ def test_adversarial_objectives_train_and_stay_in_budget(objective, cifar_dir, t
 def test_tiny_kap_convnet_learns_real_cifar10(cifar_dir, tmp_path):
     """A few hundred updates on 4,000 real CIFAR-10 images: clearly above chance (10%) on held-out test images
     (measured: 0.31; the same net without KAP and noise reaches 0.41, KAP learns more slowly, as in the paper)."""
-    metrics = train(parse_args([
-        "--model", "kapify/small_convnet", "--model-kwargs", "{depth: 3, width: 36}", "--data-dir", cifar_dir,
-        "--download", "false", "--train-samples", "4000", "--val-samples", "200", "--test-samples", "1000",
-        "--batch-size", "32", "--epochs", "3", "--lr", "0.15", "--sigma", "0.1", "--workers", "0", "--output", str(tmp_path),
-    ]))
+    metrics = train(
+        parse_args(
+            [
+                "--model",
+                "kapify/small_convnet",
+                "--model-kwargs",
+                "{depth: 3, width: 36}",
+                "--data-dir",
+                cifar_dir,
+                "--download",
+                "false",
+                "--train-samples",
+                "4000",
+                "--val-samples",
+                "200",
+                "--test-samples",
+                "1000",
+                "--batch-size",
+                "32",
+                "--epochs",
+                "3",
+                "--lr",
+                "0.15",
+                "--sigma",
+                "0.1",
+                "--workers",
+                "0",
+                "--output",
+                str(tmp_path),
+            ]
+        )
+    )
     assert metrics["steps"] >= 300 and metrics["test_acc"] > 0.2, metrics
     model = kapify.load(Path(metrics["run_dir"]) / "model.safetensors")
-    assert kapify.get_config(model).pool == "avg" and kapify.load_extra(Path(metrics["run_dir"]) / "model.safetensors")["args"]["sigma"] == 0.1
+    assert (
+        kapify.get_config(model).pool == "avg"
+        and kapify.load_extra(Path(metrics["run_dir"]) / "model.safetensors")["args"]["sigma"] == 0.1
+    )
     rows = list(csv.DictReader(open(Path(metrics["run_dir"]) / "log.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and float(rows[-1]["images_per_s"]) > 0
 
 
 def test_resume_mid_epoch_continues_with_identical_state(cifar_dir, tmp_path):
-    args = TINY + ["--data-dir", cifar_dir, "--train-samples", "320", "--epochs", "2", "--sigma", "0.1", "--output", str(tmp_path)]
+    args = TINY + [
+        "--data-dir",
+        cifar_dir,
+        "--train-samples",
+        "320",
+        "--epochs",
+        "2",
+        "--sigma",
+        "0.1",
+        "--output",
+        str(tmp_path),
+    ]
     straight = train(parse_args(args + ["--experiment", "straight"]))
     cut = train(parse_args(args + ["--experiment", "cut", "--max-steps", "13"]))  # epoch 2, batch 3 of 10
     assert not cut["finished"] and (tmp_path / "cut" / "last.pth").is_file()
@@ -103,9 +188,31 @@ def test_resume_mid_epoch_continues_with_identical_state(cifar_dir, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_gloo_processes(cifar_dir, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "recipes" / "train_timm.py")] + TINY + [
-           "--data-dir", cifar_dir, "--train-samples", "256", "--epochs", "1", "--output", str(tmp_path), "--experiment", "ddp"]
+    cmd = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(ROOT / "recipes" / "train_timm.py"),
+        ]
+        + TINY
+        + [
+            "--data-dir",
+            cifar_dir,
+            "--train-samples",
+            "256",
+            "--epochs",
+            "1",
+            "--output",
+            str(tmp_path),
+            "--experiment",
+            "ddp",
+        ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -123,8 +230,20 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(cifar
         return (loss * float("nan") if len(calls) >= 13 else loss), logits
 
     monkeypatch.setitem(OBJECTIVES, "standard", diverges_at_update_13)
-    args = TINY + ["--data-dir", cifar_dir, "--train-samples", "320", "--epochs", "3", "--output", str(tmp_path),
-                   "--experiment", "nan", "--checkpoint-every", "4"]
+    args = TINY + [
+        "--data-dir",
+        cifar_dir,
+        "--train-samples",
+        "320",
+        "--epochs",
+        "3",
+        "--output",
+        str(tmp_path),
+        "--experiment",
+        "nan",
+        "--checkpoint-every",
+        "4",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "the training loss became nan by update 16" in err and "last.pth" in err  # caught at the next checkpoint
@@ -134,7 +253,18 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(cifar
 
 
 def test_a_corrupt_training_checkpoint_is_a_clear_error_not_a_silent_restart(cifar_dir, tmp_path, capsys):
-    args = TINY + ["--data-dir", cifar_dir, "--train-samples", "64", "--epochs", "1", "--output", str(tmp_path), "--experiment", "c"]
+    args = TINY + [
+        "--data-dir",
+        cifar_dir,
+        "--train-samples",
+        "64",
+        "--epochs",
+        "1",
+        "--output",
+        str(tmp_path),
+        "--experiment",
+        "c",
+    ]
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "last.pth").write_bytes(b"PK\x03\x04 truncated")
     assert main(args) == 2
@@ -161,15 +291,18 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(cifar_dir, tmp
     assert main(args + ["--epochs", "2"]) == 0  # resumes from the intact checkpoint
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--dataset", "mnist"], "unknown dataset"),
-    (["--model", "no_such_model"], "no model named"),
-    (["--objective", "magic"], "unknown objective"),
-    (["--early-stop", "true"], "val_attack_steps"),
-    (["--kap-stride", "2", "--pool", "none"], "kap_stride only applies"),
-    (["--grid", "diagonal"], "grid must be"),
-    (["--data-dir", "/nonexistent-kapify"], "cifar10 not found"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--dataset", "mnist"], "unknown dataset"),
+        (["--model", "no_such_model"], "no model named"),
+        (["--objective", "magic"], "unknown objective"),
+        (["--early-stop", "true"], "val_attack_steps"),
+        (["--kap-stride", "2", "--pool", "none"], "kap_stride only applies"),
+        (["--grid", "diagonal"], "grid must be"),
+        (["--data-dir", "/nonexistent-kapify"], "cifar10 not found"),
+    ],
+)
 def test_bad_input_fails_before_training(flags, message, tmp_path, capsys):
     base = ["--download", "false", "--epochs", "1", "--output", str(tmp_path), "--experiment", "bad"]
     assert main(base + flags) == 2

@@ -1,4 +1,5 @@
 """KAP on the weights (Eq. 3) equals KAP on the activations; fold bakes it into plain convs."""
+
 import copy
 
 import pytest
@@ -34,7 +35,9 @@ def test_weight_pooling_equals_activation_pooling(conv, grid, k, shape):
     grads_wt = torch.autograd.grad(wt, [x, conv.weight], g)
     for a, b_ in zip(grads_act, grads_wt):
         torch.testing.assert_close(a, b_)
-    assert torch.autograd.gradcheck(lambda t: pool_conv_weight(t, None, k, 1, grid)[0], (conv.weight.detach().requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        lambda t: pool_conv_weight(t, None, k, 1, grid)[0], (conv.weight.detach().requires_grad_(),)
+    )
 
 
 def test_weight_pooling_with_stride_matches():
@@ -42,7 +45,9 @@ def test_weight_pooling_with_stride_matches():
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     pw, pb = pool_conv_weight(w, b, 3, 2, (4, 4))
     assert pw.shape == (4, 3, 3, 3)
-    torch.testing.assert_close(nn.functional.conv2d(x, pw, pb), channel_pool(nn.functional.conv2d(x, w, b), 3, 2, (4, 4)))
+    torch.testing.assert_close(
+        nn.functional.conv2d(x, pw, pb), channel_pool(nn.functional.conv2d(x, w, b), 3, 2, (4, 4))
+    )
 
 
 def test_auto_picks_weight_only_where_exact():
@@ -93,8 +98,15 @@ def test_models_agree_between_impls(name):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("library,name,pool", [("timm", "resnet18", "avg"), ("torchvision", "mobilenet_v2", "avg"),
-                                               ("timm", "resnet18", "max"), ("timm", "resnetv2_50x1_bit", "avg")])
+@pytest.mark.parametrize(
+    "library,name,pool",
+    [
+        ("timm", "resnet18", "avg"),
+        ("torchvision", "mobilenet_v2", "avg"),
+        ("timm", "resnet18", "max"),
+        ("timm", "resnetv2_50x1_bit", "avg"),
+    ],
+)
 def test_fold_keeps_eval_outputs(library, name, pool):
     model = kapify.create_model(f"{library}/{name}", num_classes=10)
     kap = kapify.convert(model, k=3, sigma=0.1, pool=pool).eval()

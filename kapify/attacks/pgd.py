@@ -1,4 +1,5 @@
 """Projected gradient descent (Madry et al. 2018) under an L2 or Linf budget, in [0,1] pixel space."""
+
 from __future__ import annotations
 
 from typing import Callable, Literal, Optional

@@ -1,4 +1,5 @@
 """Datasets in [0,1] pixel space: CIFAR-10/100 (torchvision layout or the JPEG archives), TinyImageNet, ImageNet."""
+
 from .datasets import DATASETS, DatasetInfo, build_dataset, dataset_info, resolve_data_dir
 from .loader import build_loader
 

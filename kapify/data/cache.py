@@ -8,6 +8,7 @@ reported and rebuilt, never used. A source that changes gets a new checksum and 
 The cache dir is ``$KAPIFY_CACHE_DIR``, else ``~/.cache/kapify``; where it cannot be written the
 images are decoded each time (with a warning).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -68,8 +69,12 @@ def _load(path: Path) -> Decoded:
 def _save(path: Path, decoded: Decoded) -> None:
     images = torch.from_numpy(np.ascontiguousarray(decoded[0]))
     labels = torch.tensor(decoded[1], dtype=torch.int64)
-    blob = {"images": images, "labels": labels, "classes": list(decoded[2]),
-            "checksum": _content_checksum(images, labels, list(decoded[2]))}
+    blob = {
+        "images": images,
+        "labels": labels,
+        "classes": list(decoded[2]),
+        "checksum": _content_checksum(images, labels, list(decoded[2])),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(blob, tmp)
@@ -87,11 +92,16 @@ def cached_decode(name: str, split: str, sources: Sequence[Path], decode: Callab
         try:
             return _load(path)
         except ValueError as err:
-            warnings.warn(f"kapify: ignoring the corrupt dataset cache {path} ({err}); decoding the source again", stacklevel=2)
+            warnings.warn(
+                f"kapify: ignoring the corrupt dataset cache {path} ({err}); decoding the source again", stacklevel=2
+            )
     decoded = decode()
     try:
         _save(path, decoded)
     except OSError as err:
-        warnings.warn(f"kapify: cannot write the dataset cache {path} ({err}); set ${CACHE_DIR_ENV} to a writable folder "
-                      f"to skip decoding next time", stacklevel=2)
+        warnings.warn(
+            f"kapify: cannot write the dataset cache {path} ({err}); set ${CACHE_DIR_ENV} to a writable folder "
+            f"to skip decoding next time",
+            stacklevel=2,
+        )
     return decoded

@@ -3,13 +3,15 @@ tensors in [0, 1] (models normalise inside themselves, so noise and attacks live
 
 Where each dataset is looked for (``root`` = the data dir):
 
-- ``cifar10``: ``root/cifar-10-batches-py`` (torchvision), else the JPEG copy ``root/[cifar10-jpeg/]{train,test}.tar.gz``
+- ``cifar10``: ``root/cifar-10-batches-py`` (torchvision), else the JPEG copy
+``root/[cifar10-jpeg/]{train,test}.tar.gz``
   (read straight from the archive) or its extracted ``{train,test}/<class>/*.jpg``, else downloaded by torchvision.
   Decoded CIFAR images are cached as uint8 tensors (:mod:`kapify.data.cache`).
 - ``cifar100``: ``root/cifar-100-python`` (torchvision), else downloaded.
 - ``tinyimagenet``: ``root/tiny-imagenet-200/{train,val}`` (val read from ``val_annotations.txt``).
 - ``imagenet``: ``root/imagenet/{train,val}`` or ``root/{train,val}`` in ImageFolder layout.
 """
+
 from __future__ import annotations
 
 import io
@@ -65,7 +67,9 @@ def resolve_data_dir(data_dir: Optional[str] = None) -> Path:
 class ArrayImageDataset(Dataset):
     """Images held in memory as one uint8 ``(N, H, W, 3)`` array; items are ``(float CHW in [0,1], label)``."""
 
-    def __init__(self, images: np.ndarray, targets: Sequence[int], classes: List[str], transform: Optional[Callable] = None):
+    def __init__(
+        self, images: np.ndarray, targets: Sequence[int], classes: List[str], transform: Optional[Callable] = None
+    ):
         self.images, self.targets, self.classes, self.transform = images, list(targets), classes, transform
 
     def __len__(self) -> int:
@@ -88,7 +92,12 @@ def _read_jpeg_archive(archive: Path, split: str) -> Tuple[np.ndarray, List[int]
     with tarfile.open(archive, "r:*") as tar:
         for member in tar:
             parts = Path(member.name).parts
-            if member.isfile() and len(parts) >= 3 and parts[-3] == split and parts[-1].lower().endswith((".jpg", ".jpeg", ".png")):
+            if (
+                member.isfile()
+                and len(parts) >= 3
+                and parts[-3] == split
+                and parts[-1].lower().endswith((".jpg", ".jpeg", ".png"))
+            ):
                 by_class.setdefault(parts[-2], []).append((member.name, tar.extractfile(member).read()))
     if not by_class:
         raise ValueError(f"{archive} holds no {split}/<class>/<image> files")
@@ -111,7 +120,9 @@ def _read_image_folder(folder: Path) -> Tuple[np.ndarray, List[int], List[str]]:
     return np.stack(images), targets, classes
 
 
-def _torchvision_cifar(cls_name: str, root: Path, train: bool, download: bool) -> Tuple[np.ndarray, List[int], List[str]]:
+def _torchvision_cifar(
+    cls_name: str, root: Path, train: bool, download: bool
+) -> Tuple[np.ndarray, List[int], List[str]]:
     import torchvision
 
     ds = getattr(torchvision.datasets, cls_name)(str(root), train=train, download=download)
@@ -119,7 +130,9 @@ def _torchvision_cifar(cls_name: str, root: Path, train: bool, download: bool) -
 
 
 def _cifar(name: str, root: Path, train: bool, download: bool, transform: Optional[Callable]) -> Dataset:
-    folder, cls_name = {"cifar10": ("cifar-10-batches-py", "CIFAR10"), "cifar100": ("cifar-100-python", "CIFAR100")}[name]
+    folder, cls_name = {"cifar10": ("cifar-10-batches-py", "CIFAR10"), "cifar100": ("cifar-100-python", "CIFAR100")}[
+        name
+    ]
     split = "train" if train else "test"
     looked = [root / folder]
 
@@ -142,7 +155,8 @@ def _cifar(name: str, root: Path, train: bool, download: bool, transform: Option
             looked.append(f"download failed: {err}")
     raise FileNotFoundError(
         f"{name} not found (looked for: {', '.join(map(str, looked))}). Point --data-dir / ${DATA_DIR_ENV} at a folder "
-        f"holding torchvision's '{folder}'" + (" or the JPEG copy (train.tar.gz, test.tar.gz)" if name == "cifar10" else "")
+        f"holding torchvision's '{folder}'"
+        + (" or the JPEG copy (train.tar.gz, test.tar.gz)" if name == "cifar10" else "")
         + ", or run once online to download it."
     )
 
@@ -152,7 +166,9 @@ def _tinyimagenet(root: Path, train: bool, transform: Optional[Callable]) -> Dat
 
     base = root / "tiny-imagenet-200"
     if not (base / "train").is_dir():
-        raise FileNotFoundError(f"tinyimagenet not found: no {base / 'train'}; extract tiny-imagenet-200.zip under --data-dir")
+        raise FileNotFoundError(
+            f"tinyimagenet not found: no {base / 'train'}; extract tiny-imagenet-200.zip under --data-dir"
+        )
     train_set = ImageFolder(str(base / "train"), transform=transform)
     if train:
         return train_set
@@ -174,7 +190,9 @@ def _imagenet(root: Path, train: bool, transform: Optional[Callable]) -> Dataset
     for base in (root / "imagenet", root):
         if (base / split).is_dir():
             return ImageFolder(str(base / split), transform=transform)
-    raise FileNotFoundError(f"imagenet not found: no {root / 'imagenet' / split} or {root / split} (ImageFolder layout)")
+    raise FileNotFoundError(
+        f"imagenet not found: no {root / 'imagenet' / split} or {root / split} (ImageFolder layout)"
+    )
 
 
 def build_dataset(

@@ -1,4 +1,5 @@
 """Data loaders with the paper's augmentation (random crop + horizontal flip), sharded for DDP."""
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -29,7 +30,7 @@ class EpochSampler(DistributedSampler):
         self.skip = n
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.skip * self.batch_size:])
+        return iter(list(super().__iter__())[self.skip * self.batch_size :])
 
     def __len__(self) -> int:
         return super().__len__() - self.skip * self.batch_size
@@ -70,12 +71,15 @@ def build_loader(
     (e.g. a held-out subset).
 
     Example:
-        >>> loader = build_loader("cifar10", train=False, batch_size=8, data_dir="../shared/data", num_samples=16, download=False)  # doctest: +SKIP
+        >>> loader = build_loader("cifar10", train=False, batch_size=8, data_dir="../shared/data", num_samples=16,
+        download=False)  # doctest: +SKIP
     """
     if dataset is None:
         transform = default_transform(name, train and augment)
         dataset = build_dataset(name, train, data_dir, transform, download=download, num_samples=num_samples, seed=seed)
-    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=False, batch_size=batch_size)
+    sampler = EpochSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=False, batch_size=batch_size
+    )
     return DataLoader(
         dataset,
         batch_size=batch_size,

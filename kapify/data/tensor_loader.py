@@ -11,6 +11,7 @@ resumed mid-epoch (``skip_batches``) sees exactly the batches it had not seen, w
 RNG state. It mirrors the parts of ``DataLoader`` the trainer uses (``len``, iteration,
 ``.dataset``, ``.sampler.set_epoch`` / ``.sampler.skip_batches``).
 """
+
 from __future__ import annotations
 
 from typing import Iterator, Optional, Sequence, Tuple
@@ -83,7 +84,9 @@ class TensorLoader:
     ) -> None:
         images = torch.as_tensor(images)
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"TensorLoader takes uint8 images of shape (N, H, W, C), got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(
+                f"TensorLoader takes uint8 images of shape (N, H, W, C), got {images.dtype} {tuple(images.shape)}"
+            )
         self.images = images.permute(0, 3, 1, 2).contiguous().to(device)
         self.labels = torch.as_tensor(labels, dtype=torch.int64).to(device)
         if len(self.labels) != len(self.images):
@@ -107,12 +110,12 @@ class TensorLoader:
         n = len(self.images)
         if not self.train:
             index = torch.arange(n)
-            return index[self.rank::self.world_size][: self._shard_size()], torch.zeros(0), torch.zeros(0)
+            return index[self.rank :: self.world_size][: self._shard_size()], torch.zeros(0), torch.zeros(0)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.sampler.epoch)
         order = torch.randperm(n, generator=gen)
         offsets = torch.randint(0, 2 * self.padding + 1, (n, 2), generator=gen)
         flips = torch.rand(n, generator=gen) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
-        order = order[: self._shard_size() * self.world_size][self.rank::self.world_size]
+        order = order[: self._shard_size() * self.world_size][self.rank :: self.world_size]
         return order, offsets[order], flips[order]
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
@@ -141,6 +144,8 @@ def tensor_arrays(dataset) -> Tuple[torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(dataset.indices) if index is None else torch.as_tensor(dataset.indices)[index]
         dataset = dataset.dataset
     if not isinstance(dataset, ArrayImageDataset):
-        raise TypeError(f"{type(dataset).__name__} reads images file by file; the tensor loader needs an in-memory dataset (CIFAR)")
+        raise TypeError(
+            f"{type(dataset).__name__} reads images file by file; the tensor loader needs an in-memory dataset (CIFAR)"
+        )
     images, labels = torch.from_numpy(dataset.images), torch.as_tensor(dataset.targets, dtype=torch.int64)
     return (images, labels) if index is None else (images[index], labels[index])

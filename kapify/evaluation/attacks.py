@@ -3,6 +3,7 @@
 Each entry is ``fn(model, x, y, spec, seed) -> (x_adv, notes)``; grow the registry with
 :func:`register_attack`. ``notes`` carries what the attack reported (e.g. AutoAttack's own checks).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,15 +48,28 @@ def register_attack(name: str) -> Callable[[AttackFn], AttackFn]:
 
 
 @register_attack("clean")  # no attack: clean accuracy
-def clean(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, seed: int) -> Tuple[torch.Tensor, List[str]]:
+def clean(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, seed: int
+) -> Tuple[torch.Tensor, List[str]]:
     return x, []
 
 
 @register_attack("pgd")  # kapify's PGD (L2 or Linf), Table A1: 100 steps, random start
-def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, seed: int) -> Tuple[torch.Tensor, List[str]]:
+def pgd_attack(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, seed: int
+) -> Tuple[torch.Tensor, List[str]]:
     generator = torch.Generator().manual_seed(seed)
-    x_adv = pgd(model, x, y, spec.eps, spec.norm, steps=spec.pgd_steps, step_size=spec.pgd_step_size,
-                random_start=spec.pgd_random_start, generator=generator)
+    x_adv = pgd(
+        model,
+        x,
+        y,
+        spec.eps,
+        spec.norm,
+        steps=spec.pgd_steps,
+        step_size=spec.pgd_step_size,
+        random_start=spec.pgd_random_start,
+        generator=generator,
+    )
     return x_adv, []
 
 
@@ -82,8 +96,15 @@ def _autoattack_messages() -> Iterator[List[str]]:
         handler.messages.extend(str(w.message) for w in caught)
 
 
-def _run_pyautoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, seed: int,
-                      attacks: Optional[List[str]], version: str = "standard") -> Tuple[torch.Tensor, List[str]]:
+def _run_pyautoattack(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    spec: AttackSpec,
+    seed: int,
+    attacks: Optional[List[str]],
+    version: str = "standard",
+) -> Tuple[torch.Tensor, List[str]]:
     from pyautoattack import AutoAttack
 
     notes: List[str] = []
@@ -91,26 +112,38 @@ def _run_pyautoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: 
         attacks = ["apgd-ce", "square"]
         notes.append(f"standard AutoAttack needs >= 4 classes; ran apgd-ce + square on {spec.num_classes} classes")
     version = version if attacks is None else "custom"
-    adversary = AutoAttack(model, attacks=attacks, device=x.device, eps=spec.eps, norm=spec.norm, seed=seed, version=version)
+    adversary = AutoAttack(
+        model, attacks=attacks, device=x.device, eps=spec.eps, norm=spec.norm, seed=seed, version=version
+    )
     adversary.square.n_queries = spec.square_queries
     for targeted in (adversary.apgd_targeted, adversary.fab):
         targeted.n_target_classes = min(targeted.n_target_classes, spec.num_classes - 1)
     with _autoattack_messages() as messages:
-        x_adv, _ = adversary.run_standard_evaluation(x.contiguous(), y, batch_size=x.shape[0])  # contiguous: its L2 APGD calls .view
+        x_adv, _ = adversary.run_standard_evaluation(
+            x.contiguous(), y, batch_size=x.shape[0]
+        )  # contiguous: its L2 APGD calls .view
     notes.extend(m for m in messages if "robust accuracy" not in m.lower())
     return x_adv.to(x.device), notes
 
 
 @register_attack("autoattack")  # Croce & Hein standard: APGD-CE, APGD-T, FAB-T, Square (pyautoattack)
-def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, seed: int) -> Tuple[torch.Tensor, List[str]]:
+def autoattack(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, seed: int
+) -> Tuple[torch.Tensor, List[str]]:
     return _run_pyautoattack(model, x, y, spec, seed, None)
 
 
-@register_attack("autoattack-rand")  # AutoAttack's version for randomised defences: APGD-CE + APGD-DLR, EOT over 20 draws
-def autoattack_rand(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, seed: int) -> Tuple[torch.Tensor, List[str]]:
+@register_attack(
+    "autoattack-rand"
+)  # AutoAttack's version for randomised defences: APGD-CE + APGD-DLR, EOT over 20 draws
+def autoattack_rand(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, seed: int
+) -> Tuple[torch.Tensor, List[str]]:
     return _run_pyautoattack(model, x, y, spec, seed, None, version="rand")
 
 
 @register_attack("square")  # black-box Square attack alone (Andriushchenko et al.), 5000 queries
-def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, seed: int) -> Tuple[torch.Tensor, List[str]]:
+def square(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, seed: int
+) -> Tuple[torch.Tensor, List[str]]:
     return _run_pyautoattack(model, x, y, spec, seed, ["square"])

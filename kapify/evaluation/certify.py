@@ -1,4 +1,5 @@
 """Randomized-smoothing certification (Cohen, Rosenfeld & Kolter 2019, CERTIFY)."""
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence
@@ -10,7 +11,15 @@ from tqdm import tqdm
 __all__ = ["certify", "certified_accuracy"]
 
 
-def _counts(model: nn.Module, x: torch.Tensor, sigma: float, n: int, batch_size: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+def _counts(
+    model: nn.Module,
+    x: torch.Tensor,
+    sigma: float,
+    n: int,
+    batch_size: int,
+    num_classes: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
     counts = torch.zeros(num_classes, dtype=torch.long)
     remaining = n
     while remaining > 0:
@@ -54,8 +63,14 @@ def certify(
         hits = int(_counts(model, x, sigma, n, batch_size, num_classes, generator)[guess])
         p_lower = beta.ppf(alpha, hits, n - hits + 1) if hits > 0 else 0.0
         radius = sigma * norm.ppf(p_lower) if p_lower > 0.5 else -1.0
-        rows.append({"label": int(y), "prediction": guess if radius >= 0 else -1, "radius": float(radius),
-                     "correct": bool(radius >= 0 and guess == int(y))})
+        rows.append(
+            {
+                "label": int(y),
+                "prediction": guess if radius >= 0 else -1,
+                "radius": float(radius),
+                "correct": bool(radius >= 0 and guess == int(y)),
+            }
+        )
     return rows
 
 

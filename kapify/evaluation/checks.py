@@ -1,5 +1,6 @@
 """Trust checks: every adversarial example is verified before it counts, and result patterns that
 suggest gradient masking are flagged."""
+
 from __future__ import annotations
 
 from typing import Any, Dict, List
@@ -22,7 +23,9 @@ def verify_examples(x: torch.Tensor, x_adv: torch.Tensor, eps: float, norm: str,
     """Raise :class:`AdversarialExampleError` unless every ``x_adv`` has the shape of ``x``, pixels
     in [0, 1] and ``||x_adv - x|| <= eps`` (relative tolerance :data:`EPS_TOLERANCE`)."""
     if x_adv.shape != x.shape:
-        raise AdversarialExampleError(f"{attack} returned examples of shape {tuple(x_adv.shape)} for inputs {tuple(x.shape)}")
+        raise AdversarialExampleError(
+            f"{attack} returned examples of shape {tuple(x_adv.shape)} for inputs {tuple(x.shape)}"
+        )
     if not torch.isfinite(x_adv).all():
         raise AdversarialExampleError(f"{attack} returned non-finite pixels")
     low, high = x_adv.min().item(), x_adv.max().item()
@@ -32,7 +35,9 @@ def verify_examples(x: torch.Tensor, x_adv: torch.Tensor, eps: float, norm: str,
     worst = norms.max().item() if norms.numel() else 0.0
     if worst > eps * (1 + EPS_TOLERANCE) + 1e-6:
         bad = int((norms > eps * (1 + EPS_TOLERANCE) + 1e-6).sum())
-        raise AdversarialExampleError(f"{attack}: {bad} example(s) exceed the {norm} budget eps={eps} (largest {worst:.6g})")
+        raise AdversarialExampleError(
+            f"{attack}: {bad} example(s) exceed the {norm} budget eps={eps} (largest {worst:.6g})"
+        )
 
 
 def masking_flags(results: List[Dict[str, Any]], gap: float = 0.10) -> List[Dict[str, str]]:
@@ -43,25 +48,41 @@ def masking_flags(results: List[Dict[str, Any]], gap: float = 0.10) -> List[Dict
     for (attack, norm, eps), value in acc.items():
         aa = acc.get(("autoattack", norm, eps))
         if attack == "pgd" and aa is not None and value - aa > gap:
-            flags.append({"kind": "pgd_above_autoattack", "message":
-                          f"PGD accuracy {value:.1%} is {value - aa:.1%} above AutoAttack's {aa:.1%} at {norm} eps={eps}: "
-                          f"PGD alone overstates robustness (gradient masking); trust AutoAttack"})
+            flags.append(
+                {
+                    "kind": "pgd_above_autoattack",
+                    "message": f"PGD accuracy {value:.1%} is {value - aa:.1%} above AutoAttack's {aa:.1%} at "
+                    f"{norm} eps={eps}: PGD alone overstates robustness (gradient masking); trust AutoAttack",
+                }
+            )
         white = [acc[k] for k in (("pgd", norm, eps),) if k in acc]
         if attack == "square" and white and value < min(white) - 0.02:
-            flags.append({"kind": "black_box_beats_white_box", "message":
-                          f"black-box Square ({value:.1%}) beats white-box PGD ({min(white):.1%}) at {norm} eps={eps}: "
-                          f"the gradients are not informative"})
+            flags.append(
+                {
+                    "kind": "black_box_beats_white_box",
+                    "message": f"black-box Square ({value:.1%}) beats white-box PGD ({min(white):.1%}) at "
+                    f"{norm} eps={eps}: the gradients are not informative",
+                }
+            )
     for attack in {a for a, _, _ in acc if a != "clean"}:
         for norm in {n for a, n, _ in acc if a == attack}:
             sweep = sorted((e, v) for (a, n, e), v in acc.items() if a == attack and n == norm)
             if len(sweep) >= 3:
                 rises = [(e0, e1) for (e0, v0), (e1, v1) in zip(sweep, sweep[1:]) if v1 > v0 + 0.02]
                 if rises:
-                    flags.append({"kind": "accuracy_rises_with_eps", "message":
-                                  f"{attack} {norm}: accuracy rises from eps={rises[0][0]} to eps={rises[0][1]}; a stronger "
-                                  f"attack can never do worse, so the attack is failing"})
+                    flags.append(
+                        {
+                            "kind": "accuracy_rises_with_eps",
+                            "message": f"{attack} {norm}: accuracy rises from eps={rises[0][0]} to eps={rises[0][1]}; "
+                            f"a stronger attack can never do worse, so the attack is failing",
+                        }
+                    )
                 if attack in ("pgd", "autoattack") and sweep[-1][1] > 0.10 and sweep[-1][0] >= 4 * sweep[0][0]:
-                    flags.append({"kind": "accuracy_not_falling_to_zero", "message":
-                                  f"{attack} {norm}: {sweep[-1][1]:.1%} accuracy remains at eps={sweep[-1][0]}; robust accuracy "
-                                  f"should fall towards 0 as eps grows under a white-box attack"})
+                    flags.append(
+                        {
+                            "kind": "accuracy_not_falling_to_zero",
+                            "message": f"{attack} {norm}: {sweep[-1][1]:.1%} accuracy remains at eps={sweep[-1][0]}; "
+                            f"robust accuracy should fall towards 0 as eps grows under a white-box attack",
+                        }
+                    )
     return flags

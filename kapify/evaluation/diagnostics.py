@@ -1,5 +1,6 @@
 """Model diagnostics for the paper's figures: first-layer kernels on the KAP grid with a numeric
 topography score (Fig. 7), and the per-layer change of activations under attack (Fig. A4)."""
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional
@@ -58,18 +59,26 @@ def kernel_mosaic(weight: torch.Tensor, grid: ChannelGrid, pad: int = 1) -> torc
     canvas = torch.ones(3, grid.rows * (k_h + pad) + pad, grid.cols * (k_w + pad) + pad)
     for c in range(grid.channels):
         r, q = divmod(c, grid.cols)
-        canvas[:, pad + r * (k_h + pad): pad + r * (k_h + pad) + k_h, pad + q * (k_w + pad): pad + q * (k_w + pad) + k_w] = w[c]
+        canvas[
+            :, pad + r * (k_h + pad) : pad + r * (k_h + pad) + k_h, pad + q * (k_w + pad) : pad + q * (k_w + pad) + k_w
+        ] = w[c]
     return canvas.permute(1, 2, 0)
 
 
 @torch.no_grad()
-def activation_change(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, names: Optional[List[str]] = None) -> Dict[str, float]:
+def activation_change(
+    model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, names: Optional[List[str]] = None
+) -> Dict[str, float]:
     """Per conv layer: mean over examples of ``||f(x_adv) - f(x)|| / ||f(x)||`` (paper Fig. A4),
     measured on each conv module's output (after its KAP in a converted model)."""
     names = names or [n for n, m in model.named_modules() if is_conv(m)]
     outputs: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
-    handles = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: outputs[n].append(o.detach().flatten(1).float()))
-               for n in names]
+    handles = [
+        model.get_submodule(n).register_forward_hook(
+            lambda m, i, o, n=n: outputs[n].append(o.detach().flatten(1).float())
+        )
+        for n in names
+    ]
     try:
         model(x)
         model(x_adv)

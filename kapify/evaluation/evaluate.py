@@ -1,5 +1,6 @@
 """``kapify.evaluation.evaluate``: robust accuracy of a model under a list of attacks, every
 adversarial example verified, batches cached on disk so an interrupted run resumes."""
+
 from __future__ import annotations
 
 import contextlib
@@ -46,7 +47,9 @@ def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Predicted classes; NaN/inf logits are an error, not a silent wrong answer."""
     logits = model(x)
     if not torch.isfinite(logits).all():
-        raise FloatingPointError("the model returned NaN/inf logits; check the checkpoint and the input range ([0, 1] pixels)")
+        raise FloatingPointError(
+            "the model returned NaN/inf logits; check the checkpoint and the input range ([0, 1] pixels)"
+        )
     return logits.argmax(1)
 
 
@@ -87,7 +90,8 @@ def evaluate(
 
     Example:
         >>> model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
-        >>> out = evaluate(model, torch.rand(8, 3, 2, 2), torch.randint(0, 4, (8,)), attacks=["clean", "pgd"], progress=False)
+        >>> out = evaluate(model, torch.rand(8, 3, 2, 2), torch.randint(0, 4, (8,)), attacks=["clean", "pgd"],
+        progress=False)
         >>> [r["attack"] for r in out["results"]]
         ['clean', 'pgd']
     """
@@ -109,27 +113,40 @@ def evaluate(
     examples: Dict[Any, torch.Tensor] = {}
     per_image: Dict[Any, torch.Tensor] = {}
     with attack_mode(model, test_noise):
-        clean_correct = torch.cat([predict(model, x_all[i:i + batch_size].to(device)).cpu() == y_all[i:i + batch_size]
-                                   for i in range(0, len(y_all), batch_size)]) if len(y_all) else torch.zeros(0, dtype=torch.bool)
+        clean_correct = (
+            torch.cat(
+                [
+                    predict(model, x_all[i : i + batch_size].to(device)).cpu() == y_all[i : i + batch_size]
+                    for i in range(0, len(y_all), batch_size)
+                ]
+            )
+            if len(y_all)
+            else torch.zeros(0, dtype=torch.bool)
+        )
         for attack in attacks:
-            for e in (eps_list if attack != "clean" else eps_list[:1]):
+            for e in eps_list if attack != "clean" else eps_list[:1]:
                 spec_e = dataclasses.replace(base, norm=norm, eps=e)
                 folder = None
                 if cache_dir is not None:
-                    folder = Path(cache_dir) / f"{attack}-{norm}-eps{e:g}-seed{seed}-n{images.shape[0]}-bs{batch_size}-rank{rank}of{world}"
+                    folder = (
+                        Path(cache_dir)
+                        / f"{attack}-{norm}-eps{e:g}-seed{seed}-n{images.shape[0]}-bs{batch_size}-rank{rank}of{world}"
+                    )
                     folder.mkdir(parents=True, exist_ok=True)
                 correct, advs, notes, t0 = [], [], [], time.perf_counter()
                 batches = range(0, len(y_all), batch_size)
-                for b in tqdm(batches, desc=f"{attack} {norm} eps={e:g}", disable=not progress or rank != 0, leave=False):
+                for b in tqdm(
+                    batches, desc=f"{attack} {norm} eps={e:g}", disable=not progress or rank != 0, leave=False
+                ):
                     cached = folder / f"batch{b // batch_size:05d}.pt" if folder is not None else None
                     saved = _cached_batch(cached, min(batch_size, len(y_all) - b), return_examples)
                     if saved is not None:
                         batch_correct, x_adv, batch_notes = saved["correct"], saved.get("x_adv"), []
                     else:
-                        x, y = x_all[b:b + batch_size].to(device), y_all[b:b + batch_size].to(device)
+                        x, y = x_all[b : b + batch_size].to(device), y_all[b : b + batch_size].to(device)
                         x_adv, batch_notes = ATTACKS[attack](model, x, y, spec_e, seed + b)
                         verify_examples(x, x_adv, e, norm, attack)
-                        batch_correct = (predict(model, x_adv) == y).cpu() & clean_correct[b:b + batch_size]
+                        batch_correct = (predict(model, x_adv) == y).cpu() & clean_correct[b : b + batch_size]
                         x_adv = x_adv.detach().cpu()
                         if cached is not None:
                             tmp = cached.with_name(cached.name + ".tmp")
@@ -142,8 +159,18 @@ def evaluate(
                 mine = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
                 per_image[(attack, e)] = _unshard(mine, index, images.shape[0], world)
                 hits, total = all_reduce_sum([float(mine.sum()), float(mine.numel())], device)
-                results.append({"attack": attack, "norm": norm, "eps": e, "seed": seed, "accuracy": hits / max(total, 1),
-                                "n": int(total), "time_s": time.perf_counter() - t0, "notes": notes})
+                results.append(
+                    {
+                        "attack": attack,
+                        "norm": norm,
+                        "eps": e,
+                        "seed": seed,
+                        "accuracy": hits / max(total, 1),
+                        "n": int(total),
+                        "time_s": time.perf_counter() - t0,
+                        "notes": notes,
+                    }
+                )
                 if return_examples and advs:
                     examples[(attack, e)] = _unshard(torch.cat(advs), index, images.shape[0], world)
     return {"results": results, "examples": examples, "correct": per_image}
@@ -162,8 +189,10 @@ def _cached_batch(path: Optional[Path], size: int, need_examples: bool) -> Optio
     except Exception as err:  # truncated zip, wrong pickle, missing keys
         problem = f"{type(err).__name__}: {err}"
     if problem is not None:
-        warnings.warn(f"kapify-eval: ignoring the corrupt attack cache file {path} ({problem}); attacking that batch again",
-                      stacklevel=3)
+        warnings.warn(
+            f"kapify-eval: ignoring the corrupt attack cache file {path} ({problem}); attacking that batch again",
+            stacklevel=3,
+        )
         return None
     return saved
 

@@ -1,6 +1,7 @@
 """``kapify-eval``: the paper's evaluation protocol end to end, from a checkpoint to results.json,
 a Markdown table and plots. Long steps cache their batches under ``<out>/cache``: rerun the same
 command after an interruption and it continues."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,10 @@ from .evaluate import attack_mode, evaluate, predict
 __all__ = ["EvalConfig", "run_evaluation", "load_model", "main", "SCHEMA"]
 
 SCHEMA = "kapify-eval/1"
-NON_ADAPTIVE = ("non-adaptive: examples crafted noise-free, then re-scored with noise (the paper's Table 2); an attacker "
-                "who knows about the noise does better: --test-noise --attacks autoattack-rand")
+NON_ADAPTIVE = (
+    "non-adaptive: examples crafted noise-free, then re-scored with noise (the paper's Table 2); an attacker "
+    "who knows about the noise does better: --test-noise --attacks autoattack-rand"
+)
 
 
 @dataclass
@@ -44,12 +47,16 @@ class EvalConfig:
     weights: Optional[str] = option(None, "state_dict file (.safetensors or torch) for --model")
     model_kwargs: Dict[str, Any] = option({}, "extra factory arguments for --model")
     small_image: bool = option(False, "--model uses the 3x3 stride-1 small-image stem (CIFAR ResNets)")
-    normalize: str = option("dataset", "--model input normalisation: dataset (its mean/std), none", choices=["dataset", "none"])
+    normalize: str = option(
+        "dataset", "--model input normalisation: dataset (its mean/std), none", choices=["dataset", "none"]
+    )
     dataset: str = option("cifar10", "cifar10, cifar100, tinyimagenet or imagenet (test/val split)")
     data_dir: Optional[str] = option(None, "data folder (default: $KAPIFY_DATA_DIR or ./data)")
     download: bool = option(True, "download the dataset when absent (needs internet)")
     n_examples: int = option(1000, "random test examples per repeat")
-    repeats: int = option(1, "repeats with seeds seed..seed+repeats-1 (new examples and attack randomness): mean +- std")
+    repeats: int = option(
+        1, "repeats with seeds seed..seed+repeats-1 (new examples and attack randomness): mean +- std"
+    )
     seed: int = option(0, "first seed")
     attacks: str = option("clean,pgd,autoattack", f"comma-separated attacks: {', '.join(ATTACKS)}")
     norm: str = option("L2", "threat model", choices=["L2", "Linf"])
@@ -58,16 +65,26 @@ class EvalConfig:
     pgd_step_size: Optional[float] = option(None, "PGD step size (default 2.5*eps/steps; Table A1 used 4/255)")
     square_queries: int = option(5000, "Square attack queries (Table A1: 5000)")
     batch_size: int = option(250, "attack batch size")
-    noise_sensitivity: bool = option(False, "re-score adversarial examples with noise on input/activations (Table 2's protocol: NOT adaptive)")
-    test_noise: bool = option(False, "keep the model's noise on while attacking and scoring (randomised defence); attack it with autoattack-rand (EOT)")
+    noise_sensitivity: bool = option(
+        False, "re-score adversarial examples with noise on input/activations (Table 2's protocol: NOT adaptive)"
+    )
+    test_noise: bool = option(
+        False,
+        "keep the model's noise on while attacking and scoring (randomised defence); attack it with autoattack-rand "
+        "(EOT)",
+    )
     noise_sigma: Optional[float] = option(None, "test-time noise std (default: the model's training sigma, else 0.1)")
-    transfer_from: Optional[str] = option(None, "checkpoint of a reference model: its adversarial examples are scored here (Table A3)")
+    transfer_from: Optional[str] = option(
+        None, "checkpoint of a reference model: its adversarial examples are scored here (Table A3)"
+    )
     certify_sigma: Optional[float] = option(None, "randomized-smoothing certification with this sigma (Fig. 6)")
     certify_examples: int = option(100, "examples to certify")
     certify_n0: int = option(100, "CERTIFY n0 (selection samples)")
     certify_n: int = option(100_000, "CERTIFY n (estimation samples; the paper used 100000)")
     certify_alpha: float = option(0.001, "CERTIFY failure probability")
-    diagnostics: bool = option(False, "first-layer kernels on the KAP grid + topography score, activation change (Fig. 7, A4)")
+    diagnostics: bool = option(
+        False, "first-layer kernels on the KAP grid + topography score, activation change (Fig. 7, A4)"
+    )
     device: str = option("auto", "auto (cuda if available), cuda or cpu")
     out: str = option("results", "output folder for results.json, results.md, plots and the resume cache")
     resume: bool = option(True, "reuse cached attack batches from an earlier run of the same command")
@@ -132,15 +149,28 @@ def _examples(cfg: EvalConfig, dataset, seed: int) -> tuple[torch.Tensor, torch.
 def _aggregate(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     rows: Dict[tuple, Dict[str, Any]] = {}
     for r in runs:
-        row = rows.setdefault((r["attack"], r["norm"], r["eps"]), {
-            "attack": r["attack"], "norm": r["norm"], "eps": r["eps"], "runs": [], "seeds": [], "time_s": 0.0, "n": r["n"], "notes": []})
+        row = rows.setdefault(
+            (r["attack"], r["norm"], r["eps"]),
+            {
+                "attack": r["attack"],
+                "norm": r["norm"],
+                "eps": r["eps"],
+                "runs": [],
+                "seeds": [],
+                "time_s": 0.0,
+                "n": r["n"],
+                "notes": [],
+            },
+        )
         row["runs"].append(r["accuracy"])
         row["seeds"].append(r["seed"])
         row["time_s"] += r["time_s"]
         row["notes"].extend(n for n in r["notes"] if n not in row["notes"])
     for row in rows.values():
-        row["accuracy"] = {"mean": statistics.fmean(row["runs"]),
-                           "std": statistics.stdev(row["runs"]) if len(row["runs"]) > 1 else 0.0}
+        row["accuracy"] = {
+            "mean": statistics.fmean(row["runs"]),
+            "std": statistics.stdev(row["runs"]) if len(row["runs"]) > 1 else 0.0,
+        }
     return list(rows.values())
 
 
@@ -149,7 +179,12 @@ def _versions() -> Dict[str, str]:
 
     from .. import __version__
 
-    found = {"kapify": __version__, "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()}
+    found = {
+        "kapify": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }
     try:
         from importlib.metadata import version
 
@@ -159,7 +194,9 @@ def _versions() -> Dict[str, str]:
     return found
 
 
-def _noise_sensitivity(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, sigma: float, seed: int, batch: int) -> List[Dict[str, Any]]:
+def _noise_sensitivity(
+    model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, sigma: float, seed: int, batch: int
+) -> List[Dict[str, Any]]:
     """Table 2: accuracy on adversarial examples with test-time noise on the input, the activations, or both."""
     device = next(model.parameters()).device
     rows = []
@@ -169,12 +206,19 @@ def _noise_sensitivity(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, s
             set_noise(model, site_act, site="activation", sigma=sigma if site_act else None)
             correct = 0
             for i in range(0, len(y), batch):
-                xb = x_adv[i:i + batch].to(device)
+                xb = x_adv[i : i + batch].to(device)
                 if site_input:
                     xb = xb + sigma * torch.randn_like(xb)
-                correct += int((predict(model, xb).cpu() == y[i:i + batch]).sum())
+                correct += int((predict(model, xb).cpu() == y[i : i + batch]).sum())
             set_noise(model, False, site="activation")
-        rows.append({"input_noise": site_input, "activation_noise": site_act, "sigma": sigma, "accuracy": correct / max(len(y), 1)})
+        rows.append(
+            {
+                "input_noise": site_input,
+                "activation_noise": site_act,
+                "sigma": sigma,
+                "accuracy": correct / max(len(y), 1),
+            }
+        )
     return rows
 
 
@@ -200,43 +244,80 @@ def run_evaluation(cfg: EvalConfig) -> Dict[str, Any]:
     model = load_model(cfg, info.num_classes, device)
     if cfg.test_noise:
         trained = get_config(model)
-        sigma = cfg.noise_sigma if cfg.noise_sigma is not None else (trained.sigma if trained and trained.sigma > 0 else 0.1)
+        sigma = (
+            cfg.noise_sigma
+            if cfg.noise_sigma is not None
+            else (trained.sigma if trained and trained.sigma > 0 else 0.1)
+        )
         if set_noise(model, True, sigma=sigma) == 0:
             raise ValueError("--test-noise: the model has no kapify noise layers (convert it with sigma > 0)")
     dataset = build_dataset(cfg.dataset, train=False, data_dir=cfg.data_dir, download=cfg.download)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "cache" if cfg.resume else None
-    spec = AttackSpec(norm=cfg.norm, eps=eps_values[0], pgd_steps=cfg.pgd_steps, pgd_step_size=cfg.pgd_step_size,
-                      square_queries=cfg.square_queries, num_classes=info.num_classes)
+    spec = AttackSpec(
+        norm=cfg.norm,
+        eps=eps_values[0],
+        pgd_steps=cfg.pgd_steps,
+        pgd_step_size=cfg.pgd_step_size,
+        square_queries=cfg.square_queries,
+        num_classes=info.num_classes,
+    )
     started = time.perf_counter()
     runs, first_examples, first_labels, first_images = [], {}, None, None
     for r in range(cfg.repeats):
         seed = cfg.seed + r
         images, labels = _examples(cfg, dataset, seed)
         want_examples = r == 0 and (cfg.noise_sensitivity or cfg.diagnostics)
-        done = evaluate(model, images, labels, attacks, cfg.norm, eps_values, seed, cfg.batch_size, spec,
-                        return_examples=want_examples, cache_dir=cache, progress=cfg.progress and env.is_main,
-                        test_noise=cfg.test_noise)
+        done = evaluate(
+            model,
+            images,
+            labels,
+            attacks,
+            cfg.norm,
+            eps_values,
+            seed,
+            cfg.batch_size,
+            spec,
+            return_examples=want_examples,
+            cache_dir=cache,
+            progress=cfg.progress and env.is_main,
+            test_noise=cfg.test_noise,
+        )
         runs.extend(done["results"])
         if r == 0:
             first_examples, first_labels, first_images = done["examples"], labels, images
             if env.is_main:
                 _write_per_image(out / "per_image.json", done["correct"], seed)
     results: Dict[str, Any] = {
-        "schema": SCHEMA, "config": dataclasses.asdict(cfg), "versions": _versions(), "device": str(device),
-        "world_size": env.world_size, "dataset": dataclasses.asdict(info), "n_examples": cfg.n_examples,
-        "seeds": [cfg.seed + r for r in range(cfg.repeats)], "results": _aggregate(runs),
+        "schema": SCHEMA,
+        "config": dataclasses.asdict(cfg),
+        "versions": _versions(),
+        "device": str(device),
+        "world_size": env.world_size,
+        "dataset": dataclasses.asdict(info),
+        "n_examples": cfg.n_examples,
+        "seeds": [cfg.seed + r for r in range(cfg.repeats)],
+        "results": _aggregate(runs),
     }
     config = get_config(model)
     results["model"] = {"checkpoint": cfg.checkpoint, "name": cfg.model, "kapify": config.to_dict() if config else None}
     adversarial = [a for a in attacks if a != "clean"]
     nominal = eps_values[len(eps_values) // 2] if 1.0 not in eps_values else 1.0
-    chosen = next(((a, nominal) for a in ("autoattack", "autoattack-rand", "pgd", "square") if (a, nominal) in first_examples), None)
+    chosen = next(
+        ((a, nominal) for a in ("autoattack", "autoattack-rand", "pgd", "square") if (a, nominal) in first_examples),
+        None,
+    )
     if cfg.noise_sensitivity and chosen:
-        sigma = cfg.noise_sigma if cfg.noise_sigma is not None else (config.sigma if config and config.sigma > 0 else 0.1)
-        results["noise_sensitivity"] = {"attack": chosen[0], "eps": chosen[1], "protocol": NON_ADAPTIVE, "rows": _noise_sensitivity(
-            model, first_examples[chosen], first_labels, sigma, cfg.seed, cfg.batch_size)}
+        sigma = (
+            cfg.noise_sigma if cfg.noise_sigma is not None else (config.sigma if config and config.sigma > 0 else 0.1)
+        )
+        results["noise_sensitivity"] = {
+            "attack": chosen[0],
+            "eps": chosen[1],
+            "protocol": NON_ADAPTIVE,
+            "rows": _noise_sensitivity(model, first_examples[chosen], first_labels, sigma, cfg.seed, cfg.batch_size),
+        }
     if cfg.transfer_from:
         from .. import serialization
 
@@ -244,41 +325,103 @@ def run_evaluation(cfg: EvalConfig) -> Dict[str, Any]:
         transfer_runs = []
         for r in range(cfg.repeats):
             images, labels = _examples(cfg, dataset, cfg.seed + r)
-            crafted = evaluate(reference, images, labels, adversarial or ["pgd"], cfg.norm, nominal, cfg.seed + r,
-                               cfg.batch_size, spec, return_examples=True, progress=False)
+            crafted = evaluate(
+                reference,
+                images,
+                labels,
+                adversarial or ["pgd"],
+                cfg.norm,
+                nominal,
+                cfg.seed + r,
+                cfg.batch_size,
+                spec,
+                return_examples=True,
+                progress=False,
+            )
             with attack_mode(model):
-                clean_ok = torch.cat([predict(model, images[i:i + cfg.batch_size].to(device)).cpu() == labels[i:i + cfg.batch_size]
-                                      for i in range(0, len(labels), cfg.batch_size)])
+                clean_ok = torch.cat(
+                    [
+                        predict(model, images[i : i + cfg.batch_size].to(device)).cpu()
+                        == labels[i : i + cfg.batch_size]
+                        for i in range(0, len(labels), cfg.batch_size)
+                    ]
+                )
                 for (attack, e), x_adv in crafted["examples"].items():
-                    adv_ok = torch.cat([predict(model, x_adv[i:i + cfg.batch_size].to(device)).cpu() == labels[i:i + cfg.batch_size]
-                                        for i in range(0, len(labels), cfg.batch_size)])
-                    transfer_runs.append({"attack": f"transfer-{attack}", "norm": cfg.norm, "eps": e, "seed": cfg.seed + r,
-                                          "accuracy": float((adv_ok & clean_ok).float().mean()), "n": len(labels),
-                                          "time_s": 0.0, "notes": []})
+                    adv_ok = torch.cat(
+                        [
+                            predict(model, x_adv[i : i + cfg.batch_size].to(device)).cpu()
+                            == labels[i : i + cfg.batch_size]
+                            for i in range(0, len(labels), cfg.batch_size)
+                        ]
+                    )
+                    transfer_runs.append(
+                        {
+                            "attack": f"transfer-{attack}",
+                            "norm": cfg.norm,
+                            "eps": e,
+                            "seed": cfg.seed + r,
+                            "accuracy": float((adv_ok & clean_ok).float().mean()),
+                            "n": len(labels),
+                            "time_s": 0.0,
+                            "notes": [],
+                        }
+                    )
         results["transfer"] = {"reference": cfg.transfer_from, "results": _aggregate(transfer_runs)}
     if cfg.certify_sigma:
         n_cert = min(cfg.certify_examples, len(first_labels))
         with attack_mode(model):
-            rows = certify(model, first_images[:n_cert], first_labels[:n_cert], cfg.certify_sigma, cfg.certify_n0,
-                           cfg.certify_n, cfg.certify_alpha, cfg.batch_size, cfg.seed, cfg.progress and env.is_main)
+            rows = certify(
+                model,
+                first_images[:n_cert],
+                first_labels[:n_cert],
+                cfg.certify_sigma,
+                cfg.certify_n0,
+                cfg.certify_n,
+                cfg.certify_alpha,
+                cfg.batch_size,
+                cfg.seed,
+                cfg.progress and env.is_main,
+            )
         radii = [round(0.25 * i, 2) for i in range(0, 17)]
-        results["certification"] = {"sigma": cfg.certify_sigma, "n0": cfg.certify_n0, "n": cfg.certify_n, "alpha": cfg.certify_alpha,
-                                    "radii": radii, "certified_accuracy": certified_accuracy(rows, radii), "examples": rows}
+        results["certification"] = {
+            "sigma": cfg.certify_sigma,
+            "n0": cfg.certify_n0,
+            "n": cfg.certify_n,
+            "alpha": cfg.certify_alpha,
+            "radii": radii,
+            "certified_accuracy": certified_accuracy(rows, radii),
+            "examples": rows,
+        }
     if cfg.diagnostics:
         name, conv, grid = first_conv(model)
-        results["diagnostics"] = {"first_conv": name, "grid": str(grid), "topography": topography_score(conv.weight, grid)}
+        results["diagnostics"] = {
+            "first_conv": name,
+            "grid": str(grid),
+            "topography": topography_score(conv.weight, grid),
+        }
         results["_mosaic"] = kernel_mosaic(conv.weight, grid)
         if cfg.transfer_from:  # the reference model's kernels beside this one's (NT beside KAP)
             from .. import serialization
 
             ref_name, ref_conv, ref_grid = first_conv(serialization.load(cfg.transfer_from, device="cpu"))
-            results["diagnostics"]["reference"] = {"checkpoint": cfg.transfer_from, "first_conv": ref_name, "grid": str(ref_grid),
-                                                   "topography": topography_score(ref_conv.weight, ref_grid)}
+            results["diagnostics"]["reference"] = {
+                "checkpoint": cfg.transfer_from,
+                "first_conv": ref_name,
+                "grid": str(ref_grid),
+                "topography": topography_score(ref_conv.weight, ref_grid),
+            }
             results["_reference_mosaic"] = kernel_mosaic(ref_conv.weight, ref_grid)
         if chosen:
             with attack_mode(model):
-                results["diagnostics"]["activation_change"] = {"attack": chosen[0], "eps": chosen[1], "layers": activation_change(
-                    model, first_images[: cfg.batch_size].to(device), first_examples[chosen][: cfg.batch_size].to(device))}
+                results["diagnostics"]["activation_change"] = {
+                    "attack": chosen[0],
+                    "eps": chosen[1],
+                    "layers": activation_change(
+                        model,
+                        first_images[: cfg.batch_size].to(device),
+                        first_examples[chosen][: cfg.batch_size].to(device),
+                    ),
+                }
     flags = masking_flags(results["results"])
     for row in results["results"]:
         flags.extend({"kind": "attack_note", "message": f"{row['attack']} eps={row['eps']}: {n}"} for n in row["notes"])
@@ -296,7 +439,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .checks import AdversarialExampleError
 
     try:
-        cfg = parse_options(EvalConfig, argv, "Robustness evaluation of kapify / timm / torchvision models", prog="kapify-eval")
+        cfg = parse_options(
+            EvalConfig, argv, "Robustness evaluation of kapify / timm / torchvision models", prog="kapify-eval"
+        )
         results = run_evaluation(cfg)
     except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError, AdversarialExampleError) as err:
         print(f"kapify-eval: error: {err}", file=sys.stderr)
@@ -305,7 +450,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         shutdown_distributed()
     for row in results["results"]:
         acc = row["accuracy"]
-        print(f"{row['attack']:>12} {row['norm']} eps={row['eps']:<5g} {100 * acc['mean']:6.2f} +- {100 * acc['std']:.2f} % (n={row['n']})")
+        print(
+            f"{row['attack']:>12} {row['norm']} eps={row['eps']:<5g} {100 * acc['mean']:6.2f} +- "
+            f"{100 * acc['std']:.2f} % (n={row['n']})"
+        )
     for flag in results["flags"]:
         print(f"FLAG {flag['kind']}: {flag['message']}")
     print(f"wrote {Path(cfg.out) / 'results.json'} and results.md")

@@ -1,8 +1,9 @@
 """Layers: channel pooling (KAP/KMP), Gaussian noise, channel grids."""
+
 from .channel_pool import KernelAvgPool, KernelMaxPool, PoolMode, channel_pool, check_kernel_size, check_stride
 from .grid import ChannelGrid, line_grid, rect_grid
-from .weight_pool import pool_conv_weight
 from .noise import GaussianNoise, check_sigma, set_noise
+from .weight_pool import pool_conv_weight
 
 __all__ = [
     "ChannelGrid",

@@ -11,6 +11,7 @@ The op runs as one 2-D spatial pooling over a free view of the tensor in which t
 is the pooled plane and every spatial position is a "channel" of the pooling kernel, so contiguous
 and channels-last inputs are read once and written once, without a copy.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,15 @@ from torch import nn
 
 from .grid import ChannelGrid
 
-__all__ = ["channel_pool", "KernelAvgPool", "KernelMaxPool", "PoolMode", "check_keep", "check_kernel_size", "check_stride"]
+__all__ = [
+    "channel_pool",
+    "KernelAvgPool",
+    "KernelMaxPool",
+    "PoolMode",
+    "check_keep",
+    "check_kernel_size",
+    "check_stride",
+]
 
 PoolMode = Literal["avg", "max"]
 GridLike = Union[ChannelGrid, Tuple[int, int], None]
@@ -100,8 +109,10 @@ def channel_pool(
 def check_keep(keep: Optional[int], pooled: int) -> None:
     """Raise a ``ValueError`` unless ``keep`` is None or a channel count in [1, ``pooled``]."""
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= pooled):
-        raise ValueError(f"keep must be None (pass on every pooled channel) or a count in [1, {pooled}] "
-                         f"(the pool outputs {pooled} channels), got {keep!r}")
+        raise ValueError(
+            f"keep must be None (pass on every pooled channel) or a count in [1, {pooled}] "
+            f"(the pool outputs {pooled} channels), got {keep!r}"
+        )
 
 
 def pool_window(layout: ChannelGrid, kernel_size: int, stride: int) -> Tuple[List[int], List[int], List[int]]:
@@ -192,8 +203,16 @@ def box_mean(z: torch.Tensor, kernel: List[int]) -> torch.Tensor:
     return _BoxMean.apply(z, kernel)
 
 
-def pool_grid(x: torch.Tensor, rows: int, cols: int, out_channels: int, kernel: List[int], step: List[int],
-              pad: List[int], average: bool) -> torch.Tensor:
+def pool_grid(
+    x: torch.Tensor,
+    rows: int,
+    cols: int,
+    out_channels: int,
+    kernel: List[int],
+    step: List[int],
+    pad: List[int],
+    average: bool,
+) -> torch.Tensor:
     """Pool ``x`` (N, rows * cols, *spatial) over its (rows, cols) channel grid: (N, rows, cols, L) viewed
     as (N, L, rows, cols) is a channels-last 2-D image. TorchScript compiles it (kapify.surgery.scripting)."""
     n, spatial = x.shape[0], list(x.shape[2:])

@@ -1,16 +1,18 @@
 """Gaussian noise on a CPU at the speed of a memory pass: ``x + sigma * z`` in one vectorised,
-multi-threaded C loop (``normal_kernel.c``), instead of torch's ``normal_`` (one thread) followed by an add: 0.7 ns per element
-against 4.0 (float32) and 5.1 (bf16) on a 2-core Xeon (``benchmarks/cpu_noise_and_pool_ops.py``). The loop runs on torch's
-own OpenMP threads (the library links the libgomp torch loaded), so it does not compete with them.
+multi-threaded C loop (``normal_kernel.c``), instead of torch's ``normal_`` (one thread) followed by an add: 0.7 ns
+per element against 4.0 (float32) and 5.1 (bf16) on a 2-core Xeon (``benchmarks/cpu_noise_and_pool_ops.py``). The
+loop runs on torch's own OpenMP threads (the library links the libgomp torch loaded), so it does not compete with
+them.
 
 The numbers are exact i.i.d. N(0, sigma^2) draws of a counter-based generator (Philox4x32-10, the
 generator of cuRAND, and Box-Muller): element ``e`` of a call gets the normal numbered ``e`` under
 a 64-bit key drawn from torch's default CPU generator. So the noise is reproducible from
 ``torch.manual_seed`` (and from a checkpoint's RNG state), and independent of how the elements are
 split across threads. The kernel is compiled once per machine with the system C compiler into
-kapify's cache folder (``$KAPIFY_CACHE_DIR``, default ``~/.cache/kapify``, as the dataset cache); without a compiler, or with
-``KAPIFY_FAST_NOISE=0``, :func:`add_gaussian` returns None and the caller uses torch's generator.
+kapify's cache folder (``$KAPIFY_CACHE_DIR``, default ``~/.cache/kapify``, as the dataset cache); without a compiler,
+or with ``KAPIFY_FAST_NOISE=0``, :func:`add_gaussian` returns None and the caller uses torch's generator.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,7 +66,9 @@ def _build(compiler: str) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # same file system: the rename below is atomic
             built = Path(tmp) / target.name
-            done = subprocess.run([compiler, *flags, "-o", str(built), str(_SOURCE), "-lm"], capture_output=True, text=True)
+            done = subprocess.run(
+                [compiler, *flags, "-o", str(built), str(_SOURCE), "-lm"], capture_output=True, text=True
+            )
             if done.returncode == 0:
                 os.replace(built, target)  # concurrent builders (DDP ranks) each write a whole file
                 return target
@@ -82,12 +86,23 @@ def _library() -> Optional[ctypes.CDLL]:
             raise RuntimeError("no C compiler found (set CC)")
         lib = ctypes.CDLL(str(_build(compiler)))
     except (OSError, RuntimeError) as err:
-        warnings.warn(f"kapify: CPU noise falls back to torch's single-threaded generator (slower): could not build "
-                      f"kapify/layers/normal_kernel.c: {err}", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"kapify: CPU noise falls back to torch's single-threaded generator (slower): could not build "
+            f"kapify/layers/normal_kernel.c: {err}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None
     for fn in (lib.kap_add_normal_f32, lib.kap_add_normal_bf16):
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_uint64,
-                       ctypes.c_int]
+        fn.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_float,
+            ctypes.c_uint64,
+            ctypes.c_int,
+        ]
         fn.restype = None
     return lib
 
@@ -97,8 +112,16 @@ def fast_noise_available() -> bool:
     return _library() is not None
 
 
-def _run(kernel: Callable, x: Optional[torch.Tensor], out: torch.Tensor, start: int, end: int, sigma: float, seed: int,
-         threads: int) -> None:
+def _run(
+    kernel: Callable,
+    x: Optional[torch.Tensor],
+    out: torch.Tensor,
+    start: int,
+    end: int,
+    sigma: float,
+    seed: int,
+    threads: int,
+) -> None:
     """Elements [start, end) of ``out`` (flat storage) = ``x`` + sigma * z, on ``threads`` OpenMP threads."""
     kernel(None if x is None else x.data_ptr(), out.data_ptr(), start, end, sigma, seed, threads)
 
@@ -114,8 +137,15 @@ class _AddGaussian(torch.autograd.Function):
     """``x + sigma * z``, into a new tensor or into ``x`` itself; the gradient passes through unchanged."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, kernel: Callable, sigma: float, seed: int, threads: int,  # type: ignore[override]
-                inplace: bool) -> torch.Tensor:
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        kernel: Callable,
+        sigma: float,
+        seed: int,
+        threads: int,  # type: ignore[override]
+        inplace: bool,
+    ) -> torch.Tensor:
         if inplace:
             ctx.mark_dirty(x)
             out = x
@@ -168,7 +198,9 @@ def _seed() -> int:
 
 
 @torch.jit.unused
-def add_gaussian(x: torch.Tensor, sigma: float, threads: Optional[int] = None, reuse_input: bool = False) -> Optional[torch.Tensor]:
+def add_gaussian(
+    x: torch.Tensor, sigma: float, threads: Optional[int] = None, reuse_input: bool = False
+) -> Optional[torch.Tensor]:
     """``x + N(0, sigma^2)`` noise through the compiled kernel, or None where it does not apply (not a
     CPU float32/bfloat16 tensor, inside ``torch.compile``, or no kernel): then draw the noise with torch.
 
@@ -193,8 +225,9 @@ def add_gaussian(x: torch.Tensor, sigma: float, threads: Optional[int] = None, r
     return _AddGaussian.apply(x, kernel, float(sigma), _seed(), threads or torch.get_num_threads(), inplace)
 
 
-def kernel_normals(numel: int, seed: int, dtype: torch.dtype = torch.float32, start: int = 0,
-                   threads: int = 1) -> torch.Tensor:
+def kernel_normals(
+    numel: int, seed: int, dtype: torch.dtype = torch.float32, start: int = 0, threads: int = 1
+) -> torch.Tensor:
     """The kernel's standard normals numbered ``start .. start + numel - 1`` under ``seed``: the numbers that
     :func:`add_gaussian` adds, times sigma (for tests and checks). Raises if the kernel is not available.
 

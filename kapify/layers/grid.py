@@ -3,6 +3,7 @@
 A :class:`ChannelGrid` is a ``rows x cols`` sheet filled row-major (channel ``r * cols + c``).
 A 1-D line of channels is the grid ``1 x C``.
 """
+
 from __future__ import annotations
 
 import math

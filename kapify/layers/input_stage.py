@@ -10,6 +10,7 @@ that consumes the raw input (``convert`` does this when the traced graph shows o
 ResNet's ``conv1``), so that every entry point (``forward_features``, ``forward_intermediates``,
 FX feature extractors) runs them, not only ``model(x)``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,8 +29,11 @@ def _run_stage(host: nn.Module, args: tuple, *, attr: str) -> tuple:
 
 def _hosted(host: nn.Module) -> List[Tuple[int, str]]:
     """(hook id, attr) of the input-stage hooks on ``host`` itself, in the order they run."""
-    return [(hook_id, hook.keywords["attr"]) for hook_id, hook in host._forward_pre_hooks.items()
-            if isinstance(hook, functools.partial) and hook.func is _run_stage]
+    return [
+        (hook_id, hook.keywords["attr"])
+        for hook_id, hook in host._forward_pre_hooks.items()
+        if isinstance(hook, functools.partial) and hook.func is _run_stage
+    ]
 
 
 def _stage_hooks(model: nn.Module) -> List[Tuple[nn.Module, int, str]]:

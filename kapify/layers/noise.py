@@ -1,4 +1,5 @@
 """Additive Gaussian noise, on in training only (paper §4.1), and the switch for test-time noise."""
+
 from __future__ import annotations
 
 from typing import Literal, Optional

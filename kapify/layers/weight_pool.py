@@ -4,6 +4,7 @@ whose filters (and biases) are pooled the same way, because a conv is linear in 
 The pooling runs on the filter bank viewed as (1, C_out, C_in/g * prod(kernel)), so it costs about
 K*K*|W| operations, not a dense C_out x C_out matrix product.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -16,7 +17,11 @@ __all__ = ["pool_conv_weight"]
 
 
 def pool_conv_weight(
-    weight: torch.Tensor, bias: Optional[torch.Tensor], kernel_size: int, stride: int = 1, grid: GridLike = None,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    kernel_size: int,
+    stride: int = 1,
+    grid: GridLike = None,
     keep: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Average the filters of a conv weight (C_out, ...) along C_out like :func:`channel_pool` would

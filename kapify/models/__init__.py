@@ -1,5 +1,6 @@
 """Models kapify builds on: timm/torchvision adaptations (small-image stem, pixel-space input) and
 the small convnets of the paper's §4.2 studies."""
+
 from .adapt import ADAPTATIONS, adapt, normalize_input, register_adaptation, small_image_stem
 from .small_convnet import SmallConvNet, small_convnet
 

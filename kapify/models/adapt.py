@@ -4,6 +4,7 @@ An adaptation is a function ``fn(model, **options) -> model`` in the :data:`ADAP
 :func:`adapt` applies one and appends ``{"name": ..., **options}`` to the model's recorded source,
 so :func:`kapify.load` rebuilds the same model (timm model + adaptations + KAP) from a checkpoint.
 """
+
 from __future__ import annotations
 
 import copy
@@ -128,6 +129,8 @@ def rewiden_adaptation(model: nn.Module, rule: Any, function_preserving: bool = 
     from ..surgery.rewiden import rewiden
 
     if callable(rule):
-        raise ValueError("only named width rules can be recorded; call kapify.rewiden(model, fn) directly for a callable")
+        raise ValueError(
+            "only named width rules can be recorded; call kapify.rewiden(model, fn) directly for a callable"
+        )
     new = rewiden(model, rule, function_preserving=function_preserving)
     return new

@@ -1,4 +1,5 @@
 """The small convnets of the paper's §4.2 studies: 1-3 blocks of conv -> BatchNorm -> ReLU."""
+
 from __future__ import annotations
 
 from typing import Sequence, Union
@@ -36,7 +37,11 @@ class SmallConvNet(nn.Module):
             raise ValueError(f"need depth >= 1 and one positive width per block, got depth={depth}, width={width!r}")
         blocks, chans = [], in_chans
         for w in widths:
-            layers = [nn.Conv2d(chans, w, kernel_size, padding=kernel_size // 2, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            layers = [
+                nn.Conv2d(chans, w, kernel_size, padding=kernel_size // 2, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(inplace=True),
+            ]
             if downsample:
                 layers.append(nn.MaxPool2d(2))
             blocks.append(nn.Sequential(*layers))

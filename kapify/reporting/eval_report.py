@@ -1,5 +1,6 @@
 """Write ``kapify-eval`` results: results.json (schema ``kapify-eval/1``), results.md in the
 paper's table layout, and PNG plots (accuracy vs eps, certified accuracy vs radius, kernels)."""
+
 from __future__ import annotations
 
 import json
@@ -21,35 +22,73 @@ def markdown_table(results: Dict[str, Any]) -> str:
     lookup = {(r["attack"], r["eps"]): r for r in rows}
     clean = next((r for r in rows if r["attack"] == "clean"), None)
     model = results.get("model") or {}
-    lines = [f"# kapify-eval: {model.get('checkpoint') or model.get('name')}", "",
-             f"{results['dataset']['name']}, {results['n_examples']} examples x {len(results['seeds'])} seed(s) "
-             f"{results['seeds']}, {results['device']}; accuracy in % (mean ± std over seeds)."
-             + (" Test-time noise ON while attacking and scoring (randomised defence)." if results["config"].get("test_noise") else ""), "",
-             "| norm | eps | " + " | ".join(attacks) + " |", "|---|---|" + "---|" * len(attacks)]
+    lines = [
+        f"# kapify-eval: {model.get('checkpoint') or model.get('name')}",
+        "",
+        f"{results['dataset']['name']}, {results['n_examples']} examples x {len(results['seeds'])} seed(s) "
+        f"{results['seeds']}, {results['device']}; accuracy in % (mean ± std over seeds)."
+        + (
+            " Test-time noise ON while attacking and scoring (randomised defence)."
+            if results["config"].get("test_noise")
+            else ""
+        ),
+        "",
+        "| norm | eps | " + " | ".join(attacks) + " |",
+        "|---|---|" + "---|" * len(attacks),
+    ]
     norm = rows[0]["norm"] if rows else ""
     for e in eps_values:
-        cells = [_pct(clean["accuracy"]) if a == "clean" and clean else (_pct(lookup[(a, e)]["accuracy"]) if (a, e) in lookup else "")
-                 for a in attacks]
+        cells = [
+            _pct(clean["accuracy"])
+            if a == "clean" and clean
+            else (_pct(lookup[(a, e)]["accuracy"]) if (a, e) in lookup else "")
+            for a in attacks
+        ]
         lines.append(f"| {norm} | {e:g} | " + " | ".join(cells) + " |")
     if "noise_sensitivity" in results:
         ns = results["noise_sensitivity"]
-        lines += ["", f"## Noise sensitivity ({ns['attack']} examples, eps={ns['eps']:g}; Table 2)", "",
-                  f"Protocol: {ns.get('protocol', 'non-adaptive')}.", "",
-                  "| input noise | activation noise | accuracy |", "|---|---|---|"]
-        lines += [f"| {'✓' if r['input_noise'] else '×'} | {'✓' if r['activation_noise'] else '×'} | {100 * r['accuracy']:.2f} |"
-                  for r in ns["rows"]]
+        lines += [
+            "",
+            f"## Noise sensitivity ({ns['attack']} examples, eps={ns['eps']:g}; Table 2)",
+            "",
+            f"Protocol: {ns.get('protocol', 'non-adaptive')}.",
+            "",
+            "| input noise | activation noise | accuracy |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {'✓' if r['input_noise'] else '×'} | {'✓' if r['activation_noise'] else '×'} | "
+            f"{100 * r['accuracy']:.2f} |"
+            for r in ns["rows"]
+        ]
     if "transfer" in results:
-        lines += ["", f"## Transfer from {results['transfer']['reference']} (Table A3)", "", "| attack | eps | accuracy |", "|---|---|---|"]
+        lines += [
+            "",
+            f"## Transfer from {results['transfer']['reference']} (Table A3)",
+            "",
+            "| attack | eps | accuracy |",
+            "|---|---|---|",
+        ]
         lines += [f"| {r['attack']} | {r['eps']:g} | {_pct(r['accuracy'])} |" for r in results["transfer"]["results"]]
     if "certification" in results:
         c = results["certification"]
-        lines += ["", f"## Certified accuracy (sigma={c['sigma']}, n0={c['n0']}, n={c['n']}, alpha={c['alpha']})", "",
-                  "| radius | " + " | ".join(f"{r:g}" for r in c["radii"][::2]) + " |", "|---|" + "---|" * len(c["radii"][::2]),
-                  "| accuracy % | " + " | ".join(f"{100 * a:.1f}" for a in c["certified_accuracy"][::2]) + " |"]
+        lines += [
+            "",
+            f"## Certified accuracy (sigma={c['sigma']}, n0={c['n0']}, n={c['n']}, alpha={c['alpha']})",
+            "",
+            "| radius | " + " | ".join(f"{r:g}" for r in c["radii"][::2]) + " |",
+            "|---|" + "---|" * len(c["radii"][::2]),
+            "| accuracy % | " + " | ".join(f"{100 * a:.1f}" for a in c["certified_accuracy"][::2]) + " |",
+        ]
     if "diagnostics" in results:
         t = results["diagnostics"]["topography"]
-        lines += ["", f"## Topography of {results['diagnostics']['first_conv']} (grid {results['diagnostics']['grid']})", "",
-                  f"neighbour cosine similarity {t['neighbour']:.3f} vs all pairs {t['all_pairs']:.3f}: score {t['score']:.3f}"]
+        lines += [
+            "",
+            f"## Topography of {results['diagnostics']['first_conv']} (grid {results['diagnostics']['grid']})",
+            "",
+            f"neighbour cosine similarity {t['neighbour']:.3f} vs all pairs {t['all_pairs']:.3f}: score "
+            f"{t['score']:.3f}",
+        ]
     lines += ["", "## Flags", ""]
     lines += [f"- **{f['kind']}**: {f['message']}" for f in results["flags"]] or ["none"]
     return "\n".join(lines) + "\n"
@@ -66,9 +105,20 @@ def _plots(results: Dict[str, Any], out: Path) -> List[str]:
     if len({r["eps"] for r in rows}) > 1:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for attack in dict.fromkeys(r["attack"] for r in rows):
-            pts = sorted((r["eps"], 100 * r["accuracy"]["mean"], 100 * r["accuracy"]["std"]) for r in rows if r["attack"] == attack)
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", label=attack, capsize=3)
-        ax.set(xlabel=f"eps ({rows[0]['norm']})", ylabel="robust accuracy (%)", ylim=(0, 100), title="Robust accuracy vs eps")
+            pts = sorted(
+                (r["eps"], 100 * r["accuracy"]["mean"], 100 * r["accuracy"]["std"])
+                for r in rows
+                if r["attack"] == attack
+            )
+            ax.errorbar(
+                [p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", label=attack, capsize=3
+            )
+        ax.set(
+            xlabel=f"eps ({rows[0]['norm']})",
+            ylabel="robust accuracy (%)",
+            ylim=(0, 100),
+            title="Robust accuracy vs eps",
+        )
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "accuracy_vs_eps.png", dpi=120)
@@ -78,7 +128,12 @@ def _plots(results: Dict[str, Any], out: Path) -> List[str]:
         c = results["certification"]
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.plot(c["radii"], [100 * a for a in c["certified_accuracy"]], marker=".")
-        ax.set(xlabel="L2 radius", ylabel="certified accuracy (%)", ylim=(0, 100), title=f"Randomized smoothing, sigma={c['sigma']}")
+        ax.set(
+            xlabel="L2 radius",
+            ylabel="certified accuracy (%)",
+            ylim=(0, 100),
+            title=f"Randomized smoothing, sigma={c['sigma']}",
+        )
         fig.tight_layout()
         fig.savefig(out / "certified_accuracy.png", dpi=120)
         plt.close(fig)
@@ -90,12 +145,22 @@ def _plots(results: Dict[str, Any], out: Path) -> List[str]:
             return "/".join(Path(str(path)).parts[-2:]) if path else "model"
 
         d = results["diagnostics"]
-        panels = [(f"{short((results.get('model') or {}).get('checkpoint'))}\n{d['first_conv']}, grid {d['grid']}, "
-                   f"topography {d['topography']['score']:.3f}", results["_mosaic"])]
+        panels = [
+            (
+                f"{short((results.get('model') or {}).get('checkpoint'))}\n{d['first_conv']}, grid {d['grid']}, "
+                f"topography {d['topography']['score']:.3f}",
+                results["_mosaic"],
+            )
+        ]
         if "_reference_mosaic" in results:
             ref = d["reference"]
-            panels.append((f"reference {short(ref['checkpoint'])}\n{ref['first_conv']}, grid {ref['grid']}, "
-                           f"topography {ref['topography']['score']:.3f}", results["_reference_mosaic"]))
+            panels.append(
+                (
+                    f"reference {short(ref['checkpoint'])}\n{ref['first_conv']}, grid {ref['grid']}, "
+                    f"topography {ref['topography']['score']:.3f}",
+                    results["_reference_mosaic"],
+                )
+            )
         plot_kernel_mosaics(panels, out / "first_layer_kernels.png")
         written.append("first_layer_kernels.png")
     change = (results.get("diagnostics") or {}).get("activation_change")
@@ -104,8 +169,11 @@ def _plots(results: Dict[str, Any], out: Path) -> List[str]:
         fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 4))
         ax.plot(range(len(names)), list(change["layers"].values()), marker="o")
         ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-        ax.set(xlabel="conv layer (forward order)", ylabel="||f(x_adv) - f(x)|| / ||f(x)||",
-               title=f"Activation change ({change['attack']}, eps={change['eps']:g})")
+        ax.set(
+            xlabel="conv layer (forward order)",
+            ylabel="||f(x_adv) - f(x)|| / ||f(x)||",
+            title=f"Activation change ({change['attack']}, eps={change['eps']:g})",
+        )
         fig.tight_layout()
         fig.savefig(out / "activation_change.png", dpi=120)
         plt.close(fig)

@@ -1,4 +1,5 @@
 """Figures shared by the reports: first-layer kernels laid out on the KAP grid (the paper's Fig. 7)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +10,9 @@ import torch
 __all__ = ["plot_kernel_mosaics"]
 
 
-def plot_kernel_mosaics(panels: List[Tuple[str, torch.Tensor]], path: Path, title: str = "First-layer kernels on the channel grid") -> None:
+def plot_kernel_mosaics(
+    panels: List[Tuple[str, torch.Tensor]], path: Path, title: str = "First-layer kernels on the channel grid"
+) -> None:
     """One panel per ``(caption, mosaic)``, mosaics from :func:`kapify.evaluation.diagnostics.kernel_mosaic`
     ((H, W, 3) in [0, 1], kernels separated by white lines), drawn with nearest-neighbour pixels at
     about 12 screen pixels per kernel pixel so that a 3x3 kernel and its neighbours can be told apart."""

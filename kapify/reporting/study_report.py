@@ -1,4 +1,5 @@
 """Write a study's results: study.json, study.md (one table) and pareto.png (clean vs robust accuracy)."""
+
 from __future__ import annotations
 
 import json
@@ -23,18 +24,35 @@ def study_markdown(study: Dict[str, Any]) -> str:
     per attack and eps, first-layer topography score, training time."""
     rows, columns = study["rows"], robust_columns(study["rows"])
     ev = study["evaluation"]
-    lines = [f"# Study: {study['study']}", "", study.get("description", "").strip(), "",
-             f"Accuracy in % on {ev['n_examples']} fixed test images (seed {ev['seed']}), L2 attacks; "
-             "'test' is the full test set. Topography: mean cosine similarity of grid-neighbour first-layer kernels "
-             "minus that of all pairs.", "",
-             "| model | pool | σ | K | epochs | test | clean | " + " | ".join(columns) + " | topography | train time |",
-             "|---|---|---|---|---|---|---|" + "---|" * len(columns) + "---|---|"]
+    lines = [
+        f"# Study: {study['study']}",
+        "",
+        study.get("description", "").strip(),
+        "",
+        f"Accuracy in % on {ev['n_examples']} fixed test images (seed {ev['seed']}), L2 attacks; "
+        "'test' is the full test set. Topography: mean cosine similarity of grid-neighbour first-layer kernels "
+        "minus that of all pairs.",
+        "",
+        "| model | pool | σ | K | epochs | test | clean | " + " | ".join(columns) + " | topography | train time |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(columns) + "---|---|",
+    ]
     for r in rows:
-        k = f"{r['k']}" + (f" (S={r['kap_stride']})" if r.get("kap_stride", 1) > 1 else "") if r["pool"] != "none" else "-"
+        k = (
+            f"{r['k']}" + (f" (S={r['kap_stride']})" if r.get("kap_stride", 1) > 1 else "")
+            if r["pool"] != "none"
+            else "-"
+        )
         parent = next((p for p in rows if p["name"] == r.get("init_from")), None)
         epochs = f"{r['epochs']}" + (f" (+{parent['epochs']} as {parent['label']})" if parent else "")
-        cells = [r["label"], {"avg": "KAP", "max": "KMP", "none": "-"}[r["pool"]], f"{r['sigma']:g}", k, epochs,
-                 _pct(r.get("test_acc")), _pct(r.get("clean"))] + [_pct(r["robust"].get(c)) for c in columns]
+        cells = [
+            r["label"],
+            {"avg": "KAP", "max": "KMP", "none": "-"}[r["pool"]],
+            f"{r['sigma']:g}",
+            k,
+            epochs,
+            _pct(r.get("test_acc")),
+            _pct(r.get("clean")),
+        ] + [_pct(r["robust"].get(c)) for c in columns]
         minutes = r.get("train_time_s")
         cells += [f"{r['topography']:.3f}", f"{minutes / 60:.1f} min" if minutes else ""]
         lines.append("| " + " | ".join(cells) + " |")
@@ -53,7 +71,9 @@ def _pareto_plot(study: Dict[str, Any], path: Path) -> None:
     rows, columns = study["rows"], robust_columns(study["rows"])
     if not columns:
         return
-    fig, axes = plt.subplots(1, len(columns), figsize=(max(7.0, 4.2 * len(columns)), 4.5), squeeze=False)  # room for the title and labels
+    fig, axes = plt.subplots(
+        1, len(columns), figsize=(max(7.0, 4.2 * len(columns)), 4.5), squeeze=False
+    )  # room for the title and labels
     style = {"avg": ("tab:red", "o", "KAP"), "max": ("tab:purple", "s", "KMP"), "none": ("tab:blue", "^", "NT(σ)")}
     for ax, column in zip(axes[0], columns):
         seen = set()
@@ -63,11 +83,22 @@ def _pareto_plot(study: Dict[str, Any], path: Path) -> None:
             color, marker, label = style[r["pool"]]
             if r["objective"] != "standard":
                 color, marker, label = "black", "D", r["objective"]
-            ax.scatter(100 * r["clean"], 100 * r["robust"][column], c=color, marker=marker, s=50,
-                       label=None if label in seen else label)
+            ax.scatter(
+                100 * r["clean"],
+                100 * r["robust"][column],
+                c=color,
+                marker=marker,
+                s=50,
+                label=None if label in seen else label,
+            )
             seen.add(label)
-            ax.annotate(r["label"], (100 * r["clean"], 100 * r["robust"][column]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=7)
+            ax.annotate(
+                r["label"],
+                (100 * r["clean"], 100 * r["robust"][column]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+            )
         attack, eps = column.split("@")
         top = max([100 * r["robust"][column] for r in rows if column in r["robust"]] + [5.0])
         ax.set_xlim(0, 100)  # axes from 0: small differences must look small
@@ -84,7 +115,8 @@ def _pareto_plot(study: Dict[str, Any], path: Path) -> None:
 
 
 def write_study_report(study: Dict[str, Any], out: Path, mosaics: Optional[Dict[str, Any]] = None) -> None:
-    """Write study.json, study.md, pareto.png and (given ``mosaics``: label -> kernel mosaic) kernels.png under ``out``."""
+    """Write study.json, study.md, pareto.png and (given ``mosaics``: label -> kernel mosaic) kernels.png under
+    ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("study.json", json.dumps(study, indent=2)), ("study.md", study_markdown(study))):
         tmp = out / f".{name}.tmp"
@@ -95,6 +127,11 @@ def write_study_report(study: Dict[str, Any], out: Path, mosaics: Optional[Dict[
         from .figures import plot_kernel_mosaics
 
         rows = {r["label"]: r for r in study["rows"]}
-        panels = [(f"{label}\ngrid {rows[label]['grid']}, topography {rows[label]['topography']:.3f}", m)
-                  for label, m in mosaics.items() if label in rows]
-        plot_kernel_mosaics(panels, out / "kernels.png", title=f"{Path(study['study']).stem}: first-layer kernels on the channel grid")
+        panels = [
+            (f"{label}\ngrid {rows[label]['grid']}, topography {rows[label]['topography']:.3f}", m)
+            for label, m in mosaics.items()
+            if label in rows
+        ]
+        plot_kernel_mosaics(
+            panels, out / "kernels.png", title=f"{Path(study['study']).stem}: first-layer kernels on the channel grid"
+        )

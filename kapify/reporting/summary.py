@@ -1,4 +1,5 @@
 """``kapify.summary``: what a conversion placed after each convolution, as text and as data."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +12,19 @@ from ..surgery.config import KapConfig, get_config
 
 __all__ = ["ModelSummary", "summary"]
 
-_COLUMNS = ("name", "conv_class", "in_channels", "out_channels", "grid", "kernel_size", "stride", "pool", "impl", "sigma", "route")
+_COLUMNS = (
+    "name",
+    "conv_class",
+    "in_channels",
+    "out_channels",
+    "grid",
+    "kernel_size",
+    "stride",
+    "pool",
+    "impl",
+    "sigma",
+    "route",
+)
 _HEADERS = ("module", "conv", "in", "out", "grid", "K", "S", "pool", "runs on", "noise", "found")
 
 
@@ -36,7 +49,10 @@ class ModelSummary:
 
     @property
     def rows(self) -> List[Dict[str, Any]]:
-        return [{c: getattr(layer, c) for c in _COLUMNS + ("pooled_channels", "neighbour_similarity")} for layer in self.config.layers]
+        return [
+            {c: getattr(layer, c) for c in _COLUMNS + ("pooled_channels", "neighbour_similarity")}
+            for layer in self.config.layers
+        ]
 
     @property
     def elongated(self) -> List[str]:
@@ -47,8 +63,11 @@ class ModelSummary:
     def spare_filters(self) -> List[str]:
         """Names of layers whose fixed non-square width C is pooled on a full square sheet with spare
         filters (the next square number of filters; the layer passes on the first C)."""
-        return [layer.name for layer in self.config.layers
-                if layer.grid and ChannelGrid.parse(layer.grid).pooled(layer.stride).channels > layer.pooled_channels]
+        return [
+            layer.name
+            for layer in self.config.layers
+            if layer.grid and ChannelGrid.parse(layer.grid).pooled(layer.stride).channels > layer.pooled_channels
+        ]
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -94,7 +113,10 @@ class ModelSummary:
                 f"{', '.join(self.elongated[:5])}"
             )
         spare = set(self.spare_filters)
-        for kept, what in ((spare, "on a square sheet with spare filters"), (set(c.fixed_widths) - spare, "rectangular grid")):
+        for kept, what in (
+            (spare, "on a square sheet with spare filters"),
+            (set(c.fixed_widths) - spare, "rectangular grid"),
+        ):
             if kept:
                 lines.append(
                     f"note: {len(kept)} layer(s) kept a non-square width ({what}): "
@@ -122,5 +144,7 @@ def summary(model: nn.Module) -> ModelSummary:
     """
     config = get_config(model)
     if config is None:
-        raise ValueError(f"{type(model).__name__} was not converted by kapify.convert, so there is nothing to summarise")
+        raise ValueError(
+            f"{type(model).__name__} was not converted by kapify.convert, so there is nothing to summarise"
+        )
     return ModelSummary(type(model).__name__, config, sum(p.numel() for p in model.parameters()))

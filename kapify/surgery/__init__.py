@@ -1,12 +1,20 @@
 """Model surgery: find every convolution through torch.fx and attach KAP and noise after it."""
+
 from .arrange import arrange_channels
+from .channels import (
+    ChannelGroup,
+    StoredSizes,
+    analyze_channels,
+    channel_groups,
+    register_block_handler,
+    register_layer_rule,
+    register_node_rule,
+)
 from .config import KapConfig, LayerRecord, get_config, is_converted
 from .conv_sites import ConvSites, find_conv_sites
 from .conv_types import is_conv, register_conv_type
 from .convert import convert
 from .fold import fold
-from .channels import ChannelGroup, StoredSizes, analyze_channels, channel_groups, register_block_handler, register_layer_rule, \
-    register_node_rule
 from .kap_conv import attach_kap, is_kap_conv, set_blend
 from .resize import ChannelHandler, register_channel_handler
 from .rewiden import rewiden, square_width, width_mult

@@ -14,6 +14,7 @@ rows x cols grid cells one to one; then swaps of grid-adjacent channels that rai
 similarity polish the result. A 1-D layout sorts by the leading eigenvector. Cost: one C x C
 eigendecomposition and assignment per group (ResNet50's largest group is 2048 channels).
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,7 +42,7 @@ class GroupArrangement:
     width: int
     grid: str
     before: float  # mean cosine similarity of grid-neighbour filters, before
-    after: float   # and after the permutation
+    after: float  # and after the permutation
     skipped: Optional[str] = None  # why the group was left as it was
 
 
@@ -68,8 +69,8 @@ def grid_placement(sim: torch.Tensor, grid: ChannelGrid, polish_passes: int = 2)
 
     Example:
         >>> sim = torch.eye(4) + torch.diag(torch.ones(3), 1) + torch.diag(torch.ones(3), -1)  # a chain 0-1-2-3
-        >>> grid_placement(sim[[2, 0, 3, 1]][:, [2, 0, 3, 1]], ChannelGrid(1, 4)).tolist() in ([1, 3, 0, 2], [2, 0, 3, 1])
-        True
+        >>> grid_placement(sim[[2, 0, 3, 1]][:, [2, 0, 3, 1]], ChannelGrid(1, 4)).tolist() in ([1, 3, 0, 2], [2, 0,
+        3, 1]) True
     """
     from scipy.optimize import linear_sum_assignment
 
@@ -87,7 +88,9 @@ def grid_placement(sim: torch.Tensor, grid: ChannelGrid, polish_passes: int = 2)
     else:
         ranks = torch.argsort(torch.argsort(embedding, dim=0), dim=0).double() / max(c - 1, 1)  # uniform in [0, 1]
         rows, cols = torch.meshgrid(torch.arange(grid.rows), torch.arange(grid.cols), indexing="ij")
-        cells = torch.stack([rows.flatten() / max(grid.rows - 1, 1), cols.flatten() / max(grid.cols - 1, 1)], 1).double()
+        cells = torch.stack(
+            [rows.flatten() / max(grid.rows - 1, 1), cols.flatten() / max(grid.cols - 1, 1)], 1
+        ).double()
         cost = torch.cdist(ranks, cells).pow(2).numpy()
         _, cell = linear_sum_assignment(cost)
         position = torch.as_tensor(cell, dtype=torch.long)
@@ -166,9 +169,16 @@ def arrange_channels(
             continue
         layout = rect_grid(group.width) if grid == "rect" else ChannelGrid(1, group.width)
         split = any(len(graph.outputs[name]) > 1 for name in group.producers)
-        reason = group.fixed or ("grouped convs: channels cannot leave their group" if group.divisor > 1 else None) or (
-            "a producer's output is split into segments: its grid spans several groups" if split else None) or (
-            "the channel order matters to a member (GroupNorm groups, ECA's conv along channels)" if group.normalised else None)
+        reason = (
+            group.fixed
+            or ("grouped convs: channels cannot leave their group" if group.divisor > 1 else None)
+            or ("a producer's output is split into segments: its grid spans several groups" if split else None)
+            or (
+                "the channel order matters to a member (GroupNorm groups, ECA's conv along channels)"
+                if group.normalised
+                else None
+            )
+        )
         identity = torch.arange(group.width)
         if split:
             report.append(GroupArrangement(list(group.producers), group.width, str(layout), 0.0, 0.0, reason))
@@ -178,7 +188,15 @@ def arrange_channels(
         before = neighbour_similarity(sim, identity, layout)
         if reason is None and group.width > 2:
             index[group.id] = grid_placement(sim, layout)
-        report.append(GroupArrangement(list(group.producers), group.width, str(layout), before,
-                                       neighbour_similarity(sim, index[group.id], layout), reason))
+        report.append(
+            GroupArrangement(
+                list(group.producers),
+                group.width,
+                str(layout),
+                before,
+                neighbour_similarity(sim, index[group.id], layout),
+                reason,
+            )
+        )
     apply_layout(new, graph, widths, index)
     return new, report

@@ -3,6 +3,7 @@
 It is small and JSON-serialisable, so that :func:`kapify.save` / :func:`kapify.load` can rebuild the
 same architecture from the model's source (a timm or torchvision model name) without user code.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -31,8 +32,11 @@ class LayerRecord:
     pool: Optional[str]
     sigma: float
     route: str  # how the conv was found: "graph" or "inside leaf <Type>"
-    impl: str = "activation"  # where the pool runs: "activation", "weight", "auto" (the smaller of the two per call) or "folded"
-    neighbour_similarity: Optional[List[float]] = None  # arrange: mean cosine similarity of grid-neighbour filters, [before, after]
+    # where the pool runs: "activation", "weight", "auto" (the smaller of the two per call) or "folded"
+    impl: str = "activation"
+    neighbour_similarity: Optional[List[float]] = (
+        None  # arrange: mean cosine similarity of grid-neighbour filters, [before, after]
+    )
 
 
 @dataclass
@@ -54,8 +58,12 @@ class KapConfig:
     source: Optional[Dict[str, Any]] = None
     folded: bool = False
     fixed_widths: Dict[str, str] = field(default_factory=dict)  # grid="square": conv -> why its width stayed
-    widened_across_norm: List[str] = field(default_factory=list)  # grid="square": convs widened across a LayerNorm/GroupNorm
-    input_shape: Optional[List[int]] = None  # the example input's shape, when one was given (load repeats the analysis on it)
+    widened_across_norm: List[str] = field(
+        default_factory=list
+    )  # grid="square": convs widened across a LayerNorm/GroupNorm
+    input_shape: Optional[List[int]] = (
+        None  # the example input's shape, when one was given (load repeats the analysis on it)
+    )
     arrange: Optional[str] = None  # channel arrangement applied before pooling (the weights are stored arranged)
     blend: float = 1.0  # KAP warm-start: (1 - blend) conv + blend KAP (kapify.set_blend)
     version: int = 2  # 2: grid="square" gives spare filters to fixed widths and grows a group at most 2x
@@ -63,9 +71,17 @@ class KapConfig:
     def convert_kwargs(self) -> Dict[str, Any]:
         """The keyword arguments that make :func:`kapify.convert` repeat this conversion."""
         return dict(
-            k=self.k, stride=self.stride, sigma=self.sigma, pool=self.pool, grid=self.grid,
-            input_noise=self.input_noise, impl=self.impl, include=self.include, exclude=self.exclude,
-            example_input=None if self.input_shape is None else torch.rand(self.input_shape), blend=self.blend,
+            k=self.k,
+            stride=self.stride,
+            sigma=self.sigma,
+            pool=self.pool,
+            grid=self.grid,
+            input_noise=self.input_noise,
+            impl=self.impl,
+            include=self.include,
+            exclude=self.exclude,
+            example_input=None if self.input_shape is None else torch.rand(self.input_shape),
+            blend=self.blend,
         )
 
     def to_dict(self) -> Dict[str, Any]:
@@ -81,7 +97,9 @@ class KapConfig:
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside DistributedDataParallel (``.module``) / torch.compile (``._orig_mod``) wrappers."""
     while not hasattr(model, CONFIG_ATTR):
-        inner = next((getattr(model, a) for a in ("module", "_orig_mod") if isinstance(getattr(model, a, None), nn.Module)), None)
+        inner = next(
+            (getattr(model, a) for a in ("module", "_orig_mod") if isinstance(getattr(model, a, None), nn.Module)), None
+        )
         if inner is None:
             break
         model = inner

@@ -6,6 +6,7 @@ raw weight outside any conv module) are reported: no module owns their output.
 If the traced graph does not reproduce the eager model, it is not trusted and every conv module
 of the model is taken instead.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -22,7 +23,13 @@ from .tracing import check_graph, eval_mode, example_input, trace
 __all__ = ["ConvSites", "find_conv_sites"]
 
 _FUNCTIONAL_CONVS = {
-    F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, torch.convolution,
+    F.conv1d,
+    F.conv2d,
+    F.conv3d,
+    torch.conv1d,
+    torch.conv2d,
+    torch.conv3d,
+    torch.convolution,
 }
 
 
@@ -40,7 +47,8 @@ class ConvSites:
 def _reads_metadata(node: torch.fx.Node) -> bool:
     """``x.size()``, ``x.shape``, ``x.dim()``, ``len(x)``...: uses of a tensor that do not read its values."""
     return (node.op == "call_method" and node.target in ("size", "dim")) or (
-        node.op == "call_function" and node.target in (getattr, len))
+        node.op == "call_function" and node.target in (getattr, len)
+    )
 
 
 def _input_entry(gm: torch.fx.GraphModule) -> Optional[str]:
@@ -60,7 +68,9 @@ def _scope(node: torch.fx.Node) -> str:
 
 
 def find_conv_sites(
-    model: nn.Module, leaf_modules: Sequence[type] = (), inputs: Optional[Sequence[torch.Tensor]] = None,
+    model: nn.Module,
+    leaf_modules: Sequence[type] = (),
+    inputs: Optional[Sequence[torch.Tensor]] = None,
     eager: Optional[object] = None,
 ) -> ConvSites:
     """Trace ``model`` (in eval mode), check the graph against eager (``eager``: the eval-mode output of

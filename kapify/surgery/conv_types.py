@@ -5,6 +5,7 @@ which is linear in its ``weight``. Subclasses of a registered type are included,
 ``nn.Conv2d`` covers timm's ``Conv2dSame``, ``StdConv2d`` and ``ScaledStdConv2d``.
 Register your own conv-like layer with :func:`register_conv_type`.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Tuple, Type

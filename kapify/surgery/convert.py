@@ -1,27 +1,36 @@
 """``kapify.convert``: put KAP (or KMP) and Gaussian noise after every convolution of a model."""
+
 from __future__ import annotations
 
 import copy
-import math
 import fnmatch
+import math
 import warnings
 from typing import Callable, Dict, Iterable, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from ..layers import ChannelGrid, GaussianNoise, KernelAvgPool, KernelMaxPool, check_kernel_size, check_sigma, check_stride
+from ..layers import (
+    ChannelGrid,
+    GaussianNoise,
+    KernelAvgPool,
+    KernelMaxPool,
+    check_kernel_size,
+    check_sigma,
+    check_stride,
+)
 from ..layers.grid import line_grid, rect_grid
 from ..layers.input_stage import add_input_stage, move_input_stages
 from ..model_source import describe_source
+from .arrange import ARRANGE_METHODS, arrange_channels
+from .channels import ChannelGraph
 from .config import CONFIG_ATTR, KapConfig, LayerRecord, is_converted
 from .conv_sites import find_conv_sites
 from .conv_types import conv_types
-from .optional import warn_skipped_once
-from .arrange import ARRANGE_METHODS, arrange_channels
 from .kap_conv import attach_kap, original_class, set_blend, weight_poolable
+from .optional import warn_skipped_once
 from .resize import resize_layer
-from .channels import ChannelGraph
 from .rewiden import Checked, RewidenError, _growth_limits, _rewiden
 
 __all__ = ["convert", "GRID_RULES", "POOLS", "IMPLS", "INPUT_NOISE_ATTR"]
@@ -60,14 +69,17 @@ def _selected(name: str, include: Optional[List[str]], exclude: Optional[List[st
     return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
 
 
-def _widen_to_squares(model: nn.Module, example_input: Optional[torch.Tensor], leaf_modules: Iterable[type]
-                      ) -> Tuple[nn.Module, Optional[ChannelGraph], Optional[str], Optional[Checked]]:
+def _widen_to_squares(
+    model: nn.Module, example_input: Optional[torch.Tensor], leaf_modules: Iterable[type]
+) -> Tuple[nn.Module, Optional[ChannelGraph], Optional[str], Optional[Checked]]:
     """Re-widen for grid="square": every free group, channel-normalised ones too; if the widened model
     no longer runs, without the channel-normalised groups (a stream width read at run time, e.g. MaxViT's
     attention); if that fails too, nothing (rectangular grids, with a warning). Returns the model, its
     channel graph, why it was not widened, and the forward that checked it."""
     try:
-        new, graph, checked = _rewiden(model, "square", True, example_input, leaf_modules, strict=False, widen_normalised=True)
+        new, graph, checked = _rewiden(
+            model, "square", True, example_input, leaf_modules, strict=False, widen_normalised=True
+        )
         return new, graph, None, checked
     except RewidenError:
         pass
@@ -91,15 +103,21 @@ def _why_not_square(graph: ChannelGraph, name: str) -> str:
     if len(layout) == 1 and multiplied is not None:
         return f"widens with its input in whole groups or heads ({multiplied[2]} per {multiplied[1]} input channels)"
     if len(layout) > 1:
-        return f"its output is split into {len(layout)} segments ({' + '.join(str(graph.groups[g].width) for g in layout)} channels) whose widths other convs set"
-    return f"no square within {_growth_limits(graph)(layout)}x is a multiple of {graph.groups[layout[0]].divisor} (whole groups or heads)"
+        widths = " + ".join(str(graph.groups[g].width) for g in layout)
+        return f"its output is split into {len(layout)} segments ({widths} channels) whose widths other convs set"
+    divisor = graph.groups[layout[0]].divisor
+    return f"no square within {_growth_limits(graph)(layout)}x is a multiple of {divisor} (whole groups or heads)"
 
 
 def _multiply_filters(conv: nn.Module, layout: ChannelGrid, stride: int) -> ChannelGrid:
     """Give ``conv`` stride*stride times its filters on a (rows*S) x (cols*S) grid (stride*C on a
     line), old filter (r, c) at the centre (r*S, c*S) of the window that pools back to channel (r, c);
     the new filters get the layer's own initialisation. A stride-S pool then returns C channels."""
-    wide = ChannelGrid(layout.rows, layout.cols * stride) if layout.is_line else ChannelGrid(layout.rows * stride, layout.cols * stride)
+    wide = (
+        ChannelGrid(layout.rows, layout.cols * stride)
+        if layout.is_line
+        else ChannelGrid(layout.rows * stride, layout.cols * stride)
+    )
     rows, cols = torch.meshgrid(torch.arange(layout.rows), torch.arange(layout.cols), indexing="ij")
     centres = (rows * (1 if layout.is_line else stride) * wide.cols + cols * stride).flatten()
     resize_layer(conv, new_out=wide.channels, out_index=centres)
@@ -188,7 +206,10 @@ def convert(
     if arrange is not None and arrange not in ARRANGE_METHODS:
         raise ValueError(f"unknown arrange method {arrange!r}; available: {list(ARRANGE_METHODS)} (or None)")
     if blend != 1.0 and (pool != "avg" or stride != 1 or not 0.0 <= blend <= 1.0):
-        raise ValueError(f"blend (in [0, 1]) applies to average pooling with stride 1, got blend={blend!r}, pool={pool!r}, stride={stride}")
+        raise ValueError(
+            f"blend (in [0, 1]) applies to average pooling with stride 1, got blend={blend!r}, pool={pool!r}, "
+            f"stride={stride}"
+        )
     include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")
     if is_converted(model):
         raise ValueError(
@@ -207,7 +228,9 @@ def convert(
         new, graph, unwidened, checked = copy.deepcopy(model), None, None, None
     similarity: Dict[str, List[float]] = {}
     if arrange is not None and pool is not None:  # permute before pooling: same widths, so graph stays valid
-        new, arranged = arrange_channels(new, arrange, example_input, leaf_modules, grid="line" if grid == "line" else "rect")
+        new, arranged = arrange_channels(
+            new, arrange, example_input, leaf_modules, grid="line" if grid == "line" else "rect"
+        )
         similarity = {name: [r.before, r.after] for r in arranged for name in r.producers}
     inputs, eager = None if example_input is None else [example_input], None
     if checked is not None and arrange is None:  # compare the graph to the forward that checked the widened model
@@ -246,14 +269,18 @@ def convert(
         if pool_module is not None and side >= 3 and k >= 2 * side - 1:  # every window covers the whole grid
             oversized.append(f"{name} ({layout})")
         noise = GaussianNoise(sigma) if sigma > 0 else None
-        layer_impl = impl if impl == "weight" or (impl == "auto" and weight_poolable(conv, pool_module)) else "activation"
+        layer_impl = (
+            impl if impl == "weight" or (impl == "auto" and weight_poolable(conv, pool_module)) else "activation"
+        )
         records.append(
             LayerRecord(
                 name=name,
                 conv_class=f"{original_class(conv).__module__}.{original_class(conv).__qualname__}",
                 in_channels=conv.in_channels,
                 out_channels=conv.out_channels,
-                pooled_channels=pool_module.out_channels(conv.out_channels) if pool_module is not None else conv.out_channels,
+                pooled_channels=pool_module.out_channels(conv.out_channels)
+                if pool_module is not None
+                else conv.out_channels,
                 grid=str(layout) if pool_module is not None else None,
                 kernel_size=k,
                 stride=layer_stride,
@@ -267,18 +294,34 @@ def convert(
         if pool_module is not None or noise is not None:
             attach_kap(conv, pool_module, noise, layer_impl)
     if oversized:
-        warnings.warn(f"k={k} is larger than the channel grid of {len(oversized)} conv(s), e.g. {', '.join(oversized[:3])}: "
-                      f"each pool averages every channel of the layer; pick k <= the grid's side", stacklevel=2)
+        warnings.warn(
+            f"k={k} is larger than the channel grid of {len(oversized)} conv(s), e.g. {', '.join(oversized[:3])}: "
+            f"each pool averages every channel of the layer; pick k <= the grid's side",
+            stacklevel=2,
+        )
     if input_noise and sigma > 0:
         # first: the noise lives in pixel space, before any input normalisation
         add_input_stage(new, INPUT_NOISE_ATTR, GaussianNoise(sigma, site="input"), first=True)
     if sites.entry is not None:  # input stages on the module that reads the input: every entry point runs them
         move_input_stages(new, sites.entry)
     config = KapConfig(
-        k=k, stride=stride, sigma=sigma, pool=pool, grid=grid, input_noise=bool(input_noise and sigma > 0), impl=impl,
-        include=include_p, exclude=exclude_p, layers=records, skipped=sites.functional,
-        params_before=params_before, source=describe_source(model), fixed_widths=fixed_widths,
-        widened_across_norm=across_norm, arrange=arrange, input_shape=None if example_input is None else [1, *example_input.shape[1:]],
+        k=k,
+        stride=stride,
+        sigma=sigma,
+        pool=pool,
+        grid=grid,
+        input_noise=bool(input_noise and sigma > 0),
+        impl=impl,
+        include=include_p,
+        exclude=exclude_p,
+        layers=records,
+        skipped=sites.functional,
+        params_before=params_before,
+        source=describe_source(model),
+        fixed_widths=fixed_widths,
+        widened_across_norm=across_norm,
+        arrange=arrange,
+        input_shape=None if example_input is None else [1, *example_input.shape[1:]],
     )
     setattr(new, CONFIG_ATTR, config)
     if blend != 1.0:

@@ -1,4 +1,5 @@
 """``kapify.fold``: a deployable copy with every foldable KAP baked into plain conv weights."""
+
 from __future__ import annotations
 
 import copy
@@ -7,8 +8,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from .config import CONFIG_ATTR, get_config
 from ..layers.input_stage import remove_input_stage
+from .config import CONFIG_ATTR, get_config
 from .convert import INPUT_NOISE_ATTR
 from .kap_conv import detach_kap, is_kap_conv, weight_poolable
 
@@ -25,8 +26,8 @@ def fold(model: nn.Module) -> nn.Module:
         >>> import timm, kapify
         >>> kap = kapify.convert(timm.create_model("resnet18", num_classes=10)).eval()
         >>> folded = kapify.fold(kap)
-        >>> type(folded.conv1).__name__, torch.allclose(folded(torch.ones(1, 3, 32, 32)), kap(torch.ones(1, 3, 32, 32)), atol=1e-4)
-        ('Conv2d', True)
+        >>> type(folded.conv1).__name__, torch.allclose(folded(torch.ones(1, 3, 32, 32)), kap(torch.ones(1, 3, 32,
+        32)), atol=1e-4) ('Conv2d', True)
     """
     config = get_config(model)
     if config is None:

@@ -12,6 +12,7 @@ whose ``forward`` runs the original conv, then ``kap_pool``, then ``kap_noise``.
 an instance of its original class, its ``state_dict`` keys are unchanged (pool and noise hold no
 tensors), and it works with ``torch.compile``, autocast, channels-last and DDP.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,16 @@ from torch import nn
 
 from ..layers import KernelAvgPool, pool_conv_weight
 
-__all__ = ["KapConvMixin", "attach_kap", "detach_kap", "is_kap_conv", "original_class", "set_blend", "weight_poolable", "Impl"]
+__all__ = [
+    "KapConvMixin",
+    "attach_kap",
+    "detach_kap",
+    "is_kap_conv",
+    "original_class",
+    "set_blend",
+    "weight_poolable",
+    "Impl",
+]
 
 Impl = Literal["activation", "weight", "auto"]
 _PLAIN_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
@@ -77,7 +87,9 @@ class KapConvMixin:
         plain.__dict__.update({k: v for k, v in self.__dict__.items() if not k.startswith("kap_")})
         plain._modules = {k: m for k, m in self._modules.items() if not k.startswith("kap_")}  # type: ignore[assignment]
         plain._forward_pre_hooks = type(self._forward_pre_hooks)()
-        twin = ScriptableKapConv(plain, self.kap_pool, self.kap_noise, self.__dict__.get("kap_blend", 1.0), hosted_stages(self))
+        twin = ScriptableKapConv(
+            plain, self.kap_pool, self.kap_noise, self.__dict__.get("kap_blend", 1.0), hosted_stages(self)
+        )
         # torch.jit.script swaps the twin in for this conv and keys its memo of prepared modules by id():
         # keep this conv alive, so that its id is not reused by a later module (in a tuple: not a submodule)
         twin.__dict__["_prepared_from"] = (self,)
@@ -100,7 +112,11 @@ def _kap_class(cls: Type[nn.Module]) -> Type[nn.Module]:
     keeps the conv's ``__module__`` (torch.fx and torchvision's tracer do not trace into ``torch.nn``
     modules) and is registered with timm's not-traced modules (timm's own conv types)."""
     if cls not in _CLASSES:
-        kap = type(f"Kap{cls.__name__}", (KapConvMixin, cls), {"__module__": cls.__module__, "__qualname__": f"Kap{cls.__qualname__}"})
+        kap = type(
+            f"Kap{cls.__name__}",
+            (KapConvMixin, cls),
+            {"__module__": cls.__module__, "__qualname__": f"Kap{cls.__qualname__}"},
+        )
         try:
             from timm.layers import register_notrace_module
 
@@ -158,8 +174,8 @@ def set_blend(model: nn.Module, blend: float) -> int:
     Example:
         >>> from kapify.layers import KernelAvgPool
         >>> conv = attach_kap(nn.Conv2d(3, 16, 3), KernelAvgPool(3, grid=(4, 4)), None)
-        >>> set_blend(conv, 0.0), torch.equal(conv(torch.ones(1, 3, 5, 5)), nn.Conv2d.forward(conv, torch.ones(1, 3, 5, 5)))
-        (1, True)
+        >>> set_blend(conv, 0.0), torch.equal(conv(torch.ones(1, 3, 5, 5)), nn.Conv2d.forward(conv, torch.ones(1, 3,
+        5, 5))) (1, True)
     """
     a = float(blend)
     if not 0.0 <= a <= 1.0:
@@ -168,8 +184,10 @@ def set_blend(model: nn.Module, blend: float) -> int:
     for module in model.modules():
         if is_kap_conv(module) and isinstance(module.kap_pool, KernelAvgPool):
             if module.kap_pool.stride != 1:
-                raise ValueError(f"{type(module).__name__} pools with stride {module.kap_pool.stride} (kernel-size multiplier): "
-                                 f"its pooled output has fewer channels than the conv's, so it cannot be blended with it")
+                raise ValueError(
+                    f"{type(module).__name__} pools with stride {module.kap_pool.stride} (kernel-size multiplier): "
+                    f"its pooled output has fewer channels than the conv's, so it cannot be blended with it"
+                )
             module.kap_blend = a
             changed += 1
     from .config import get_config

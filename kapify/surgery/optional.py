@@ -3,6 +3,7 @@ has its class, and every class that is missing is recorded, so that an older or 
 the rules of its missing modules and no others, and says so (a warning at the first conversion,
 :func:`kapify.diagnostics`).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -68,9 +69,12 @@ def warn_skipped_once() -> None:
         _warned[0] = True
         versions = ", ".join(f"{k} {v}" for k, v in _versions().items())
         missing = "; ".join(f"{s.path} ({s.used_for})" for s in _SKIPPED)
-        warnings.warn(f"kapify: {len(_SKIPPED)} rule(s) left out because {versions} lacks their class: {missing}. Models "
-                      f"built from those blocks may keep rectangular grids or fail to re-widen; kapify.diagnostics() lists them",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"kapify: {len(_SKIPPED)} rule(s) left out because {versions} lacks their class: {missing}. Models "
+            f"built from those blocks may keep rectangular grids or fail to re-widen; kapify.diagnostics() lists them",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def diagnostics() -> Dict[str, Any]:
@@ -84,7 +88,11 @@ def diagnostics() -> Dict[str, Any]:
     """
     from ..layers.fast_noise import fast_noise_available
 
-    return {"versions": _versions(), "skipped_rules": [s.to_dict() for s in _SKIPPED], "fast_cpu_noise": fast_noise_available()}
+    return {
+        "versions": _versions(),
+        "skipped_rules": [s.to_dict() for s in _SKIPPED],
+        "fast_cpu_noise": fast_noise_available(),
+    }
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -105,9 +113,11 @@ def register_present(register: Callable[..., Callable[[F], F]], *paths: str, **o
         >>> list(found)
         [<class 'torch.nn.modules.linear.Identity'>]
     """
+
     def decorate(fn: F) -> F:
         classes = optional_imports(*paths, used_for=f"{register.__name__.removeprefix('register_')} {fn.__name__}")
         if classes:
             register(*classes, **options)(fn)
         return fn
+
     return decorate

@@ -7,6 +7,7 @@ several old groups (their inputs and outputs side by side, zero weights between 
 ``b >= m x a`` with ``g`` dividing both works. :func:`merged_square` picks ``b``, :func:`merged_index` places
 the old outputs, and :func:`regroup` is how :func:`~kapify.surgery.resize.resize_layer` reads any layout back.
 """
+
 from __future__ import annotations
 
 import math
@@ -75,5 +76,11 @@ def regroup(in_index: torch.Tensor, out_index: torch.Tensor, groups: int, new_in
         kept = holding(groups)
         if kept is not None and torch.equal(kept, torch.arange(groups)):
             return groups
-    return next((d for d in range(common, 0, -1) if common % d == 0 and new_in // d <= MAX_MERGED * per_in
-                 and holding(d) is not None), None)
+    return next(
+        (
+            d
+            for d in range(common, 0, -1)
+            if common % d == 0 and new_in // d <= MAX_MERGED * per_in and holding(d) is not None
+        ),
+        None,
+    )

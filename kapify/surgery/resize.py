@@ -5,6 +5,7 @@ their values (placed where ``in_index`` / ``out_index`` say); new entries come f
 ``reset_parameters`` on the new shape, or are zero where ``zero_new_inputs`` asks (Net2Net-style
 function preservation: a new input channel then contributes nothing).
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,7 +18,14 @@ from torch import nn
 from .optional import optional_imports
 from .regroup import regroup
 
-__all__ = ["ChannelHandler", "register_channel_handler", "channel_handler", "resize_layer", "resize_parameter", "CHANNEL_HANDLERS"]
+__all__ = [
+    "ChannelHandler",
+    "register_channel_handler",
+    "channel_handler",
+    "resize_layer",
+    "resize_parameter",
+    "CHANNEL_HANDLERS",
+]
 
 
 @dataclass
@@ -66,41 +74,81 @@ CHANNEL_HANDLERS: Dict[Type[nn.Module], ChannelHandler] = {}
 
 
 def register_channel_handler(module_type: Type[nn.Module], handler: ChannelHandler) -> None:
-    """Teach re-widening a layer type: ``register_channel_handler(MyNorm, ChannelHandler("channelwise", "dim", "dim"))``."""
+    """Teach re-widening a layer type: ``register_channel_handler(MyNorm, ChannelHandler("channelwise", "dim",
+    "dim"))``."""
     CHANNEL_HANDLERS[module_type] = handler
 
 
-register_channel_handler(nn.modules.conv._ConvNd, ChannelHandler("conv", "in_channels", "out_channels"))  # Conv1d/2d/3d and subclasses
-register_channel_handler(nn.Linear, ChannelHandler("linear", "in_features", "out_features", axis=-1))  # heads, channels-last MLPs
-register_channel_handler(nn.modules.batchnorm._NormBase, ChannelHandler("channelwise", "num_features", "num_features"))  # BatchNorm*, InstanceNorm*
-register_channel_handler(nn.GroupNorm, ChannelHandler(  # stats over channel groups
-    "channelwise", "num_channels", "num_channels", channels_normalised=True, groups_attr="num_groups"))
-register_channel_handler(nn.LayerNorm, ChannelHandler(  # channels-last LayerNorm (ConvNeXt blocks); 1-D normalized_shape
-    "channelwise", "normalized_shape", "normalized_shape", channels_normalised=True, axis=-1))
+register_channel_handler(
+    nn.modules.conv._ConvNd, ChannelHandler("conv", "in_channels", "out_channels")
+)  # Conv1d/2d/3d and subclasses
+register_channel_handler(
+    nn.Linear, ChannelHandler("linear", "in_features", "out_features", axis=-1)
+)  # heads, channels-last MLPs
+register_channel_handler(
+    nn.modules.batchnorm._NormBase, ChannelHandler("channelwise", "num_features", "num_features")
+)  # BatchNorm*, InstanceNorm*
+register_channel_handler(
+    nn.GroupNorm,
+    ChannelHandler(  # stats over channel groups
+        "channelwise", "num_channels", "num_channels", channels_normalised=True, groups_attr="num_groups"
+    ),
+)
+register_channel_handler(
+    nn.LayerNorm,
+    ChannelHandler(  # channels-last LayerNorm (ConvNeXt blocks); 1-D normalized_shape
+        "channelwise", "normalized_shape", "normalized_shape", channels_normalised=True, axis=-1
+    ),
+)
+
+
 def _register_present(paths: Sequence[str], handler: ChannelHandler, used_for: str) -> None:
     """``handler`` for each of the timm/torchvision classes ``paths`` names that exists (the rest are recorded)."""
     for cls in optional_imports(*paths, used_for=f"channel handler: {used_for}"):
         register_channel_handler(cls, handler)
 
 
-_register_present(["timm.layers:StdConv2d", "timm.layers:StdConv2dSame", "timm.layers:ScaledStdConv2d", "timm.layers:ScaledStdConv2dSame"],
-                  ChannelHandler("conv", "in_channels", "out_channels", channels_normalised=True),
-                  "weight-standardised convs normalise each filter over its input channels")
-_register_present(["timm.layers:LayerNorm2d", "timm.layers:LayerNorm2dFp32", "timm.layers:LayerNormAct2d", "timm.layers:LayerNormAct2dFp32",
-                   "torchvision.models.convnext:LayerNorm2d"],
-                  ChannelHandler("channelwise", "normalized_shape", "normalized_shape", True, axis=1),
-                  "LayerNorms over dim 1 of NCHW (ConvNeXt stem and downsampling, MaxxViT; some subclass nn.LayerNorm)")
-_register_present(["timm.layers:RmsNorm", "timm.layers:RmsNormFp32", "timm.layers:SimpleNorm", "timm.layers:SimpleNormFp32"],
-                  ChannelHandler("channelwise", "normalized_shape", "normalized_shape", True, axis=-1),
-                  "RMS norms over the last dim (plain nn.Modules)")
-_register_present(["timm.layers:RmsNorm2d", "timm.layers:RmsNorm2dFp32", "timm.layers:SimpleNorm2d", "timm.layers:SimpleNorm2dFp32"],
-                  ChannelHandler("channelwise", "normalized_shape", "normalized_shape", True, axis=1),
-                  "RMS norms over dim 1 of NCHW")
-_register_present(["timm.layers:BlurPool2d"], ChannelHandler("channelwise", "channels", "channels"),
-                  "anti-aliasing: one blur filter per channel")
-_register_present(["timm.layers:EvoNorm2dS0", "timm.layers:EvoNorm2dS1", "timm.layers:EvoNorm2dS2"],
-                  ChannelHandler("channelwise", "weight", "weight", True, groups_attr="groups"),
-                  "EvoNorm S (and their 'a' subclasses): group statistics, no width attribute")
+_register_present(
+    [
+        "timm.layers:StdConv2d",
+        "timm.layers:StdConv2dSame",
+        "timm.layers:ScaledStdConv2d",
+        "timm.layers:ScaledStdConv2dSame",
+    ],
+    ChannelHandler("conv", "in_channels", "out_channels", channels_normalised=True),
+    "weight-standardised convs normalise each filter over its input channels",
+)
+_register_present(
+    [
+        "timm.layers:LayerNorm2d",
+        "timm.layers:LayerNorm2dFp32",
+        "timm.layers:LayerNormAct2d",
+        "timm.layers:LayerNormAct2dFp32",
+        "torchvision.models.convnext:LayerNorm2d",
+    ],
+    ChannelHandler("channelwise", "normalized_shape", "normalized_shape", True, axis=1),
+    "LayerNorms over dim 1 of NCHW (ConvNeXt stem and downsampling, MaxxViT; some subclass nn.LayerNorm)",
+)
+_register_present(
+    ["timm.layers:RmsNorm", "timm.layers:RmsNormFp32", "timm.layers:SimpleNorm", "timm.layers:SimpleNormFp32"],
+    ChannelHandler("channelwise", "normalized_shape", "normalized_shape", True, axis=-1),
+    "RMS norms over the last dim (plain nn.Modules)",
+)
+_register_present(
+    ["timm.layers:RmsNorm2d", "timm.layers:RmsNorm2dFp32", "timm.layers:SimpleNorm2d", "timm.layers:SimpleNorm2dFp32"],
+    ChannelHandler("channelwise", "normalized_shape", "normalized_shape", True, axis=1),
+    "RMS norms over dim 1 of NCHW",
+)
+_register_present(
+    ["timm.layers:BlurPool2d"],
+    ChannelHandler("channelwise", "channels", "channels"),
+    "anti-aliasing: one blur filter per channel",
+)
+_register_present(
+    ["timm.layers:EvoNorm2dS0", "timm.layers:EvoNorm2dS1", "timm.layers:EvoNorm2dS2"],
+    ChannelHandler("channelwise", "weight", "weight", True, groups_attr="groups"),
+    "EvoNorm S (and their 'a' subclasses): group statistics, no width attribute",
+)
 
 
 def channel_handler(module: nn.Module) -> Optional[ChannelHandler]:
@@ -116,11 +164,14 @@ def _leading(index: torch.Tensor) -> bool:
     return torch.equal(index, torch.arange(len(index)))
 
 
-def _place(old: torch.Tensor, new: torch.Tensor, out_index: torch.Tensor, in_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``new`` (written in place) with ``old[i]`` (and ``old[i, j]``) at ``new[out_index[i]]`` (``[.., in_index[j]]``)."""
+def _place(
+    old: torch.Tensor, new: torch.Tensor, out_index: torch.Tensor, in_index: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``new`` (written in place) with ``old[i]`` (and ``old[i, j]``) at ``new[out_index[i]]`` (``[..,
+    in_index[j]]``)."""
     old = old.to(new.dtype)
     if _leading(out_index) and (in_index is None or _leading(in_index)):  # old channels first: one slice copy
-        new[tuple(slice(0, n) for n in old.shape[:1 if in_index is None else 2])] = old
+        new[tuple(slice(0, n) for n in old.shape[: 1 if in_index is None else 2])] = old
         return new
     if in_index is None:
         return new.index_copy_(0, out_index, old)
@@ -129,8 +180,16 @@ def _place(old: torch.Tensor, new: torch.Tensor, out_index: torch.Tensor, in_ind
     return new.index_copy_(0, out_index, rows)
 
 
-def _place_grouped(old: torch.Tensor, new: torch.Tensor, in_index: torch.Tensor, out_index: torch.Tensor, groups: int,
-                   new_groups: int, transposed: bool, zero_new_inputs: bool) -> torch.Tensor:
+def _place_grouped(
+    old: torch.Tensor,
+    new: torch.Tensor,
+    in_index: torch.Tensor,
+    out_index: torch.Tensor,
+    groups: int,
+    new_groups: int,
+    transposed: bool,
+    zero_new_inputs: bool,
+) -> torch.Tensor:
     """A grouped conv's weight with old channels moved (``in_index``, ``out_index``) into ``new_groups`` groups that
     each hold whole old ones (:func:`~kapify.surgery.regroup.regroup`); with ``zero_new_inputs`` every old output
     reads only its old inputs (new ones and other old groups merged into its group give 0)."""
@@ -162,7 +221,9 @@ def resize_layer(
     unchanged counts, indices that are a permutation reorder the channels."""
     handler = channel_handler(module)
     if handler is None:
-        raise TypeError(f"no channel handler for {type(module).__name__}; register one with kapify.register_channel_handler")
+        raise TypeError(
+            f"no channel handler for {type(module).__name__}; register one with kapify.register_channel_handler"
+        )
     if getattr(module, handler.in_attr) is None:  # a layer that takes any width (BlurPool2d(channels=None))
         return
     old_in, old_out = handler.count(module, handler.in_attr), handler.count(module, handler.out_attr)
@@ -172,8 +233,11 @@ def resize_layer(
     new_in, new_out = new_in or old_in, new_out or old_out
     in_index = torch.arange(old_in) if in_index is None else in_index
     out_index = torch.arange(old_out) if out_index is None else out_index
-    if (new_in, new_out) == (old_in, old_out) and torch.equal(in_index, torch.arange(old_in)) \
-            and torch.equal(out_index, torch.arange(old_out)):  # no new channels, none moved
+    if (
+        (new_in, new_out) == (old_in, old_out)
+        and torch.equal(in_index, torch.arange(old_in))
+        and torch.equal(out_index, torch.arange(old_out))
+    ):  # no new channels, none moved
         return
     if handler.resize is not None:
         handler.resize(module, new_in, in_index, new_out, out_index, zero_new_inputs)
@@ -182,11 +246,16 @@ def resize_layer(
     grouped = handler.kind == "conv" and groups > 1  # whole new groups (depth multipliers too), each wider, or merged
     new_groups = regroup(in_index, out_index, groups, new_in, new_out) if grouped else groups
     if new_groups is None:
-        raise ValueError(f"{type(module).__name__} has {groups} groups of {old_in // groups} -> {old_out // groups} channels: "
-                         f"the new layout of {new_in} -> {new_out} channels puts one group's channels in different groups")
+        raise ValueError(
+            f"{type(module).__name__} has {groups} groups of {old_in // groups} -> {old_out // groups} channels: "
+            f"the new layout of {new_in} -> {new_out} channels puts one group's channels in different groups"
+        )
     transposed = handler.kind == "conv" and getattr(module, "transposed", False)  # weight is (in, out / groups, ...)
-    tensors = [(name, t) for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
-               if t is not None and t.dim() > 0]
+    tensors = [
+        (name, t)
+        for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        if t is not None and t.dim() > 0
+    ]
     fresh = copy.deepcopy(module, {id(t): None for _, t in tensors})  # the tensors it gets new ones for: not copied
     handler.set_count(fresh, handler.in_attr, new_in)
     handler.set_count(fresh, handler.out_attr, new_out)
@@ -215,7 +284,9 @@ def resize_layer(
     for name in shapes:
         old, new = getattr(module, name), getattr(fresh, name).detach()
         if grouped and name == "weight":
-            value = _place_grouped(old.detach(), new, in_index, out_index, groups, new_groups, transposed, zero_new_inputs)
+            value = _place_grouped(
+                old.detach(), new, in_index, out_index, groups, new_groups, transposed, zero_new_inputs
+            )
         elif handler.kind in ("conv", "linear") and name == "weight":
             rows, columns = (in_index, out_index) if transposed else (out_index, in_index)
             if zero_new_inputs:  # outgoing weights of new input channels start at 0 (Net2Net)
@@ -248,57 +319,91 @@ def resize_parameter(owner: nn.Module, name: str, dim: int, size: int, index: to
     shape[dim] = size
     value = torch.full(shape, old.detach().mean().item(), dtype=old.dtype, device=old.device)
     value.index_copy_(dim, index.to(old.device), old.detach())
-    setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value)
+    setattr(
+        owner, name, nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value
+    )
 
 
-def _resize_multihead_attention(module: nn.MultiheadAttention, new_in: int, in_index: torch.Tensor, size: int,
-                                index: torch.Tensor, zero_new_inputs: bool) -> None:
-    """``nn.MultiheadAttention`` with ``size`` channels (in = out): the q, k and v rows of the packed ``in_proj_weight``,
-    its columns and ``out_proj`` follow ``index``; the head dim stays, so the new channels are new heads."""
+def _resize_multihead_attention(
+    module: nn.MultiheadAttention,
+    new_in: int,
+    in_index: torch.Tensor,
+    size: int,
+    index: torch.Tensor,
+    zero_new_inputs: bool,
+) -> None:
+    """``nn.MultiheadAttention`` with ``size`` channels (in = out): the q, k and v rows of the packed
+    ``in_proj_weight``, its columns and ``out_proj`` follow ``index``; the head dim stays, so the new channels are
+    new heads."""
     if size % module.head_dim or not module._qkv_same_embed_dim:
-        raise ValueError(f"MultiheadAttention with heads of {module.head_dim} channels (keys/values of {module.kdim}/{module.vdim}) "
-                         f"cannot take {size} channels: it widens by whole heads, with keys and values of its own width")
+        raise ValueError(
+            f"MultiheadAttention with heads of {module.head_dim} channels (keys/values of {module.kdim}/{module.vdim}) "
+            f"cannot take {size} channels: it widens by whole heads, with keys and values of its own width"
+        )
     weight = module.in_proj_weight
-    fresh = nn.MultiheadAttention(size, size // module.head_dim, bias=module.in_proj_bias is not None,
-                                  add_bias_kv=module.bias_k is not None, batch_first=module.batch_first,
-                                  device=weight.device, dtype=weight.dtype)
+    fresh = nn.MultiheadAttention(
+        size,
+        size // module.head_dim,
+        bias=module.in_proj_bias is not None,
+        add_bias_kv=module.bias_k is not None,
+        batch_first=module.batch_first,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
     rows = torch.cat([piece * size + index for piece in range(3)])  # q, k, v: one head layout each
     new_weight = fresh.in_proj_weight.detach()
     if zero_new_inputs:
         new_weight[:, ~torch.isin(torch.arange(size), index)] = 0
     module.in_proj_weight = nn.Parameter(_place(weight.detach(), new_weight, rows, index), weight.requires_grad)
     if module.in_proj_bias is not None:
-        module.in_proj_bias = nn.Parameter(_place(module.in_proj_bias.detach(), fresh.in_proj_bias.detach(), rows),
-                                           module.in_proj_bias.requires_grad)
+        module.in_proj_bias = nn.Parameter(
+            _place(module.in_proj_bias.detach(), fresh.in_proj_bias.detach(), rows), module.in_proj_bias.requires_grad
+        )
     for name in ("bias_k", "bias_v"):  # (1, 1, E) learned key/value rows
         old = getattr(module, name)
         if old is not None:
             value = getattr(fresh, name).detach().clone()
             value[..., index] = old.detach()
             setattr(module, name, nn.Parameter(value, old.requires_grad))
-    resize_layer(module.out_proj, new_in=size, in_index=index, new_out=size, out_index=index, zero_new_inputs=zero_new_inputs)
+    resize_layer(
+        module.out_proj, new_in=size, in_index=index, new_out=size, out_index=index, zero_new_inputs=zero_new_inputs
+    )
     module.embed_dim = module.kdim = module.vdim = size
     module.num_heads = size // module.head_dim
 
 
-register_channel_handler(nn.MultiheadAttention, ChannelHandler(  # self-attention: query, key, value and output share one width
-    "attention", "embed_dim", "embed_dim", axis=-1, unit_attr="head_dim", resize=_resize_multihead_attention))
+register_channel_handler(
+    nn.MultiheadAttention,
+    ChannelHandler(  # self-attention: query, key, value and output share one width
+        "attention", "embed_dim", "embed_dim", axis=-1, unit_attr="head_dim", resize=_resize_multihead_attention
+    ),
+)
 
 
-def _resize_cond_conv(module: nn.Module, new_in: int, in_index: torch.Tensor, new_out: int, out_index: torch.Tensor,
-                      zero_new_inputs: bool) -> None:
+def _resize_cond_conv(
+    module: nn.Module, new_in: int, in_index: torch.Tensor, new_out: int, out_index: torch.Tensor, zero_new_inputs: bool
+) -> None:
     """timm's ``CondConv2d``: each expert's flattened filters are resized as a plain conv's would be (new filters get a
     conv's own initialisation, CondConv's too); its stored ``weight_shape`` / ``bias_shape`` follow."""
     experts = []
     for e in range(module.num_experts):
-        conv = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, groups=module.groups, bias=module.bias is not None,
-                         device=module.weight.device, dtype=module.weight.dtype)
+        conv = nn.Conv2d(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            groups=module.groups,
+            bias=module.bias is not None,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+        )
         conv.weight.data = module.weight.detach()[e].view(module.weight_shape).clone()
         if module.bias is not None:
             conv.bias.data = module.bias.detach()[e].clone()
         resize_layer(conv, new_in, in_index, new_out, out_index, zero_new_inputs)
         experts.append(conv)
-    module.weight = nn.Parameter(torch.stack([c.weight.detach().flatten() for c in experts]), module.weight.requires_grad)
+    module.weight = nn.Parameter(
+        torch.stack([c.weight.detach().flatten() for c in experts]), module.weight.requires_grad
+    )
     if module.bias is not None:
         module.bias = nn.Parameter(torch.stack([c.bias.detach() for c in experts]), module.bias.requires_grad)
         module.bias_shape = (new_out,)
@@ -306,5 +411,8 @@ def _resize_cond_conv(module: nn.Module, new_in: int, in_index: torch.Tensor, ne
     module.weight_shape = tuple(experts[0].weight.shape)
 
 
-_register_present(["timm.layers:CondConv2d"], ChannelHandler("conv", "in_channels", "out_channels", resize=_resize_cond_conv),
-                  "CondConv's experts, flattened")
+_register_present(
+    ["timm.layers:CondConv2d"],
+    ChannelHandler("conv", "in_channels", "out_channels", resize=_resize_cond_conv),
+    "CondConv's experts, flattened",
+)

@@ -1,4 +1,5 @@
 """``kapify.rewiden``: change channel widths consistently across the whole graph by a width rule."""
+
 from __future__ import annotations
 
 import copy
@@ -13,7 +14,8 @@ from .conv_types import is_conv
 from .regroup import merged_index, merged_square
 from .resize import resize_layer, resize_parameter
 from .squares import MAX_GROWTH, MAX_GROWTH_GROUPED, square_width
-from .tracing import eval_mode, example_input as default_input
+from .tracing import eval_mode
+from .tracing import example_input as default_input
 
 __all__ = ["RewidenError", "apply_layout", "rewiden", "square_width", "width_mult", "WIDTH_RULES", "resolve_width_rule"]
 
@@ -53,24 +55,34 @@ def resolve_width_rule(rule: Union[str, Dict, WidthFn]) -> WidthFn:
     return WIDTH_RULES[rule["name"]](**options)
 
 
-def _plan(graph: ChannelGraph, width_fn: WidthFn, function_preserving: bool, widen_normalised: bool,
-          convs: Iterable[str] = ()) -> Tuple[Dict[int, int], Dict[int, int]]:
+def _plan(
+    graph: ChannelGraph, width_fn: WidthFn, function_preserving: bool, widen_normalised: bool, convs: Iterable[str] = ()
+) -> Tuple[Dict[int, int], Dict[int, int]]:
     """Each group's new width, and the output groups of grouped convs that merge their groups (-> the new number
     of groups). ``convs``: the conv layers (KAP pools them), whose outputs the square rule makes square."""
     widths: Dict[int, int] = {}
     growth = _growth_limits(graph)
     for g in graph.groups:
         if function_preserving and not widen_normalised and g.normalised and g.fixed is None:
-            g.fixed = "a GroupNorm/LayerNorm normalises across these channels (or attention scales by their count): new ones would change the function"
+            g.fixed = (
+                "a GroupNorm/LayerNorm normalises across these channels (or attention scales by their count): "
+                "new ones would change the function"
+            )
         if g.fixed is not None or not g.producers:
             widths[g.id] = g.width
             continue
-        new = width_fn(g.width, divisor=g.divisor, max_growth=growth((g.id,))) if getattr(width_fn, "takes_divisor", False) \
+        new = (
+            width_fn(g.width, divisor=g.divisor, max_growth=growth((g.id,)))
+            if getattr(width_fn, "takes_divisor", False)
             else width_fn(g.width)
+        )
         if not isinstance(new, int) or isinstance(new, bool):
             raise ValueError(f"the width rule returned {new!r} for {g.width} channels; it must return an int")
         if new < g.width:
-            raise ValueError(f"the width rule shrinks {g.width} channels to {new} (group of {g.producers[0]}); re-widening only grows")
+            raise ValueError(
+                f"the width rule shrinks {g.width} channels to {new} (group of {g.producers[0]}); re-widening only "
+                f"grows"
+            )
         if new % g.divisor:
             new = -(-new // g.divisor) * g.divisor  # grouped convs: round up to a multiple of the groups
         widths[g.id] = new
@@ -80,7 +92,9 @@ def _plan(graph: ChannelGraph, width_fn: WidthFn, function_preserving: bool, wid
         _square_split_outputs(graph, widths, units, width_fn, set(convs), growth)
     _keep_leading_pieces_widest(graph, widths)
     merged: Dict[int, int] = {}
-    _derive_multiplied(graph, widths, merged if getattr(width_fn, "takes_divisor", False) else None)  # again, from inputs those steps grew
+    _derive_multiplied(
+        graph, widths, merged if getattr(width_fn, "takes_divisor", False) else None
+    )  # again, from inputs those steps grew
     return widths, merged
 
 
@@ -88,7 +102,9 @@ def _growth_limits(graph: ChannelGraph) -> Callable[[Iterable[int]], int]:
     """How much groups may grow to reach a square: :data:`MAX_GROWTH_GROUPED` where a grouped or depthwise conv pools
     one of them or, with a depth multiplier, sets its width from them (spare filters cannot stand in there), else
     :data:`MAX_GROWTH`."""
-    multiplied = {g for out in graph.depth_multiplied for g in (out, graph.multiplied[out][0]) if out in graph.multiplied}
+    multiplied = {
+        g for out in graph.depth_multiplied for g in (out, graph.multiplied[out][0]) if out in graph.multiplied
+    }
     grouped = {g for name in graph.grouped for g in graph.channelwise[name]} | multiplied
     return lambda groups: MAX_GROWTH_GROUPED if grouped.intersection(groups) else MAX_GROWTH
 
@@ -102,14 +118,21 @@ def _derive_multiplied(graph: ChannelGraph, widths: Dict[int, int], merged: Opti
         if graph.groups[out].fixed is not None:
             continue
         widths[out] = widths[inp] // per_in * per_out
-        if merged is not None and out in graph.depth_multiplied and graph.groups[out].divisor == 1 and out not in ties \
-                and math.isqrt(widths[out]) ** 2 != widths[out]:
+        if (
+            merged is not None
+            and out in graph.depth_multiplied
+            and graph.groups[out].divisor == 1
+            and out not in ties
+            and math.isqrt(widths[out]) ** 2 != widths[out]
+        ):
             found = merged_square(widths[inp], per_in, per_out)
             if found is not None:
                 widths[out], merged[out] = found
 
 
-def _merged_layouts(graph: ChannelGraph, widths: Dict[int, int], merged: Dict[int, int], index: Dict[int, torch.Tensor]) -> None:
+def _merged_layouts(
+    graph: ChannelGraph, widths: Dict[int, int], merged: Dict[int, int], index: Dict[int, torch.Tensor]
+) -> None:
     """The new positions of the old output channels of grouped convs that merge their groups (in graph order: one's
     input may be another's output)."""
     for out, groups in merged.items():
@@ -140,25 +163,39 @@ def _tie_units(graph: ChannelGraph, widths: Dict[int, int]) -> Dict[int, Tuple[i
             units[g] = tuple(members)
             if stuck:
                 widths[g] = graph.groups[g].width
-                graph.groups[g].fixed = graph.groups[g].fixed or f"split into pieces of one width with channels that stay: {stuck[0].fixed}"
+                graph.groups[g].fixed = (
+                    graph.groups[g].fixed or f"split into pieces of one width with channels that stay: {stuck[0].fixed}"
+                )
             else:
                 widths[g] = max(widths[m] for m in members)
     return units
 
 
-def _square_split_outputs(graph: ChannelGraph, widths: Dict[int, int], units: Dict[int, Tuple[int, ...]], width_fn: WidthFn,
-                          convs: set, growth: Callable[[Iterable[int]], int]) -> None:
+def _square_split_outputs(
+    graph: ChannelGraph,
+    widths: Dict[int, int],
+    units: Dict[int, Tuple[int, ...]],
+    width_fn: WidthFn,
+    convs: set,
+    growth: Callable[[Iterable[int]], int],
+) -> None:
     """A conv whose output is later split (CSPNet, Res2Net, DPN) has several segments; where one of them
     (or one tied set) is no conv's whole output, size it so that the conv's total is a square too."""
     outputs = {name: layout for name, layout in graph.conv_outputs().items() if name in convs}
     whole = {layout[0] for layout in outputs.values() if len(layout) == 1}
-    caps = {site.pieces[-1][0]: site.pieces[0] for site in graph.slices  # x.split(size): the last piece is no wider
-            if site.kind == "leading" and len(site.pieces) > 1 and len(site.pieces[-1]) == 1}
+    caps = {
+        site.pieces[-1][0]: site.pieces[0]
+        for site in graph.slices  # x.split(size): the last piece is no wider
+        if site.kind == "leading" and len(site.pieces) > 1 and len(site.pieces[-1]) == 1
+    }
     locked: set = set()
 
     def free_units(layout: Tuple[int, ...]) -> List[Tuple[int, ...]]:
-        return [units[g] for g in layout if not (set(units[g]) & (whole | locked)) and graph.groups[g].fixed is None
-                and graph.groups[g].producers]
+        return [
+            units[g]
+            for g in layout
+            if not (set(units[g]) & (whole | locked)) and graph.groups[g].fixed is None and graph.groups[g].producers
+        ]
 
     # the outputs with the fewest free segments first (SHViT: q, k, v with only v free, before the stream v is cut from)
     for layout in sorted(outputs.values(), key=lambda lo: len(free_units(lo))):
@@ -170,11 +207,20 @@ def _square_split_outputs(graph: ChannelGraph, widths: Dict[int, int], units: Di
         locked.update(layout)
 
 
-def _grow_whole_segment(graph: ChannelGraph, widths: Dict[int, int], layout: Tuple[int, ...], free: List[Tuple[int, ...]],
-                        units: Dict[int, Tuple[int, ...]], grown: set, width_fn: WidthFn, caps: Dict[int, Tuple[int, ...]],
-                        growth: Callable[[Iterable[int]], int]) -> None:
+def _grow_whole_segment(
+    graph: ChannelGraph,
+    widths: Dict[int, int],
+    layout: Tuple[int, ...],
+    free: List[Tuple[int, ...]],
+    units: Dict[int, Tuple[int, ...]],
+    grown: set,
+    width_fn: WidthFn,
+    caps: Dict[int, Tuple[int, ...]],
+    growth: Callable[[Iterable[int]], int],
+) -> None:
     """No free segment squares the total alone (CS3Darknet: 36 + at most 36 has no square): try the next
-    squares (up to two) for a segment that is a conv's whole output (with the pieces tied to it), then the free ones again."""
+    squares (up to two) for a segment that is a conv's whole output (with the pieces tied to it), then the free ones
+    again."""
     for unit in dict.fromkeys(units[g] for g in layout if g in grown):
         if any(graph.groups[g].fixed is not None or g not in grown for g in unit):
             continue
@@ -189,8 +235,15 @@ def _grow_whole_segment(graph: ChannelGraph, widths: Dict[int, int], layout: Tup
             widths[g] = old
 
 
-def _square_total(graph: ChannelGraph, widths: Dict[int, int], layout: Tuple[int, ...], unit: Tuple[int, ...],
-                  width_fn: WidthFn, caps: Dict[int, Tuple[int, ...]], growth: Callable[[Iterable[int]], int]) -> bool:
+def _square_total(
+    graph: ChannelGraph,
+    widths: Dict[int, int],
+    layout: Tuple[int, ...],
+    unit: Tuple[int, ...],
+    width_fn: WidthFn,
+    caps: Dict[int, Tuple[int, ...]],
+    growth: Callable[[Iterable[int]], int],
+) -> bool:
     """Give ``unit``'s groups the least width (from their old one) that makes ``layout``'s total a square the
     width rule would pick (a multiple of 16 from 64 on), or any square if that one is over twice as wide
     (RegNet-128GF's 11 groups of 264: 11 x 275 = 3025, not 11 x 704 = 7744)."""
@@ -198,13 +251,19 @@ def _square_total(graph: ChannelGraph, widths: Dict[int, int], layout: Tuple[int
     others = sum(widths[g] for g in layout if g not in unit)
     old = graph.groups[unit[0]].width
     step = math.lcm(*(graph.groups[g].divisor for g in unit))
-    cap = min((sum(widths[p] for p in caps[g]) for g in unit if g in caps), default=growth(layout) * (others + count * old))
+    cap = min(
+        (sum(widths[p] for p in caps[g]) for g in unit if g in caps), default=growth(layout) * (others + count * old)
+    )
 
     def least(square: Callable[[int], bool]) -> Optional[int]:
         return next((w for w in range(old, cap + 1, step) if square(others + count * w)), None)
 
     ruled, plain = least(lambda t: width_fn(t, divisor=1) == t), least(lambda t: math.isqrt(t) ** 2 == t)
-    width = ruled if ruled is not None and (plain is None or count * ruled + others <= 2 * (count * plain + others)) else plain
+    width = (
+        ruled
+        if ruled is not None and (plain is None or count * ruled + others <= 2 * (count * plain + others))
+        else plain
+    )
     if width is None:
         return False
     for g in unit:
@@ -213,7 +272,8 @@ def _square_total(graph: ChannelGraph, widths: Dict[int, int], layout: Tuple[int
 
 
 def _keep_leading_pieces_widest(graph: ChannelGraph, widths: Dict[int, int]) -> None:
-    """``x.split(size)`` makes pieces of ``size`` and a last one no wider: widen the leading pieces' last segment if needed."""
+    """``x.split(size)`` makes pieces of ``size`` and a last one no wider: widen the leading pieces' last segment if
+    needed."""
     for site in graph.slices:
         if site.kind != "leading" or len(site.pieces) < 2:
             continue
@@ -255,9 +315,15 @@ def rewiden(
 Checked = Tuple[torch.Tensor, object]  # an input the widened model ran on in eval mode, and what its forward returned
 
 
-def _rewiden(model: nn.Module, width_fn: Union[str, Dict, WidthFn], function_preserving: bool,
-             example_input: Optional[torch.Tensor], leaf_modules: Iterable[type], strict: bool,
-             widen_normalised: bool = False) -> Tuple[nn.Module, ChannelGraph, Checked]:
+def _rewiden(
+    model: nn.Module,
+    width_fn: Union[str, Dict, WidthFn],
+    function_preserving: bool,
+    example_input: Optional[torch.Tensor],
+    leaf_modules: Iterable[type],
+    strict: bool,
+    widen_normalised: bool = False,
+) -> Tuple[nn.Module, ChannelGraph, Checked]:
     """:func:`rewiden`, also returning the channel graph (for reports) and the forward that checked the widened
     model (convert compares its traced graph to it instead of running it again). ``widen_normalised``: with
     ``function_preserving``, widen channel-normalised groups too (new channels get zero outgoing
@@ -270,9 +336,16 @@ def _rewiden(model: nn.Module, width_fn: Union[str, Dict, WidthFn], function_pre
         raise ValueError(
             f"{len(stuck)} channel group(s) cannot be re-widened: "
             + "; ".join(f"{', '.join(g.producers[:3])}: {g.fixed}" for g in stuck[:5])
-            + ". Register a channel handler (kapify.register_channel_handler) or a leaf module for these layers, or pass strict=False"
+            + ". Register a channel handler (kapify.register_channel_handler) or a leaf module for these layers, or "
+            "pass strict=False"
         )
-    widths, merged = _plan(graph, fn, function_preserving, widen_normalised, [n for n in graph.conv_outputs() if is_conv(new.get_submodule(n))])
+    widths, merged = _plan(
+        graph,
+        fn,
+        function_preserving,
+        widen_normalised,
+        [n for n in graph.conv_outputs() if is_conv(new.get_submodule(n))],
+    )
     index = {g.id: torch.arange(g.width) for g in graph.groups}  # old channels first; grouped convs gain whole groups
     _merged_layouts(graph, widths, merged, index)
     apply_layout(new, graph, widths, index, function_preserving)
@@ -284,8 +357,13 @@ def _rewiden(model: nn.Module, width_fn: Union[str, Dict, WidthFn], function_pre
     return new, graph, (x, output)
 
 
-def apply_layout(model: nn.Module, graph: ChannelGraph, widths: Dict[int, int], index: Dict[int, torch.Tensor],
-                 zero_new_inputs: bool = False) -> None:
+def apply_layout(
+    model: nn.Module,
+    graph: ChannelGraph,
+    widths: Dict[int, int],
+    index: Dict[int, torch.Tensor],
+    zero_new_inputs: bool = False,
+) -> None:
     """Rewrite every member of every group of ``graph`` in place: group g gets ``widths[g]`` channels
     and its old channel i moves to position ``index[g][i]`` (new positions start fresh, with zero
     outgoing weights when ``zero_new_inputs``). Shared by :func:`rewiden` (wider groups) and
@@ -303,7 +381,9 @@ def apply_layout(model: nn.Module, graph: ChannelGraph, widths: Dict[int, int], 
         module = model.get_submodule(name)
         if name in graph.channelwise:
             size, idx = layout_map(graph.channelwise[name])
-            resize_layer(module, new_in=size, in_index=idx, new_out=size, out_index=idx, zero_new_inputs=zero_new_inputs)
+            resize_layer(
+                module, new_in=size, in_index=idx, new_out=size, out_index=idx, zero_new_inputs=zero_new_inputs
+            )
             continue
         kwargs = {}
         if name in graph.inputs:
@@ -320,7 +400,9 @@ def apply_layout(model: nn.Module, graph: ChannelGraph, widths: Dict[int, int], 
         size, idx = layout_map(layout)
         owner_name, _, attr = path.rpartition(".")
         owner = model.get_submodule(owner_name)
-        if getattr(owner, attr).shape[dim] != size or not torch.equal(idx, torch.arange(size)):  # e.g. LayerScale's gamma
+        if getattr(owner, attr).shape[dim] != size or not torch.equal(
+            idx, torch.arange(size)
+        ):  # e.g. LayerScale's gamma
             resize_parameter(owner, attr, dim, size, idx)
     _rewrite_stored_sizes(model, graph, widths)
 
@@ -354,6 +436,7 @@ def _output_shapes(model: nn.Module, x: torch.Tensor, names: Iterable[str]) -> T
         def hook(module: nn.Module, inputs: object, output: object) -> None:  # returns None: the output is kept
             if isinstance(output, torch.Tensor):
                 seen.setdefault(key, output.shape)
+
         return hook
 
     hooks = [model.get_submodule(name).register_forward_hook(record(name)) for name in names]
@@ -366,7 +449,9 @@ def _output_shapes(model: nn.Module, x: torch.Tensor, names: Iterable[str]) -> T
     return seen, output
 
 
-def _check_forward(model: nn.Module, x: torch.Tensor, names: Iterable[str] = ()) -> Tuple[Dict[str, torch.Size], object]:
+def _check_forward(
+    model: nn.Module, x: torch.Tensor, names: Iterable[str] = ()
+) -> Tuple[Dict[str, torch.Size], object]:
     """Run the widened model once (it must still work): the output shapes of ``names``, and its output."""
     try:
         return _output_shapes(model, x, names)

@@ -19,6 +19,7 @@ Example:
     >>> torch.allclose(scripted(x), kap(x), atol=1e-5)
     True
 """
+
 from __future__ import annotations
 
 from typing import List
@@ -36,10 +37,13 @@ __all__ = ["ScriptableKapConv"]
 class ScriptableKapConv(nn.Module):
     """The TorchScript twin of a Kap conv (see the module docstring); built by ``conv.__prepare_scriptable__()``."""
 
-    def __init__(self, conv: nn.Module, pool: nn.Module | None, noise: nn.Module | None, blend: float,
-                 stages: List[nn.Module]) -> None:
+    def __init__(
+        self, conv: nn.Module, pool: nn.Module | None, noise: nn.Module | None, blend: float, stages: List[nn.Module]
+    ) -> None:
         super().__init__()
-        self.stages = nn.Sequential(*stages) if stages else nn.Identity()  # no loop here: TorchScript types it per instance
+        self.stages = (
+            nn.Sequential(*stages) if stages else nn.Identity()
+        )  # no loop here: TorchScript types it per instance
         self.conv = conv
         self.noise = noise if noise is not None else nn.Identity()
         self.pooled = pool is not None
@@ -57,7 +61,9 @@ class ScriptableKapConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(self.stages(x))
         if self.pooled:
-            pooled = pool_grid(y, self.rows, self.cols, self.sheet_channels, self.kernel, self.step, self.pad, self.average)
+            pooled = pool_grid(
+                y, self.rows, self.cols, self.sheet_channels, self.kernel, self.step, self.pad, self.average
+            )
             pooled = pooled[:, : self.out_channels]
             y = pooled if self.blend == 1.0 else torch.lerp(y[:, : self.out_channels], pooled, self.blend)
         return self.noise(y)

@@ -1,4 +1,5 @@
 """Square channel counts: the widths that give KAP a true sqrt(C) x sqrt(C) grid."""
+
 from __future__ import annotations
 
 import math

@@ -6,6 +6,7 @@ keeps every registered conv type as a leaf (its output *is* the conv's output) a
 modules registered with :func:`register_leaf_module`. A traced graph is only trusted after
 :func:`check_graph` has compared it with eager execution.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,7 +67,9 @@ class KapifyTracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
-    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    def call_module(
+        self, m: nn.Module, forward: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]
+    ) -> Any:
         self._stack.append((self.path_of_module(m), type(m)))
         try:
             return super().call_module(m, forward, args, kwargs)
@@ -146,8 +149,13 @@ def _flatten(out: Any) -> List[torch.Tensor]:
     return []
 
 
-def check_graph(gm: fx.GraphModule, model: nn.Module, inputs: Iterable[torch.Tensor], atol: float = 1e-4,
-                eager: Optional[object] = None) -> Optional[str]:
+def check_graph(
+    gm: fx.GraphModule,
+    model: nn.Module,
+    inputs: Iterable[torch.Tensor],
+    atol: float = 1e-4,
+    eager: Optional[object] = None,
+) -> Optional[str]:
     """Run ``gm`` and ``model.forward`` (the traced code: the model's own pre-hooks, such as input
     normalisation, are not part of the graph) in eval mode on ``inputs``; return why they differ,
     or None if equal. ``eager``: what ``model.forward`` returned on ``inputs``, when already run."""

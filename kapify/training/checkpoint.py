@@ -1,5 +1,6 @@
 """Resumable training state: one atomic ``last.pth`` per run (weights, optimizer, scheduler, EMA,
 position in the data order and every RNG), so a crashed run continues where it stopped."""
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,10 @@ def save_state(path: Path, state: Dict[str, Any]) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as err:  # torch.save reports a failed write as either
         tmp.unlink(missing_ok=True)
-        raise OSError(f"cannot write the training checkpoint {path} ({err}); the previous one is unchanged: "
-                      f"free space, then rerun the same command to resume from it") from err
+        raise OSError(
+            f"cannot write the training checkpoint {path} ({err}); the previous one is unchanged: "
+            f"free space, then rerun the same command to resume from it"
+        ) from err
 
 
 def load_state(path: Path) -> Optional[Dict[str, Any]]:
@@ -49,4 +52,6 @@ def load_state(path: Path) -> Optional[Dict[str, Any]]:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a truncated/corrupt file: say which and how to proceed
-        raise RuntimeError(f"cannot read the training checkpoint {path} ({err}); delete it to start over, or pass --resume none") from err
+        raise RuntimeError(
+            f"cannot read the training checkpoint {path} ({err}); delete it to start over, or pass --resume none"
+        ) from err

@@ -7,6 +7,7 @@ bf16, train step; docs/overhead.md) compiling made the plain model 0.93x as slow
 3.1x slower than eager (inductor's CPU noise costs ~24 ns per element, kapify's eager CPU noise
 kernel ~1 ns). Converted models compile in one graph, noise included (``tests/test_compile.py``).
 """
+
 from __future__ import annotations
 
 from typing import Optional

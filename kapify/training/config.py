@@ -1,5 +1,6 @@
 """Training options: one dataclass, exposed as command-line flags and YAML args files (timm's
 ``--config file.yaml`` convention: the file sets defaults, flags override)."""
+
 from __future__ import annotations
 
 import argparse
@@ -32,17 +33,27 @@ class TrainConfig:
     val_samples: int = _opt(1000, "training images held out for validation (robust accuracy for early stopping)")
     test_samples: Optional[int] = _opt(None, "test images scored at the end (default: all)")
     # kapify
-    pool: str = _opt("avg", "channel pool: avg (KAP), max (KMP) or none (NT / NT(sigma))", choices=["avg", "max", "none"])
+    pool: str = _opt(
+        "avg", "channel pool: avg (KAP), max (KMP) or none (NT / NT(sigma))", choices=["avg", "max", "none"]
+    )
     kap_k: int = _opt(3, "KAP kernel size (odd)")
     kap_stride: int = _opt(1, "KAP stride")
     grid: str = _opt("square", "channel layout: square (re-widen to perfect squares), rect (keep widths) or line")
     sigma: float = _opt(0.1, "std of the Gaussian noise on the input and after every pool, in training")
     input_noise: bool = _opt(True, "add the noise to the input too")
-    kap_impl: str = _opt("auto", "where an average pool runs: auto, weight or activation", choices=["auto", "weight", "activation"])
+    kap_impl: str = _opt(
+        "auto", "where an average pool runs: auto, weight or activation", choices=["auto", "weight", "activation"]
+    )
     # starting from a trained model
-    pretrained: bool = _opt(False, "start from timm/torchvision pretrained weights (needs them cached locally or the hub)")
-    initial_checkpoint: Optional[str] = _opt(None, "start from these weights: a kapify checkpoint or a plain state_dict of the same model")
-    arrange: Optional[str] = _opt(None, "permute channels so similar filters are KAP neighbours before converting (similarity)")
+    pretrained: bool = _opt(
+        False, "start from timm/torchvision pretrained weights (needs them cached locally or the hub)"
+    )
+    initial_checkpoint: Optional[str] = _opt(
+        None, "start from these weights: a kapify checkpoint or a plain state_dict of the same model"
+    )
+    arrange: Optional[str] = _opt(
+        None, "permute channels so similar filters are KAP neighbours before converting (similarity)"
+    )
     kap_warmup_epochs: float = _opt(0, "ramp the KAP blend from 0 (trained function) to 1 (KAP) over these epochs")
     # objective
     objective: str = _opt("standard", "standard (NT/KAP), pgd_at (Madry/Rice) or trades")
@@ -72,12 +83,23 @@ class TrainConfig:
     # engineering
     seed: int = _opt(0, "seed of weights, data order, augmentation and noise")
     device: str = _opt("auto", "auto (cuda if available), cuda or cpu")
-    amp: str = _opt("auto", "autocast dtype: auto (bf16 on cuda and on CPUs with AMX/AVX512-BF16, else fp32), bf16, fp16 or none")
+    amp: str = _opt(
+        "auto", "autocast dtype: auto (bf16 on cuda and on CPUs with AMX/AVX512-BF16, else fp32), bf16, fp16 or none"
+    )
     channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: on wherever bf16 runs)")
-    compile: str = _opt("auto", "torch.compile mode: auto (reduce-overhead on CUDA, eager on CPU), off, default, "
-                              "reduce-overhead, max-autotune or max-autotune-no-cudagraphs", choices=list(COMPILE_MODES))
+    compile: str = _opt(
+        "auto",
+        "torch.compile mode: auto (reduce-overhead on CUDA, eager on CPU), off, default, "
+        "reduce-overhead, max-autotune or max-autotune-no-cudagraphs",
+        choices=list(COMPILE_MODES),
+    )
     sync_bn: bool = _opt(False, "synchronised BatchNorm across processes")
-    loader: str = _opt("auto", "auto (tensor for 32x32 datasets), tensor (uint8 images in memory / on the GPU, batch augmentation) or torch (DataLoader)", choices=["auto", "tensor", "torch"])
+    loader: str = _opt(
+        "auto",
+        "auto (tensor for 32x32 datasets), tensor (uint8 images in memory / on the GPU, batch augmentation) or torch "
+        "(DataLoader)",
+        choices=["auto", "tensor", "torch"],
+    )
     workers: int = _opt(2, "data loader worker processes (torch loader)")
     output: str = _opt("runs", "output root folder")
     experiment: Optional[str] = _opt(None, "run folder name under output (default: from model, dataset and options)")
@@ -104,4 +126,6 @@ def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
         >>> parse_args(["--model", "kapify/small_convnet", "--kap-k", "5"]).kap_k
         5
     """
-    return options.parse_options(TrainConfig, argv, "Train timm/torchvision models with KAP (kapify) and their baselines")
+    return options.parse_options(
+        TrainConfig, argv, "Train timm/torchvision models with KAP (kapify) and their baselines"
+    )

@@ -1,4 +1,5 @@
 """The model a recipe trains: factory model -> width -> small-image stem -> pixel-space input -> KAP."""
+
 from __future__ import annotations
 
 from typing import Any, Dict
@@ -105,14 +106,24 @@ def load_initial_weights(model: nn.Module, path: str) -> None:
             state = state.get("state_dict", state.get("model", state))
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    mismatched = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    mismatched = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or mismatched:
         raise ValueError(
             f"--initial-checkpoint {path} does not fit the model ({type(model).__name__}): "
-            + "; ".join(part for part in (
-                f"missing {len(missing)} key(s), e.g. {missing[:3]}" if missing else "",
-                f"unexpected {len(unexpected)} key(s), e.g. {unexpected[:3]}" if unexpected else "",
-                f"{len(mismatched)} shape mismatch(es), e.g. {mismatched[:2]}" if mismatched else "") if part)
+            + "; ".join(
+                part
+                for part in (
+                    f"missing {len(missing)} key(s), e.g. {missing[:3]}" if missing else "",
+                    f"unexpected {len(unexpected)} key(s), e.g. {unexpected[:3]}" if unexpected else "",
+                    f"{len(mismatched)} shape mismatch(es), e.g. {mismatched[:2]}" if mismatched else "",
+                )
+                if part
+            )
             + ". Use the same --model, --model-kwargs, --width-mult and --small-image as the run that wrote it "
-              "(a square-widened kapify checkpoint only fits the widened model)")
+            "(a square-widened kapify checkpoint only fits the widened model)"
+        )
     model.load_state_dict(state)

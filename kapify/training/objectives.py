@@ -1,4 +1,5 @@
 """Training objectives by name: what one update minimises. Grown with :func:`register_objective`."""
+
 from __future__ import annotations
 
 import contextlib
@@ -63,8 +64,12 @@ def trades(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig)
             return F.kl_div(F.log_softmax(logits.float(), dim=1), target, reduction="sum")
 
         x_start = x + 0.001 * torch.randn_like(x)  # TRADES starts next to x: the KL's gradient is 0 at x itself
-        x_adv = pgd(model, x, clean_prob, cfg.attack_eps, cfg.attack_norm, steps=cfg.attack_steps, loss_fn=kl, x_init=x_start)
+        x_adv = pgd(
+            model, x, clean_prob, cfg.attack_eps, cfg.attack_norm, steps=cfg.attack_steps, loss_fn=kl, x_init=x_start
+        )
     logits = model(x)
     loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-    robust = F.kl_div(F.log_softmax(model(x_adv).float(), dim=1), F.softmax(logits.float(), dim=1), reduction="batchmean")
+    robust = F.kl_div(
+        F.log_softmax(model(x_adv).float(), dim=1), F.softmax(logits.float(), dim=1), reduction="batchmean"
+    )
     return loss + cfg.trades_beta * robust, logits

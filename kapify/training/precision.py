@@ -1,5 +1,6 @@
 """Which precision and memory format a run uses: bf16 autocast + channels_last where the device runs
 them fast (CUDA; CPUs with AMX or AVX512-BF16, detected from the CPU flags), fp32 elsewhere."""
+
 from __future__ import annotations
 
 import functools

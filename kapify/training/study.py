@@ -21,6 +21,7 @@ with the same seed (its batch cache resumes too). ``study.json``, ``study.md``, 
 ``kernels.png`` (first-layer kernels of every run on its grid) are rewritten after every run, so a
 crash loses at most the run in flight.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,9 +51,14 @@ class StudyConfig:
     train_samples: Optional[int] = option(None, "train every run on a subset of this size")
     n_examples: Optional[int] = option(None, "override the evaluation's number of test examples")
     device: Optional[str] = option(None, "auto, cuda or cpu")
-    compile: Optional[str] = option(None, "torch.compile mode of every run (see train_timm.py --compile; default: the runs' own, auto)",
-                                    choices=list(COMPILE_MODES))
-    only: Optional[str] = option(None, "comma-separated run names to train and evaluate now (the table keeps the others' earlier rows)")
+    compile: Optional[str] = option(
+        None,
+        "torch.compile mode of every run (see train_timm.py --compile; default: the runs' own, auto)",
+        choices=list(COMPILE_MODES),
+    )
+    only: Optional[str] = option(
+        None, "comma-separated run names to train and evaluate now (the table keeps the others' earlier rows)"
+    )
     progress: bool = option(True, "progress bars")
 
 
@@ -60,15 +66,21 @@ def _load_study(path: str) -> Dict[str, Any]:
     with open(path) as f:
         spec = yaml.safe_load(f) or {}
     runs = spec.get("runs")
-    if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) and "name" in r and "config" in r for r in runs):
+    if (
+        not isinstance(runs, list)
+        or not runs
+        or not all(isinstance(r, dict) and "name" in r and "config" in r for r in runs)
+    ):
         raise ValueError(f"{path}: 'runs' must be a list of {{name, config, overrides}} entries")
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: run names must be unique, got {names}")
     for i, run in enumerate(runs):
         if "init_from" in run and run["init_from"] not in names[:i]:
-            raise ValueError(f"{path}: run {run['name']!r} has init_from {run['init_from']!r}, which must name an earlier run "
-                             f"(earlier: {names[:i]})")
+            raise ValueError(
+                f"{path}: run {run['name']!r} has init_from {run['init_from']!r}, which must name an earlier run "
+                f"(earlier: {names[:i]})"
+            )
     attacks = (spec.get("evaluation") or {}).get("attacks") or []
     if not all(isinstance(a, dict) and "attack" in a and "eps" in a for a in attacks):
         raise ValueError(f"{path}: evaluation.attacks must be a list of {{attack, eps: [..]}} entries")
@@ -87,17 +99,25 @@ def _train_config(run: Dict[str, Any], shared: Dict[str, Any], forced: Dict[str,
     return dataclasses.replace(cfg, **values)
 
 
-def _evaluate(checkpoint: Path, out: Path, evaluation: Dict[str, Any], common: Dict[str, Any]) -> Tuple[Dict[str, Any], Any]:
+def _evaluate(
+    checkpoint: Path, out: Path, evaluation: Dict[str, Any], common: Dict[str, Any]
+) -> Tuple[Dict[str, Any], Any]:
     """Clean accuracy, each attack at its eps list, the first layer's topography score; and its kernel mosaic."""
+    from .. import serialization
     from ..evaluation import EvalConfig, run_evaluation
     from ..evaluation.diagnostics import first_conv, kernel_mosaic, topography_score
-    from .. import serialization
 
     row: Dict[str, Any] = {"robust": {}, "notes": []}
     for group in evaluation.get("attacks") or []:
         eps = ",".join(f"{e:g}" for e in group["eps"])
-        cfg = EvalConfig(checkpoint=str(checkpoint), attacks=f"clean,{group['attack']}", eps=eps,
-                         out=str(out / group["attack"]), **common, **(evaluation.get("options") or {}))
+        cfg = EvalConfig(
+            checkpoint=str(checkpoint),
+            attacks=f"clean,{group['attack']}",
+            eps=eps,
+            out=str(out / group["attack"]),
+            **common,
+            **(evaluation.get("options") or {}),
+        )
         results = run_evaluation(cfg)
         for r in results["results"]:
             if r["attack"] == "clean":
@@ -120,19 +140,33 @@ def run_study(path: str, cfg: Optional[StudyConfig] = None) -> Dict[str, Any]:
     cfg = cfg or StudyConfig()
     spec = _load_study(path)
     out = Path(cfg.out or spec.get("output") or Path("runs/studies") / Path(path).stem)
-    forced = {key: getattr(cfg, key) for key in ("data_dir", "download", "epochs", "train_samples", "device", "compile")
-              if getattr(cfg, key) is not None}
+    forced = {
+        key: getattr(cfg, key)
+        for key in ("data_dir", "download", "epochs", "train_samples", "device", "compile")
+        if getattr(cfg, key) is not None
+    }
     shared = {**(spec.get("train") or {}), **forced}  # what the evaluation reads (data, device)
     evaluation = dict(spec.get("evaluation") or {})
-    common = {"n_examples": cfg.n_examples or evaluation.get("n_examples", 500), "seed": evaluation.get("seed", 0),
-              "batch_size": evaluation.get("batch_size", 250), "progress": cfg.progress,
-              "data_dir": shared.get("data_dir"), "download": shared.get("download", True), "device": shared.get("device", "auto")}
+    common = {
+        "n_examples": cfg.n_examples or evaluation.get("n_examples", 500),
+        "seed": evaluation.get("seed", 0),
+        "batch_size": evaluation.get("batch_size", 250),
+        "progress": cfg.progress,
+        "data_dir": shared.get("data_dir"),
+        "download": shared.get("download", True),
+        "device": shared.get("device", "auto"),
+    }
     only = set(cfg.only.split(",")) if cfg.only else None
     mosaics: Dict[str, Any] = {}
     if only and not only <= {r["name"] for r in spec["runs"]}:
         raise ValueError(f"--only names unknown run(s) {sorted(only - {r['name'] for r in spec['runs']})}")
-    study: Dict[str, Any] = {"study": str(path), "description": spec.get("description", ""), "evaluation": {**evaluation, **common},
-                             "train_overrides": shared, "rows": []}
+    study: Dict[str, Any] = {
+        "study": str(path),
+        "description": spec.get("description", ""),
+        "evaluation": {**evaluation, **common},
+        "train_overrides": shared,
+        "rows": [],
+    }
     earlier = json.loads((out / "study.json").read_text())["rows"] if (out / "study.json").is_file() else []
     for run in spec["runs"]:
         if only and run["name"] not in only:  # keep what an earlier invocation measured for it
@@ -140,8 +174,10 @@ def run_study(path: str, cfg: Optional[StudyConfig] = None) -> Dict[str, Any]:
             continue
         train_cfg = _train_config(run, shared, forced, out / "runs")
         if train_cfg.initial_checkpoint and not Path(train_cfg.initial_checkpoint).is_file():
-            raise RuntimeError(f"run {run['name']} starts from run {run['init_from']!r}, which has not finished "
-                               f"({train_cfg.initial_checkpoint} is missing); run it first (drop --only or add it)")
+            raise RuntimeError(
+                f"run {run['name']} starts from run {run['init_from']!r}, which has not finished "
+                f"({train_cfg.initial_checkpoint} is missing); run it first (drop --only or add it)"
+            )
         run_dir = out / "runs" / run["name"]
         metrics_path = run_dir / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
@@ -151,11 +187,25 @@ def run_study(path: str, cfg: Optional[StudyConfig] = None) -> Dict[str, Any]:
             if not metrics.get("finished"):
                 raise RuntimeError(f"run {run['name']} stopped before its last epoch; rerun the study to resume it")
         print(f"study: evaluating {run['name']}", file=sys.stderr)
-        row, mosaics[run.get("label", run["name"])] = _evaluate(run_dir / "model.safetensors", out / "eval" / run["name"], evaluation, common)
-        row.update({"name": run["name"], "label": run.get("label", run["name"]), "pool": train_cfg.pool, "sigma": train_cfg.sigma,
-                    "k": train_cfg.kap_k, "kap_stride": train_cfg.kap_stride, "objective": train_cfg.objective,
-                    "epochs": train_cfg.epochs, "init_from": run.get("init_from"), "test_acc": metrics.get("test_acc"), "train_time_s": metrics.get("train_time_s"),
-                    "precision": metrics.get("precision")})
+        row, mosaics[run.get("label", run["name"])] = _evaluate(
+            run_dir / "model.safetensors", out / "eval" / run["name"], evaluation, common
+        )
+        row.update(
+            {
+                "name": run["name"],
+                "label": run.get("label", run["name"]),
+                "pool": train_cfg.pool,
+                "sigma": train_cfg.sigma,
+                "k": train_cfg.kap_k,
+                "kap_stride": train_cfg.kap_stride,
+                "objective": train_cfg.objective,
+                "epochs": train_cfg.epochs,
+                "init_from": run.get("init_from"),
+                "test_acc": metrics.get("test_acc"),
+                "train_time_s": metrics.get("train_time_s"),
+                "precision": metrics.get("precision"),
+            }
+        )
         study["rows"].append(row)
         write_study_report(study, out, mosaics)
     write_study_report(study, out, mosaics)  # also keeps the rows of runs after the last one --only ran
@@ -164,7 +214,9 @@ def run_study(path: str, cfg: Optional[StudyConfig] = None) -> Dict[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``recipes/study.py``."""
-    parser = build_parser(StudyConfig, "Train and evaluate a study of kapify runs (table + Pareto plot)", prog="study.py")
+    parser = build_parser(
+        StudyConfig, "Train and evaluate a study of kapify runs (table + Pareto plot)", prog="study.py"
+    )
     values = vars(parser.parse_args(argv))
     path = values.pop("config", None)
     if not path:

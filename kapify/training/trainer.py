@@ -1,6 +1,7 @@
 """The training loop behind ``recipes/train_timm.py``: timm's optimizer/scheduler/EMA factories,
 kapify models, DDP through torchrun, resume from ``last.pth``, a per-epoch CSV log, and a final
 ``kapify.save`` checkpoint that ``kapify-eval`` loads as is."""
+
 from __future__ import annotations
 
 import contextlib
@@ -41,19 +42,36 @@ __all__ = ["train", "main"]
 
 Loader = Union[DataLoader, TensorLoader]
 
-LOG_FIELDS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_acc", "val_robust_acc", "epoch_time_s", "images_per_s",
-              "precision", "memory_format", "kap_blend"]
+LOG_FIELDS = [
+    "epoch",
+    "step",
+    "lr",
+    "train_loss",
+    "train_acc",
+    "val_acc",
+    "val_robust_acc",
+    "epoch_time_s",
+    "images_per_s",
+    "precision",
+    "memory_format",
+    "kap_blend",
+]
 
 
 def _check(cfg: TrainConfig) -> None:
     """Options that cannot work, refused before anything is built."""
     dataset_info(cfg.dataset)
     if not isinstance(cfg.model_kwargs, dict):
-        raise ValueError(f"model_kwargs must be a mapping such as '{{drop_rate: 0.1}}' (YAML; a space after each colon), got {cfg.model_kwargs!r}")
+        raise ValueError(
+            f"model_kwargs must be a mapping such as '{{drop_rate: 0.1}}' (YAML; a space after each colon), got "
+            f"{cfg.model_kwargs!r}"
+        )
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {cfg.objective!r}; registered: {sorted(OBJECTIVES)}")
     if cfg.early_stop and cfg.val_attack_steps < 1:
-        raise ValueError("early_stop keeps the epoch with the best robust validation accuracy: set val_attack_steps >= 1")
+        raise ValueError(
+            "early_stop keeps the epoch with the best robust validation accuracy: set val_attack_steps >= 1"
+        )
     if (cfg.early_stop or cfg.val_attack_steps) and cfg.val_samples < 1:
         raise ValueError("robust validation needs held-out images: set val_samples >= 1")
     if cfg.pool == "none" and cfg.kap_stride != 1:
@@ -82,12 +100,16 @@ def _datasets(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Tuple[Loa
     loader, and which kind of loader they are (``tensor``: in-memory uint8 images augmented per
     batch on ``device``; ``torch``: a ``DataLoader`` with per-image transforms)."""
     kind = cfg.loader if cfg.loader != "auto" else ("tensor" if dataset_info(cfg.dataset).image_size <= 32 else "torch")
-    train_full = build_dataset(cfg.dataset, True, cfg.data_dir, default_transform(cfg.dataset, True), download=cfg.download)
+    train_full = build_dataset(
+        cfg.dataset, True, cfg.data_dir, default_transform(cfg.dataset, True), download=cfg.download
+    )
     order = torch.randperm(len(train_full), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    val_index, train_index = order[: cfg.val_samples], order[cfg.val_samples:]
+    val_index, train_index = order[: cfg.val_samples], order[cfg.val_samples :]
     if cfg.train_samples is not None:
         train_index = train_index[: cfg.train_samples]
-    test_set = build_dataset(cfg.dataset, False, cfg.data_dir, download=cfg.download, num_samples=cfg.test_samples, seed=cfg.seed)
+    test_set = build_dataset(
+        cfg.dataset, False, cfg.data_dir, download=cfg.download, num_samples=cfg.test_samples, seed=cfg.seed
+    )
     if kind == "tensor":
         try:
             images, labels = tensor_arrays(train_full)
@@ -95,14 +117,21 @@ def _datasets(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Tuple[Loa
         except TypeError as err:
             raise ValueError(f"--loader tensor: {err}; use --loader torch") from None
         common = dict(batch_size=cfg.batch_size, seed=cfg.seed, device=device, rank=env.rank, world_size=env.world_size)
-        train_index_t, val_index_t = torch.tensor(train_index, dtype=torch.int64), torch.tensor(val_index, dtype=torch.int64)
+        train_index_t, val_index_t = (
+            torch.tensor(train_index, dtype=torch.int64),
+            torch.tensor(val_index, dtype=torch.int64),
+        )
         train: Loader = TensorLoader(images[train_index_t], labels[train_index_t], train=True, **common)
-        val: Optional[Loader] = TensorLoader(images[val_index_t], labels[val_index_t], train=False, **common) if val_index else None
+        val: Optional[Loader] = (
+            TensorLoader(images[val_index_t], labels[val_index_t], train=False, **common) if val_index else None
+        )
         test: Loader = TensorLoader(test_images, test_labels, train=False, **common)
     else:
         held_out = copy.copy(train_full)  # same images, evaluation transform
         held_out.transform = default_transform(cfg.dataset, False)
-        common = dict(batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.workers, rank=env.rank, world_size=env.world_size)
+        common = dict(
+            batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.workers, rank=env.rank, world_size=env.world_size
+        )
         train = build_loader(cfg.dataset, True, dataset=Subset(train_full, train_index), **common)
         val = build_loader(cfg.dataset, False, dataset=Subset(held_out, val_index), **common) if val_index else None
         test = build_loader(cfg.dataset, False, dataset=test_set, **common)
@@ -155,8 +184,11 @@ def _batches(loader: Loader, epoch: int, skip: int, rng: Optional[Dict[str, Any]
 
 
 def _diverged(loss: float, step: int, run_dir: Path) -> str:
-    return (f"the training loss became {loss} by update {step}; {run_dir / 'last.pth'} (if any) holds the last state before it: "
-            f"lower the learning rate or sigma, then rerun to resume from there (or --resume none to start over)")
+    return (
+        f"the training loss became {loss} by update {step}; {run_dir / 'last.pth'} (if any) holds the last state "
+        f"before it: "
+        f"lower the learning rate or sigma, then rerun to resume from there (or --resume none to start over)"
+    )
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
@@ -175,12 +207,21 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     import timm.scheduler
     from timm.utils import ModelEmaV3
 
-    optimizer = timm.optim.create_optimizer_v2(model, cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    optimizer = timm.optim.create_optimizer_v2(
+        model, cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+    )
     updates_per_epoch = len(train_loader)
     scheduler, _ = timm.scheduler.create_scheduler_v2(
-        optimizer, cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
-        min_lr=cfg.min_lr, decay_rate=cfg.decay_rate, decay_milestones=cfg.decay_milestones,
-        step_on_epochs=not cfg.sched_on_updates, updates_per_epoch=updates_per_epoch,
+        optimizer,
+        cfg.sched,
+        num_epochs=cfg.epochs,
+        warmup_epochs=cfg.warmup_epochs,
+        warmup_lr=cfg.warmup_lr,
+        min_lr=cfg.min_lr,
+        decay_rate=cfg.decay_rate,
+        decay_milestones=cfg.decay_milestones,
+        step_on_epochs=not cfg.sched_on_updates,
+        updates_per_epoch=updates_per_epoch,
     )
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
     amp_dtype, channels_last = precision.dtype, precision.channels_last
@@ -196,7 +237,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         for key in ("model", "model_kwargs", "dataset", "pool", "kap_k", "grid", "width_mult", "objective", "seed"):
             if state["config"].get(key) != getattr(cfg, key):
                 raise ValueError(
-                    f"{resume_path} belongs to a run with {key}={state['config'].get(key)!r}, not {getattr(cfg, key)!r}; "
+                    f"{resume_path} belongs to a run with {key}={state['config'].get(key)!r}, not "
+                    f"{getattr(cfg, key)!r}; "
                     f"use another --experiment, or --resume none to start over"
                 )
         model.load_state_dict(state["model"])
@@ -206,7 +248,13 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             ema.load_state_dict(state["ema"])
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
-        start_epoch, skip, step, best, pending_rng = state["epoch"], state["batch"], state["step"], state["best"], state["rng"]
+        start_epoch, skip, step, best, pending_rng = (
+            state["epoch"],
+            state["batch"],
+            state["step"],
+            state["best"],
+            state["rng"],
+        )
         train_time = state.get("train_time", 0.0)
         if env.is_main:
             print(f"resuming {run_dir} at epoch {start_epoch}, batch {skip} (update {step})", file=sys.stderr)
@@ -214,8 +262,11 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     compile_mode = resolve_compile(cfg.compile, device, cfg.objective)
     cuda_graphs = compile_mode in ("reduce-overhead", "max-autotune")
     if env.is_main:
-        print(f"training in {precision.describe()} on {device}, {loader_kind} data loader, "
-              f"{'compiled (' + compile_mode + ')' if compile_mode else 'eager'}", file=sys.stderr)
+        print(
+            f"training in {precision.describe()} on {device}, {loader_kind} data loader, "
+            f"{'compiled (' + compile_mode + ')' if compile_mode else 'eager'}",
+            file=sys.stderr,
+        )
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if env.distributed and cfg.sync_bn:
@@ -227,8 +278,11 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     objective = OBJECTIVES[cfg.objective]
     warmup_steps = round(cfg.kap_warmup_epochs * updates_per_epoch) if cfg.pool == "avg" else 0
 
-    def blend_at(update: int) -> float:  # KAP warm-start: a function of the update count, so a resumed run continues it exactly
+    def blend_at(
+        update: int,
+    ) -> float:  # KAP warm-start: a function of the update count, so a resumed run continues it exactly
         return min(1.0, update / warmup_steps)
+
     log = _CsvLog(run_dir / "log.csv", env.is_main)
 
     def checkpoint(epoch: int, batch: int, loss_total: float) -> None:
@@ -236,11 +290,23 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         if not math.isfinite(loss_total):
             raise FloatingPointError(_diverged(loss_total, step, run_dir))
         if env.is_main:
-            save_state(run_dir / "last.pth", {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict() if scaler else None,
-                "epoch": epoch, "batch": batch, "step": step, "best": best, "rng": rng_state(), "train_time": train_time, "config": dataclasses.asdict(cfg),
-            })
+            save_state(
+                run_dir / "last.pth",
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None,
+                    "scaler": scaler.state_dict() if scaler else None,
+                    "epoch": epoch,
+                    "batch": batch,
+                    "step": step,
+                    "best": best,
+                    "rng": rng_state(),
+                    "train_time": train_time,
+                    "config": dataclasses.asdict(cfg),
+                },
+            )
 
     extra = {"args": dataclasses.asdict(cfg), "dataset": dataclasses.asdict(info)}
     stopped = False
@@ -252,8 +318,14 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         correct = torch.zeros((), device=device, dtype=torch.float64)
         seen = 0
         t0 = time.perf_counter()
-        bar = tqdm(batches, total=remaining, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not env.is_main,
-                   dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(
+            batches,
+            total=remaining,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not env.is_main,
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
         for batch_index, (x, y) in enumerate(bar, start=first):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if channels_last:
@@ -293,7 +365,11 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 mean_loss = loss_sum.item() / seen  # one device sync per log interval, not per update
                 if not math.isfinite(mean_loss):
                     raise FloatingPointError(_diverged(mean_loss, step, run_dir))
-                bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{correct.item() / seen:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+                bar.set_postfix(
+                    loss=f"{mean_loss:.3f}",
+                    acc=f"{correct.item() / seen:.3f}",
+                    lr=f"{optimizer.param_groups[0]['lr']:.3g}",
+                )
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 stopped = batch_index + 1 < first + remaining
                 if stopped:
@@ -312,9 +388,16 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         loss_sum, correct, seen = all_reduce_sum([loss_sum.item(), correct.item(), float(seen)], device)
         eval_model = ema.module if ema is not None else model
         row: Dict[str, Any] = {
-            "epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss_sum / max(seen, 1),
-            "train_acc": correct / max(seen, 1), "epoch_time_s": elapsed, "images_per_s": seen / max(elapsed, 1e-9),
-            "precision": precision.name, "memory_format": precision.memory_format, "kap_blend": blend_at(step) if warmup_steps else "",
+            "epoch": epoch + 1,
+            "step": step,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": loss_sum / max(seen, 1),
+            "train_acc": correct / max(seen, 1),
+            "epoch_time_s": elapsed,
+            "images_per_s": seen / max(elapsed, 1e-9),
+            "precision": precision.name,
+            "memory_format": precision.memory_format,
+            "kap_blend": blend_at(step) if warmup_steps else "",
         }
         if val_loader is not None:
             row["val_acc"] = _accuracy(eval_model, val_loader, device, cfg, attack=False)
@@ -334,8 +417,14 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             break
 
     metrics: Dict[str, Any] = {
-        "run_dir": str(run_dir), "steps": step, "finished": not stopped, "precision": precision.describe(), "loader": loader_kind,
-        "train_time_s": train_time, "compile": compile_mode or "off", "first_update_s": first_update_s,
+        "run_dir": str(run_dir),
+        "steps": step,
+        "finished": not stopped,
+        "precision": precision.describe(),
+        "loader": loader_kind,
+        "train_time_s": train_time,
+        "compile": compile_mode or "off",
+        "first_update_s": first_update_s,
     }
     if stopped:
         if env.is_main:

@@ -6,10 +6,11 @@ for layers) say where an op puts the channels and which groups must merge. A gro
 anything the rules do not know (the model's input or output, an op that is not channel-aware) is
 *fixed*: its width cannot change, and the reason names the node.
 """
+
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import itertools
+from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -17,7 +18,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..resize import ChannelHandler, channel_handler
-from ..tracing import _timm_settings, check_graph, eval_mode, example_input as default_input, trace
+from ..tracing import _timm_settings, check_graph, eval_mode, trace
+from ..tracing import example_input as default_input
 from .axes import name_of, shape_of
 from .blocks import block_owner
 from .graph import ChannelGraph, ChannelGroup, GroupSet, Layout, SliceSite
@@ -33,8 +35,8 @@ class Step:
 
     node: fx.Node
     shape: Optional[torch.Size]
-    args: List[fx.Node]              # tensor-valued arguments (inside lists too: torch.cat([a, b]))
-    src: Optional[Located]           # layout of the first tensor argument
+    args: List[fx.Node]  # tensor-valued arguments (inside lists too: torch.cat([a, b]))
+    src: Optional[Located]  # layout of the first tensor argument
     src_shape: Optional[torch.Size]  # shape of the first tensor argument
     located: List[Tuple[fx.Node, Located]] = field(default_factory=list)  # arguments with a layout
 
@@ -44,19 +46,25 @@ class ChannelAnalysis:
 
     def __init__(self, gm: fx.GraphModule, root: type = nn.Module, model: Optional[nn.Module] = None) -> None:
         self.gm, self.root = gm, root  # root: the traced model's class (a block handler may own its forward)
-        self.model = model if model is not None else gm  # the traced model (a layer read through its weight keeps its type there)
+        self.model = (
+            model if model is not None else gm
+        )  # the traced model (a layer read through its weight keeps its type there)
         self.groups = GroupSet()
         self.layout: Dict[fx.Node, Optional[Located]] = {}
         self.inputs: Dict[str, Layout] = {}
         self.outputs: Dict[str, Layout] = {}
         self.roles: Dict[str, List[Tuple[str, Layout]]] = {}
         self.parameters: Dict[str, Tuple[int, int]] = {}  # parameter path -> (its channel dim, its group)
-        self.floating: Dict[fx.Node, fx.Node] = {}  # an expanded/cast parameter whose channel dim is not known yet -> its get_attr
+        self.floating: Dict[
+            fx.Node, fx.Node
+        ] = {}  # an expanded/cast parameter whose channel dim is not known yet -> its get_attr
         self.spread: Dict[fx.Node, int] = {}  # a flattened tensor whose channels span k consecutive entries each
         self.spreads: Dict[str, int] = {}  # the linear layers reading such tensors
         self.pieces: Dict[fx.Node, List[Optional[Located]]] = {}  # split/chunk results: the layout of each piece
         self.slices: List[SliceSite] = []  # splits and slices at sizes a block stores
-        self.module_shapes: Dict[str, Tuple[int, ...]] = {}  # module path -> shape of the last tensor computed inside it
+        self.module_shapes: Dict[
+            str, Tuple[int, ...]
+        ] = {}  # module path -> shape of the last tensor computed inside it
 
     # -- helpers the rules share -------------------------------------------------------------------
     def lay(self, arg: Any) -> Optional[Located]:
@@ -77,8 +85,11 @@ class ChannelAnalysis:
     def merge(self, operands: List[Tuple[fx.Node, Located]], node: fx.Node) -> Optional[Located]:
         """Broadcasting ops: channel dims must line up counted from the right, segments must match."""
         offsets = {len(shape_of(a)) - lo[0] for a, lo in operands}
-        if len(offsets) == 1 and len({len(lo[1]) for _, lo in operands}) > 1 and \
-                len({self.groups.total(lo[1]) for _, lo in operands}) == 1:  # e.g. a split stream added to a whole one
+        if (
+            len(offsets) == 1
+            and len({len(lo[1]) for _, lo in operands}) > 1
+            and len({self.groups.total(lo[1]) for _, lo in operands}) == 1
+        ):  # e.g. a split stream added to a whole one
             aligned = self.groups.align([lo[1] for _, lo in operands])
             operands = [(a, (lo[0], segments)) for (a, lo), segments in zip(operands, aligned)]
         if len(offsets) > 1 or len({len(lo[1]) for _, lo in operands}) > 1 or len(shape_of(node) or ()) < max(offsets):
@@ -103,8 +114,13 @@ class ChannelAnalysis:
         """A layer that produces channels the analysis cannot widen: its fixed group still names it, when
         that group is the layer's own output axis (not the tokens of a Linear's (N, tokens, C) output)."""
         lo, shape = self.layout.get(node), shape_of(node)
-        if lo is not None and len(lo[1]) == 1 and shape is not None and lo[0] == handler.axis % len(shape) \
-                and self.groups.width[self.groups.find(lo[1][0])] == handler.count(module, handler.out_attr):
+        if (
+            lo is not None
+            and len(lo[1]) == 1
+            and shape is not None
+            and lo[0] == handler.axis % len(shape)
+            and self.groups.width[self.groups.find(lo[1][0])] == handler.count(module, handler.out_attr)
+        ):
             self.outputs[node.target] = lo[1]
 
     def lined_up(self, param: fx.Node, other: Tuple[fx.Node, Located]) -> Optional[Located]:
@@ -114,7 +130,11 @@ class ChannelAnalysis:
         root = self.floating.get(param, param)  # the get_attr node a cls/reg token expand comes from
         dim = len(pshape) - (len(shape_of(node)) - axis)
         root_dim = dim - (len(pshape) - len(shape_of(root)))
-        if len(segments) != 1 or not 0 <= root_dim < len(shape_of(root)) or shape_of(root)[root_dim] != shape_of(node)[axis]:
+        if (
+            len(segments) != 1
+            or not 0 <= root_dim < len(shape_of(root))
+            or shape_of(root)[root_dim] != shape_of(node)[axis]
+        ):
             return None
         known = self.parameters.get(root.target)
         if known is not None and known[0] != root_dim:
@@ -132,8 +152,11 @@ class ChannelAnalysis:
             return None
         owner, block_type = block_owner(node, self.root) if stored else (None, None)
         if stored and owner is None:
-            self.fix_all([step.src], f"{node.name} ({name_of(node.target)}) cuts the channels at sizes stored in '{block_type.__name__}': "
-                                   f"register a block handler for it (kapify.register_block_handler)")
+            self.fix_all(
+                [step.src],
+                f"{node.name} ({name_of(node.target)}) cuts the channels at sizes stored in '{block_type.__name__}': "
+                f"register a block handler for it (kapify.register_block_handler)",
+            )
             return None
         pieces = self.cut_layout(layout, sizes)
         if kind == "equal" or (kind == "leading" and len(pieces) > 2):
@@ -182,12 +205,22 @@ class ChannelAnalysis:
         for node in self.gm.graph.nodes:
             args: List[fx.Node] = []
             fx.node.map_arg((node.args, node.kwargs), args.append)
-            step = Step(node, shape_of(node), args, self.lay(args[0]) if args else None, shape_of(args[0]) if args else None)
+            step = Step(
+                node, shape_of(node), args, self.lay(args[0]) if args else None, shape_of(args[0]) if args else None
+            )
             if step.shape is not None and node.op in ("call_module", "call_function", "call_method"):
-                for path in [p for p, _ in node.meta.get("nn_module_stack", {}).values()] + [node.target] * (node.op == "call_module"):
-                    self.module_shapes[path] = tuple(step.shape)  # nodes come in execution order: the last one is the output
-            if any(a in self.spread for a in args) and step.shape is not None and node.op != "output" \
-                    and node_rules.through_flattened(self, step):
+                for path in [p for p, _ in node.meta.get("nn_module_stack", {}).values()] + [node.target] * (
+                    node.op == "call_module"
+                ):
+                    self.module_shapes[path] = tuple(
+                        step.shape
+                    )  # nodes come in execution order: the last one is the output
+            if (
+                any(a in self.spread for a in args)
+                and step.shape is not None
+                and node.op != "output"
+                and node_rules.through_flattened(self, step)
+            ):
                 continue
             if node.op == "placeholder":
                 self.layout[node] = self.fresh(node, "model input")
@@ -226,13 +259,18 @@ class ChannelAnalysis:
 
     def _check_width(self, node: fx.Node, shape: Optional[torch.Size]) -> None:
         lo = self.layout.get(node)
-        if lo is not None and shape is not None and len(shape) > lo[0] and \
-                self.groups.total(lo[1]) * self.spread.get(node, 1) != shape[lo[0]]:
+        if (
+            lo is not None
+            and shape is not None
+            and len(shape) > lo[0]
+            and self.groups.total(lo[1]) * self.spread.get(node, 1) != shape[lo[0]]
+        ):
             self.fix_all([lo], f"{node.name}: traced channel layout does not add up to {shape[lo[0]]} channels")
 
 
-def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = None,
-                     leaf_modules: Iterable[type] = ()) -> ChannelGraph:
+def analyze_channels(
+    model: nn.Module, example_input: Optional[torch.Tensor] = None, leaf_modules: Iterable[type] = ()
+) -> ChannelGraph:
     """Trace ``model`` and return its :class:`ChannelGraph`: which layers' channel counts must change together.
 
     Example:
@@ -241,7 +279,9 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
         >>> graph.group_of("layer1.0.conv2") is graph.group_of("conv1")  # joined by the residual add
         True
     """
-    handled = {type(m) for m in model.modules() if channel_handler(m) is not None}  # e.g. timm's Linear: a leaf, not F.linear
+    handled = {
+        type(m) for m in model.modules() if channel_handler(m) is not None
+    }  # e.g. timm's Linear: a leaf, not F.linear
     x = example_input if example_input is not None else default_input(model)
     return ChannelAnalysis(_shaped_graph(model, tuple(leaf_modules) + tuple(handled), x), type(model), model).run()
 
@@ -249,6 +289,7 @@ def analyze_channels(model: nn.Module, example_input: Optional[torch.Tensor] = N
 def _shaped_graph(model: nn.Module, leaves: Tuple[type, ...], x: torch.Tensor) -> fx.GraphModule:
     """The traced graph with shapes. It first looks inside the blocks timm keeps whole for FX
     (NormFreeBlock: in-place ops), trusted only if it runs and matches eager; else timm's leaves."""
+
     def shaped(timm_leaves: bool) -> fx.GraphModule:
         gm = trace(model, leaves, timm_leaves=timm_leaves)
         with eval_mode(gm), torch.no_grad():

@@ -1,4 +1,5 @@
 """Where an op puts the channel axis: pure functions of shapes and FX node arguments."""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +9,15 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch import fx
 
-REDUCTIONS = {"mean": torch.mean, "sum": torch.sum, "amax": torch.amax, "amin": torch.amin, "norm": torch.norm,
-              "var": torch.var, "std": torch.std}
+REDUCTIONS = {
+    "mean": torch.mean,
+    "sum": torch.sum,
+    "amax": torch.amax,
+    "amin": torch.amin,
+    "norm": torch.norm,
+    "var": torch.var,
+    "std": torch.std,
+}
 
 
 def shape_of(node: Any) -> Optional[torch.Size]:
@@ -51,7 +59,7 @@ def merged_axis(before: Sequence[int], after: Sequence[int], axis: int) -> Optio
     """(output dim, copies) when a reshape merges dim ``axis`` with dims before it, the channels
     innermost (attention heads back together: (N, h, d) -> (N, h*d) with the channels on d), else None."""
     for first in range(axis - 1, -1, -1):
-        outer, merged = math.prod(before[:first]), math.prod(before[first:axis + 1])
+        outer, merged = math.prod(before[:first]), math.prod(before[first : axis + 1])
         for d, size in enumerate(after):
             if size == merged > before[axis] and math.prod(after[:d]) == outer:
                 return d, merged // before[axis]
@@ -74,12 +82,14 @@ def indexed_axis(index: Any, ndim: int, axis: int) -> Optional[int]:
     """Where ``x[index]`` puts dim ``axis`` of ``x``: None if it indexes or slices the channels, or
     uses anything but ints, full-or-partial slices of other dims, None and one Ellipsis."""
     items = list(index) if isinstance(index, tuple) else [index]
-    if sum(i is Ellipsis for i in items) > 1 or not all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in items):
+    if sum(i is Ellipsis for i in items) > 1 or not all(
+        i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in items
+    ):
         return None
     if Ellipsis in items:
         at = items.index(Ellipsis)
         used = sum(i is not None for i in items) - 1
-        items[at:at + 1] = [slice(None)] * (ndim - used)
+        items[at : at + 1] = [slice(None)] * (ndim - used)
     items += [slice(None)] * (ndim - sum(i is not None for i in items))
     dim = out = 0
     for item in items:
@@ -159,7 +169,11 @@ def size_read(value: Any) -> Optional[Tuple[fx.Node, int, int, int]]:
     args = value.args
     if value.target in (operator.floordiv, operator.mul) and len(args) == 2:
         node, k = (args[1], args[0]) if isinstance(args[0], int) else args
-        read = size_read(node) if isinstance(k, int) and k > 0 and not (value.target is operator.floordiv and node is args[1]) else None
+        read = (
+            size_read(node)
+            if isinstance(k, int) and k > 0 and not (value.target is operator.floordiv and node is args[1])
+            else None
+        )
         if read is None:
             return None
         tensor, dim, num, den = read
@@ -168,8 +182,9 @@ def size_read(value: Any) -> Optional[Tuple[fx.Node, int, int, int]]:
         return args[0], args[1], 1, 1
     if value.target is operator.getitem and isinstance(args[1], int) and isinstance(args[0], fx.Node):
         base = args[0]
-        whole = (base.op == "call_function" and base.target is getattr and base.args[1] == "shape") or \
-                (base.op == "call_method" and base.target == "size" and len(base.args) == 1)
+        whole = (base.op == "call_function" and base.target is getattr and base.args[1] == "shape") or (
+            base.op == "call_method" and base.target == "size" and len(base.args) == 1
+        )
         return (base.args[0], args[1], 1, 1) if whole else None
     return None
 

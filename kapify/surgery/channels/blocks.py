@@ -19,6 +19,7 @@ channel offset of the block's splits to the new one, and rewrites its attributes
     ...     '''x.split(self.half, 1)'''
     ...     block.half = sizes(block.half)
 """
+
 from __future__ import annotations
 
 import itertools
@@ -41,7 +42,9 @@ class StoredSizes:
             return 0
         new = self.offsets.get(old)
         if new is None:
-            raise KeyError(f"block '{self.block}' has no split or slice at {old} channels (it has {sorted(self.offsets)})")
+            raise KeyError(
+                f"block '{self.block}' has no split or slice at {old} channels (it has {sorted(self.offsets)})"
+            )
         if len(new) > 1:
             raise ValueError(f"block '{self.block}' cuts at {old} channels in places that now differ ({sorted(new)})")
         return next(iter(new))
@@ -64,18 +67,24 @@ _BLOCK_HANDLERS: Dict[Type[nn.Module], BlockHandler] = {}
 _HEAD_COUNTING: Set[Type[nn.Module]] = set()
 
 
-def register_block_handler(*block_types: Type[nn.Module], heads: bool = False) -> Callable[[BlockHandler], BlockHandler]:
+def register_block_handler(
+    *block_types: Type[nn.Module], heads: bool = False
+) -> Callable[[BlockHandler], BlockHandler]:
     """Register ``handler(block, sizes)`` for blocks that store the sizes of their channel splits.
     ``heads=True``: an attention block whose handler rewrites its stored head count; its channels
     widen by whole heads even where it computes the head dim (``reshape(B, N, self.num_heads, -1)``)."""
     bad = [t for t in block_types if not (isinstance(t, type) and issubclass(t, nn.Module))]
     if bad or not block_types:
-        raise TypeError(f"register_block_handler takes nn.Module classes, got {bad or 'none'}; e.g. @register_block_handler(MyBlock)")
+        raise TypeError(
+            f"register_block_handler takes nn.Module classes, got {bad or 'none'}; e.g. "
+            f"@register_block_handler(MyBlock)"
+        )
 
     def register(handler: BlockHandler) -> BlockHandler:
         _BLOCK_HANDLERS.update(dict.fromkeys(block_types, handler))
         (_HEAD_COUNTING.update if heads else _HEAD_COUNTING.difference_update)(block_types)
         return handler
+
     return register
 
 

@@ -4,6 +4,7 @@
 the layer ``qkv`` to the analysis; torchvision's Swin hands its layers' weights to one traced
 function, ``shifted_window_attention``, whose q, k, v have the input's width in whole heads.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional, Tuple
@@ -69,9 +70,12 @@ def functional_layer(an: ChannelAnalysis, step: Step) -> Any:
     return located
 
 
-@register_node_rule(names=("resample_abs_pos_embed", "resample_abs_pos_embed_nhwc", "resample_pos_embed_grid"), parameters=True)
+@register_node_rule(
+    names=("resample_abs_pos_embed", "resample_abs_pos_embed_nhwc", "resample_pos_embed_grid"), parameters=True
+)
 def resampled_position_embedding(an: ChannelAnalysis, step: Step) -> Any:
-    """timm's position embedding resampled to the input size (dynamic image size; Qwen3-ViT's grid): its last dim, the channels, stays"""
+    """timm's position embedding resampled to the input size (dynamic image size; Qwen3-ViT's grid): its last dim,
+    the channels, stays"""
     embed = step.node.args[0] if step.node.args else None
     src = _on_last_dim(an, embed)
     if src is None or step.shape is None or step.shape[-1] != shape_of(embed)[-1]:
@@ -91,12 +95,24 @@ def shifted_window_attention(an: ChannelAnalysis, step: Step) -> Any:
     """torchvision's Swin attention: q, k, v have the input's width (``C // num_heads`` per head), in
     whole heads of a fixed dim; the head count (the block stores it) follows the bias and logit scale"""
     node, src = step.node, step.src
-    qkv, proj = _owner(an, _argument(node, 1, "qkv_weight"), "weight"), _owner(an, _argument(node, 2, "proj_weight"), "weight")
+    qkv, proj = (
+        _owner(an, _argument(node, 1, "qkv_weight"), "weight"),
+        _owner(an, _argument(node, 2, "proj_weight"), "weight"),
+    )
     heads, bias = _argument(node, 5, "num_heads"), an.lay(_argument(node, 3, "relative_position_bias"))
     biases = [(_argument(node, at, name), layer) for at, name, layer in ((9, "qkv_bias", qkv), (10, "proj_bias", proj))]
-    if src is None or qkv is None or proj is None or not isinstance(heads, int) or bias is None or bias[0] != 1 \
-            or src[0] != len(step.src_shape) - 1 or len(src[1]) != 1 or len(bias[1]) != 1 \
-            or any(b is not None and getattr(b, "target", None) != f"{layer[0]}.bias" for b, layer in biases):
+    if (
+        src is None
+        or qkv is None
+        or proj is None
+        or not isinstance(heads, int)
+        or bias is None
+        or bias[0] != 1
+        or src[0] != len(step.src_shape) - 1
+        or len(src[1]) != 1
+        or len(bias[1]) != 1
+        or any(b is not None and getattr(b, "target", None) != f"{layer[0]}.bias" for b, layer in biases)
+    ):
         return NotImplemented
     stream = src[1][0]
     an.inputs[qkv[0]] = an.inputs[proj[0]] = src[1]

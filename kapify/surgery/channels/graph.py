@@ -1,4 +1,5 @@
 """The channel-group model: groups, the union-find that builds them, and the finished graph."""
+
 from __future__ import annotations
 
 import math
@@ -32,12 +33,12 @@ class ChannelGroup:
 
     id: int
     width: int
-    producers: List[str] = field(default_factory=list)   # conv/linear modules whose outputs are these channels
-    consumers: List[str] = field(default_factory=list)   # conv/linear modules reading them as inputs
+    producers: List[str] = field(default_factory=list)  # conv/linear modules whose outputs are these channels
+    consumers: List[str] = field(default_factory=list)  # conv/linear modules reading them as inputs
     channelwise: List[str] = field(default_factory=list)  # BatchNorm, LayerNorm, depthwise convs, LayerScale parameters
-    divisor: int = 1                                        # grouped convs: the width must stay divisible by this
-    fixed: Optional[str] = None                             # why the width cannot change (None: free)
-    normalised: bool = False                                # a member normalises across channels (GroupNorm)
+    divisor: int = 1  # grouped convs: the width must stay divisible by this
+    fixed: Optional[str] = None  # why the width cannot change (None: free)
+    normalised: bool = False  # a member normalises across channels (GroupNorm)
 
 
 @dataclass
@@ -45,17 +46,27 @@ class ChannelGraph:
     """The result of :func:`analyze_channels`: groups, and each module's channel layouts."""
 
     groups: List[ChannelGroup]
-    inputs: Dict[str, Layout]   # conv/linear -> layout of its input channels (segments: concat)
+    inputs: Dict[str, Layout]  # conv/linear -> layout of its input channels (segments: concat)
     outputs: Dict[str, Layout]  # conv/linear -> layout of its output channels (several segments: split later)
     channelwise: Dict[str, Layout]  # BatchNorm, depthwise conv, ... -> layout of its channels
-    parameters: Dict[str, Tuple[int, Layout]] = field(default_factory=dict)  # parameter used directly (LayerScale) -> (dim, layout)
-    spread: Dict[str, int] = field(default_factory=dict)  # linear reading flattened C x H x W features -> H*W entries per channel
+    parameters: Dict[str, Tuple[int, Layout]] = field(
+        default_factory=dict
+    )  # parameter used directly (LayerScale) -> (dim, layout)
+    spread: Dict[str, int] = field(
+        default_factory=dict
+    )  # linear reading flattened C x H x W features -> H*W entries per channel
     slices: List[SliceSite] = field(default_factory=list)  # stored split sizes, rewritten by block handlers
     ties: List[Tuple[int, ...]] = field(default_factory=list)  # groups that must keep one width (equal pieces)
     grouped: List[str] = field(default_factory=list)  # depthwise/grouped convs (their output layout is in channelwise)
-    multiplied: Dict[int, Tuple[int, int, int]] = field(default_factory=dict)  # out group -> (in group, a, b): out = in / a * b
-    depth_multiplied: List[int] = field(default_factory=list)  # those out groups a grouped conv makes (it may merge its groups)
-    module_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)  # module -> shape of the last tensor it computed (its output)
+    multiplied: Dict[int, Tuple[int, int, int]] = field(
+        default_factory=dict
+    )  # out group -> (in group, a, b): out = in / a * b
+    depth_multiplied: List[int] = field(
+        default_factory=list
+    )  # those out groups a grouped conv makes (it may merge its groups)
+    module_shapes: Dict[str, Tuple[int, ...]] = field(
+        default_factory=dict
+    )  # module -> shape of the last tensor it computed (its output)
 
     def conv_outputs(self) -> Dict[str, Layout]:
         """Every conv's output layout, depthwise ones included: the channels each KAP pools."""
@@ -93,8 +104,12 @@ class GroupSet:
         self.width: Dict[int, int] = {}
         self.normalised: set = set()
         self.parts: Dict[int, Tuple[int, int]] = {}  # a root cut in two at a split or slice: its segments
-        self.ties: List[Tuple[List[Layout], str]] = []  # layouts that must keep equal widths (pieces of x.chunk(n)), why
-        self.multiplied: List[Tuple[int, int, int, int]] = []  # (input group, output group, in, out per conv group or head)
+        self.ties: List[
+            Tuple[List[Layout], str]
+        ] = []  # layouts that must keep equal widths (pieces of x.chunk(n)), why
+        self.multiplied: List[
+            Tuple[int, int, int, int]
+        ] = []  # (input group, output group, in, out per conv group or head)
         self.depth_multiplied: List[int] = []  # output groups of grouped convs among them
 
     def new(self, width: int, fixed: Optional[str] = None) -> int:
@@ -206,8 +221,15 @@ class GroupSet:
         """These layouts must keep equal widths, segment by segment (the pieces of ``x.chunk(n)``)."""
         self.ties.append((layouts, why))
 
-    def to_graph(self, inputs: Dict[str, Layout], outputs: Dict[str, Layout], roles: Dict[str, List[Tuple[str, Layout]]],
-                 parameters: Dict[str, Tuple[int, int]], spreads: Dict[str, int], slices: List[SliceSite]) -> ChannelGraph:
+    def to_graph(
+        self,
+        inputs: Dict[str, Layout],
+        outputs: Dict[str, Layout],
+        roles: Dict[str, List[Tuple[str, Layout]]],
+        parameters: Dict[str, Tuple[int, int]],
+        spreads: Dict[str, int],
+        slices: List[SliceSite],
+    ) -> ChannelGraph:
         """The finished :class:`ChannelGraph`: one numbered group per segment, members filled in."""
         ties = []
         for layouts, why in self.ties:
@@ -221,8 +243,16 @@ class GroupSet:
         self._fix_multiplied()
         roots = sorted({self.find(g) for g in range(len(self.parent))} - set(self.parts))
         index = {r: i for i, r in enumerate(roots)}
-        groups = [ChannelGroup(id=i, width=self.width[r], divisor=self.divisor.get(r, 1), fixed=self.fixed.get(r),
-                               normalised=r in self.normalised) for i, r in enumerate(roots)]
+        groups = [
+            ChannelGroup(
+                id=i,
+                width=self.width[r],
+                divisor=self.divisor.get(r, 1),
+                fixed=self.fixed.get(r),
+                normalised=r in self.normalised,
+            )
+            for i, r in enumerate(roots)
+        ]
 
         def renum(layout: Layout) -> Layout:
             return tuple(index[leaf] for leaf in self.expand(layout))
@@ -240,7 +270,10 @@ class GroupSet:
         for name, (_, gid) in parameters.items():
             for g in renum((gid,)):
                 groups[g].channelwise.append(name)
-        slices = [SliceSite(s.owner, [(at, renum(lo)) for at, lo in s.boundaries], s.kind, [renum(p) for p in s.pieces]) for s in slices]
+        slices = [
+            SliceSite(s.owner, [(at, renum(lo)) for at, lo in s.boundaries], s.kind, [renum(p) for p in s.pieces])
+            for s in slices
+        ]
         return ChannelGraph(
             groups=groups,
             inputs={n: renum(lo) for n, lo in inputs.items()},
@@ -249,11 +282,18 @@ class GroupSet:
             parameters={n: (dim, renum((g,))) for n, (dim, g) in parameters.items()},
             spread=spreads,
             slices=slices,
-            ties=[tuple(sorted({index[self.find(g)] for g in tie})) for tie in ties if len({self.find(g) for g in tie}) > 1]
+            ties=[
+                tuple(sorted({index[self.find(g)] for g in tie}))
+                for tie in ties
+                if len({self.find(g) for g in tie}) > 1
+            ]
             + _one_stored_size(slices),
             grouped=[n for n, entries in roles.items() if any(role == "grouped" for role, _ in entries)],
-            multiplied={index[self.find(o)]: (index[self.find(i)], a, b) for i, o, a, b in self.multiplied
-                        if self.find(i) in index and self.find(o) in index},
+            multiplied={
+                index[self.find(o)]: (index[self.find(i)], a, b)
+                for i, o, a, b in self.multiplied
+                if self.find(i) in index and self.find(o) in index
+            },
             depth_multiplied=[index[self.find(o)] for o in self.depth_multiplied if self.find(o) in index],
         )
 
@@ -277,7 +317,9 @@ class GroupSet:
             changed, seen = False, {}
             for inp, out, a, b in self.multiplied:
                 for key, other in (((0, self.expand((out,)), a, b), inp), ((1, self.expand((inp,)), a, b), out)):
-                    if key in seen and self.expand((seen[key],)) != self.expand((other,)):  # segment by segment (cut groups)
+                    if key in seen and self.expand((seen[key],)) != self.expand(
+                        (other,)
+                    ):  # segment by segment (cut groups)
                         self.union(seen[key], other)
                         changed |= self.expand((seen[key],)) == self.expand((other,))  # else they cannot meet: no rerun
                     seen.setdefault(key, other)
@@ -299,5 +341,9 @@ class GroupSet:
             for inp, out, _, _ in self.multiplied:
                 for this, other in ((inp, out), (out, inp)):
                     if self.is_fixed(this) and not self.is_fixed(other):
-                        self.fix(other, f"widens in whole groups or heads with channels that cannot: {self.fixed[self.leaves(this)[0]]}")
+                        self.fix(
+                            other,
+                            f"widens in whole groups or heads with channels that cannot: "
+                            f"{self.fixed[self.leaves(this)[0]]}",
+                        )
                         changed = True

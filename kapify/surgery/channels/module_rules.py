@@ -8,6 +8,7 @@ input's groups; a GroupNorm/LayerNorm also marks them normalised; self-attention
 handler (``nn.Flatten``, an activation) is followed like a reshape; any other one fixes the channels,
 unless a rule is registered for its type (:func:`register_layer_rule`: a block FX keeps whole).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -19,11 +20,19 @@ from ..optional import optional_imports
 from ..resize import ChannelHandler, channel_handler
 from ..squares import MAX_GROWTH_GROUPED, aligned_square
 from .analysis import ChannelAnalysis, Located, Step
-from .graph import Layout, SliceSite
 from .axes import follow_axis, permuted_axis
+from .graph import Layout, SliceSite
 
-__all__ = ["LayerRule", "add_to_stream", "attention_leaf", "module_layout", "layer_layout", "register_layer_rule", "layers_in_sequence",
-           "split_in_leaf"]
+__all__ = [
+    "LayerRule",
+    "add_to_stream",
+    "attention_leaf",
+    "module_layout",
+    "layer_layout",
+    "register_layer_rule",
+    "layers_in_sequence",
+    "split_in_leaf",
+]
 
 # torchvision's ConvNeXt moves channels last with a Permute module
 _PERMUTES = optional_imports("torchvision.ops.misc:Permute", used_for="layer layout: torchvision's Permute (ConvNeXt)")
@@ -38,17 +47,20 @@ def register_layer_rule(*layer_types: Type[nn.Module]) -> Callable[[LayerRule], 
     data-dependent control flow): the layout of its output, given the layers it calls."""
     bad = [t for t in layer_types if not (isinstance(t, type) and issubclass(t, nn.Module))]
     if bad or not layer_types:
-        raise TypeError(f"register_layer_rule takes nn.Module classes, got {bad or 'none'}; e.g. @register_layer_rule(MyBlock)")
+        raise TypeError(
+            f"register_layer_rule takes nn.Module classes, got {bad or 'none'}; e.g. @register_layer_rule(MyBlock)"
+        )
 
     def register(rule: LayerRule) -> LayerRule:
         _LAYER_RULES.update(dict.fromkeys(layer_types, rule))
         return rule
+
     return register
 
 
 def _inner_layer(an: ChannelAnalysis, step: Step, name: str, src: Located) -> Optional[Located]:
-    """The layout after layer ``name`` (a conv/linear, a norm, or a stateless one) of the leaf block ``step`` calls, reading
-    ``src``; None for a layer with weights but no channel handler (its input stays as it is)."""
+    """The layout after layer ``name`` (a conv/linear, a norm, or a stateless one) of the leaf block ``step`` calls,
+    reading ``src``; None for a layer with weights but no channel handler (its input stays as it is)."""
     path = f"{step.node.target}.{name}"
     layer = an.gm.get_submodule(path)
     handler = channel_handler(layer)
@@ -62,8 +74,11 @@ def _inner_layer(an: ChannelAnalysis, step: Step, name: str, src: Located) -> Op
     return layer_layout(an, step, path, layer, handler, src)
 
 
-def layers_in_sequence(an: ChannelAnalysis, step: Step, names: Sequence[str], src: Optional[Located] = None) -> Optional[Located]:
-    """A leaf block that calls its layers ``names`` (convs, linears, norms) one after the other on its input (or ``src``)."""
+def layers_in_sequence(
+    an: ChannelAnalysis, step: Step, names: Sequence[str], src: Optional[Located] = None
+) -> Optional[Located]:
+    """A leaf block that calls its layers ``names`` (convs, linears, norms) one after the other on its input (or
+    ``src``)."""
     located = step.src if src is None else src
     for name in names:
         located = _inner_layer(an, step, name, located) if located is not None else None
@@ -75,7 +90,9 @@ def split_in_leaf(an: ChannelAnalysis, step: Step, located: Located, sizes: Sequ
     the pieces' layouts; the site is recorded, so the owner's block handler rewrites the sizes."""
     pieces = an.cut_layout(located[1], sizes)
     ends = list(itertools.accumulate(sizes))[:-1]
-    an.slices.append(SliceSite(f"{step.node.target}.{owner}", [(end, sum(pieces[:i + 1], ())) for i, end in enumerate(ends)]))
+    an.slices.append(
+        SliceSite(f"{step.node.target}.{owner}", [(end, sum(pieces[: i + 1], ())) for i, end in enumerate(ends)])
+    )
     return pieces
 
 
@@ -88,8 +105,9 @@ def add_to_stream(an: ChannelAnalysis, stream: Located, *branches: Optional[Loca
     return stream
 
 
-def attention_leaf(an: ChannelAnalysis, step: Step, heads: int, readers: Sequence[str], proj: str,
-                   per_head: Sequence[str] = ()) -> Optional[Located]:
+def attention_leaf(
+    an: ChannelAnalysis, step: Step, heads: int, readers: Sequence[str], proj: str, per_head: Sequence[str] = ()
+) -> Optional[Located]:
     """A leaf self-attention block: layers ``readers`` read its input into q, k, v pieces of the input's
     width in ``heads`` heads (``C // self.num_heads`` per head), layer ``proj`` writes its output, and
     ``per_head`` layers or parameters have one output entry per head; widening adds heads (the block's
@@ -130,21 +148,43 @@ def module_layout(an: ChannelAnalysis, step: Step, module: nn.Module) -> Optiona
         an.pinned(node, module, handler)
         return an.layout[node]
     axis = handler.axis % len(step.src_shape)
-    if handler.kind != "attention":  # more tensor inputs (CondConv's routing weights): what it does with them is unknown
-        an.fix_all([an.lay(a) for a in step.args[1:]], f"{type(module).__name__} '{node.target}' reads it besides its input")
-    multi = [a for a in (handler.in_attr, handler.out_attr) if isinstance(getattr(module, a), (tuple, list)) and len(getattr(module, a)) != 1]
+    if (
+        handler.kind != "attention"
+    ):  # more tensor inputs (CondConv's routing weights): what it does with them is unknown
+        an.fix_all(
+            [an.lay(a) for a in step.args[1:]], f"{type(module).__name__} '{node.target}' reads it besides its input"
+        )
+    multi = [
+        a
+        for a in (handler.in_attr, handler.out_attr)
+        if isinstance(getattr(module, a), (tuple, list)) and len(getattr(module, a)) != 1
+    ]
     if multi:  # e.g. LayerNorm over (C, H, W): not one channel dim
         an.fix_all([src], f"{type(module).__name__} '{node.target}' has a multi-dim {multi[0]}")
         return an.fresh(node, f"output of {type(module).__name__} '{node.target}'")
     guessed = all(an.groups.is_fixed(g) for g in src[1])  # e.g. XCiT's Fourier features: no traced channels
-    if handler.kind == "conv" and src[0] >= 2 and not guessed and step.shape is not None and step.shape[src[0]] == step.src_shape[src[0]]:
+    if (
+        handler.kind == "conv"
+        and src[0] >= 2
+        and not guessed
+        and step.shape is not None
+        and step.shape[src[0]] == step.src_shape[src[0]]
+    ):
         for g in src[1]:  # a conv sliding along the channels (ECA's Conv1d): any width runs, but the
             an.groups.normalise(g)  # last old channels see new neighbours instead of zero padding
         return src
     if src[0] != axis and guessed:  # the traced axis was only a guess
-        src = (axis, (an.groups.new(int(step.src_shape[axis]), f"input of '{node.target}' has no traced channel layout"),))
-    if src[0] != axis and handler.kind in ("linear", "channelwise") and step.shape is not None \
-            and len(step.shape) == len(step.src_shape) and step.shape[src[0]] == step.src_shape[src[0]]:
+        src = (
+            axis,
+            (an.groups.new(int(step.src_shape[axis]), f"input of '{node.target}' has no traced channel layout"),),
+        )
+    if (
+        src[0] != axis
+        and handler.kind in ("linear", "channelwise")
+        and step.shape is not None
+        and len(step.shape) == len(step.src_shape)
+        and step.shape[src[0]] == step.src_shape[src[0]]
+    ):
         return src  # MLP-Mixer's token mixing, a norm over the head dim: the channels stay on their dim
     if src[0] != axis:  # e.g. a conv reading a dim other than the channels
         an.fix_all([src], f"{type(module).__name__} '{node.target}' reads dim {axis}, the channels are on dim {src[0]}")
@@ -172,7 +212,8 @@ def _without_handler(an: ChannelAnalysis, step: Step, module: nn.Module) -> Opti
 
 def _channelwise(an: ChannelAnalysis, name: str, module: nn.Module, handler: ChannelHandler, src: Located) -> Located:
     """BatchNorm, LayerNorm, GroupNorm (module ``name``): the channels pass through; norms over channels mark them
-    normalised, except a GroupNorm of several groups, which widens by whole new groups (the old ones keep their statistics)."""
+    normalised, except a GroupNorm of several groups, which widens by whole new groups (the old ones keep their
+    statistics)."""
     an.role(name, "channelwise", src[1])
     if handler.channels_normalised:  # statistics mix channels
         groups = getattr(module, handler.groups_attr) if handler.groups_attr else 1
@@ -190,10 +231,15 @@ def _attention(an: ChannelAnalysis, step: Step, module: nn.Module, handler: Chan
     """Self-attention (``nn.MultiheadAttention``): query, key and value, read by one packed projection, and the
     output share their channels; widening adds whole heads. Its output is (attention, weights)."""
     node = step.node
-    qkv = [node.kwargs.get(k, node.args[i] if len(node.args) > i else None) for i, k in enumerate(("query", "key", "value"))]
+    qkv = [
+        node.kwargs.get(k, node.args[i] if len(node.args) > i else None)
+        for i, k in enumerate(("query", "key", "value"))
+    ]
     operands = [an.lay(a) for a in qkv]
     if any(lo is None or lo[0] != src[0] for lo in operands) or len({an.groups.total(lo[1]) for lo in operands}) != 1:
-        an.fix_all(operands, f"{type(module).__name__} '{node.target}' reads keys or values laid out unlike its queries")
+        an.fix_all(
+            operands, f"{type(module).__name__} '{node.target}' reads keys or values laid out unlike its queries"
+        )
         return None
     layout = an.groups.union_layouts(an.groups.align([lo[1] for lo in operands]))
     _whole_units(an, node.target, layout, getattr(module, handler.unit_attr), "attention", "heads")
@@ -210,8 +256,9 @@ def _whole_units(an: ChannelAnalysis, name: str, layout: Layout, width: int, wha
         an.groups.restrict(g, width)
 
 
-def layer_layout(an: ChannelAnalysis, step: Step, name: str, module: nn.Module, handler: ChannelHandler,
-                 src: Located) -> Optional[Located]:
+def layer_layout(
+    an: ChannelAnalysis, step: Step, name: str, module: nn.Module, handler: ChannelHandler, src: Located
+) -> Optional[Located]:
     """A conv/linear (module ``name``, called as a layer or through its weight) starts a new group; a
     depthwise/grouped conv with equal in and out channels carries its input's."""
     node, axis = step.node, src[0]
@@ -219,8 +266,14 @@ def layer_layout(an: ChannelAnalysis, step: Step, name: str, module: nn.Module, 
     c_in, c_out = handler.count(module, handler.in_attr), handler.count(module, handler.out_attr)
     if groups > 1 and c_in == c_out:  # depthwise / grouped: channel i in feeds group of channel i out
         width = c_in // groups
-        if width > 1 and src is step.src and len(src[1]) == 1 and aligned_square(c_in, divisor=width, max_growth=MAX_GROWTH_GROUPED) is None:
-            # no square within MAX_GROWTH_GROUPED x is a whole number of groups (RegNet's 3 groups of 56): keep the count, widen each
+        if (
+            width > 1
+            and src is step.src
+            and len(src[1]) == 1
+            and aligned_square(c_in, divisor=width, max_growth=MAX_GROWTH_GROUPED) is None
+        ):
+            # no square within MAX_GROWTH_GROUPED x is a whole number of groups (RegNet's 3 groups of 56): keep the
+            # count, widen each
             piece = an.equal_pieces(step, groups)
             if piece is not None:
                 an.role(name, "grouped", piece * groups)

@@ -12,6 +12,7 @@ fixed ("... is not channel-aware"). A new op is one registered function:
     ...     '''elementwise: the channels stay where they are'''
     ...     return step.src
 """
+
 from __future__ import annotations
 
 import math
@@ -25,10 +26,25 @@ from torch import fx
 from ..optional import optional_imports
 from ..resize import channel_handler
 from .analysis import ChannelAnalysis, Located, Step
-from .graph import Layout
+from .axes import (
+    REDUCTIONS,
+    cat_dim,
+    flattened_axis,
+    follow_axis,
+    merged_axis,
+    name_of,
+    pads_only_other_dims,
+    permutation,
+    permuted_axis,
+    reduced_dims,
+    reshape_sizes,
+    shape_of,
+    size_read,
+    split_axis,
+    stored_width,
+)
 from .blocks import counts_heads
-from .axes import (REDUCTIONS, cat_dim, flattened_axis, follow_axis, merged_axis, name_of, pads_only_other_dims,
-                   permutation, permuted_axis, reduced_dims, reshape_sizes, shape_of, size_read, split_axis, stored_width)
+from .graph import Layout
 
 __all__ = ["NodeRule", "register_node_rule", "node_rule", "function_layout"]
 
@@ -41,11 +57,13 @@ _NAMED_RULES: Dict[str, NodeRule] = {}
 _READS_PARAMETERS: set = set()
 
 
-def register_node_rule(*functions: Callable, methods: Iterable[str] = (), names: Iterable[str] = (),
-                       parameters: bool = False) -> Callable[[NodeRule], NodeRule]:
+def register_node_rule(
+    *functions: Callable, methods: Iterable[str] = (), names: Iterable[str] = (), parameters: bool = False
+) -> Callable[[NodeRule], NodeRule]:
     """Register a rule for call targets: ``functions`` (``torch.cat``), tensor ``methods`` (``"view"``)
     and functions matched by ``names`` (timm's wrapped helpers, ``roll``). ``parameters=True``: the rule
     places the parameters the call reads itself (``F.linear(x, self.qkv.weight)``). Usable as a decorator."""
+
     def register(rule: NodeRule) -> NodeRule:
         _FUNCTION_RULES.update(dict.fromkeys(functions, rule))
         _METHOD_RULES.update(dict.fromkeys(methods, rule))
@@ -53,6 +71,7 @@ def register_node_rule(*functions: Callable, methods: Iterable[str] = (), names:
         if parameters:
             _READS_PARAMETERS.add(rule)
         return rule
+
     return register
 
 
@@ -64,18 +83,88 @@ def node_rule(node: fx.Node) -> Optional[NodeRule]:
 
 
 _ELEMENTWISE = {
-    operator.add, operator.iadd, operator.neg, torch.neg, operator.mul, operator.imul, operator.sub, operator.isub, operator.truediv, operator.pow, torch.pow,
-    torch.add, torch.mul, torch.sub, torch.div, torch.addcmul, torch.relu, torch.sigmoid, torch.tanh, torch.clamp,
-    F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.leaky_relu, F.elu, F.mish,
-    F.dropout, F.dropout2d, F.hardtanh,
+    operator.add,
+    operator.iadd,
+    operator.neg,
+    torch.neg,
+    operator.mul,
+    operator.imul,
+    operator.sub,
+    operator.isub,
+    operator.truediv,
+    operator.pow,
+    torch.pow,
+    torch.add,
+    torch.mul,
+    torch.sub,
+    torch.div,
+    torch.addcmul,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    torch.clamp,
+    F.relu,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.hardswish,
+    F.hardsigmoid,
+    F.sigmoid,
+    F.leaky_relu,
+    F.elu,
+    F.mish,
+    F.dropout,
+    F.dropout2d,
+    F.hardtanh,
 }
 # torchvision's per-sample drop path (EfficientNet, ConvNeXt, ...) scales whole examples
-_ELEMENTWISE.update(optional_imports("torchvision.ops:stochastic_depth", used_for="node rule: torchvision's stochastic_depth is elementwise"))
-_ELEMENTWISE_METHODS = {"add", "add_", "mul", "mul_", "sub", "div", "pow", "relu", "relu_", "sigmoid", "sigmoid_", "tanh",
-                        "clamp", "clamp_", "hardswish", "exp", "neg", "addcmul",
-                        "expand", "expand_as"}  # broadcasting
-_FLOATING_METHODS = {"expand", "expand_as", "contiguous", "to", "type_as", "float", "half", "bfloat16"}  # keep trailing dims
-_CAST_METHODS = {"contiguous", "float", "half", "bfloat16", "to", "type_as", "clone", "detach"}  # the first operand, recast
+_ELEMENTWISE.update(
+    optional_imports(
+        "torchvision.ops:stochastic_depth", used_for="node rule: torchvision's stochastic_depth is elementwise"
+    )
+)
+_ELEMENTWISE_METHODS = {
+    "add",
+    "add_",
+    "mul",
+    "mul_",
+    "sub",
+    "div",
+    "pow",
+    "relu",
+    "relu_",
+    "sigmoid",
+    "sigmoid_",
+    "tanh",
+    "clamp",
+    "clamp_",
+    "hardswish",
+    "exp",
+    "neg",
+    "addcmul",
+    "expand",
+    "expand_as",
+}  # broadcasting
+_FLOATING_METHODS = {
+    "expand",
+    "expand_as",
+    "contiguous",
+    "to",
+    "type_as",
+    "float",
+    "half",
+    "bfloat16",
+}  # keep trailing dims
+_CAST_METHODS = {
+    "contiguous",
+    "float",
+    "half",
+    "bfloat16",
+    "to",
+    "type_as",
+    "clone",
+    "detach",
+}  # the first operand, recast
 _PIXEL_SHUFFLING_FUNCTIONS = {  # timm's untraced functions that move pixels, never channels (same dim from the right)
     "window_reverse": "Swin, MaxViT, DaViT: windows back to an NHWC image",
     "window_reverse_nchw": "MaxViT: windows back to an NCHW image",
@@ -83,8 +172,16 @@ _PIXEL_SHUFFLING_FUNCTIONS = {  # timm's untraced functions that move pixels, ne
     "grid_reverse_nchw": "MaxViT: grid attention cells back to an NCHW image",
     "deblockify": "NesT: blocks back to an NHWC image",
 }
-_SPATIAL = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, F.interpolate,
-            F.adaptive_avg_pool1d, F.avg_pool1d, F.max_pool1d}
+_SPATIAL = {
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+    F.avg_pool2d,
+    F.max_pool2d,
+    F.interpolate,
+    F.adaptive_avg_pool1d,
+    F.avg_pool1d,
+    F.max_pool1d,
+}
 
 
 def _is_elementwise(node: fx.Node) -> bool:
@@ -95,21 +192,31 @@ def function_layout(an: ChannelAnalysis, step: Step) -> Optional[Located]:
     """The layout of a call_function / call_method node: parameters it reads first, then its rule."""
     node = step.node
     step.located = [(a, an.lay(a)) for a in step.args if an.lay(a) is not None]
-    params = [a for a in step.args if (a.op == "get_attr" or a in an.floating) and an.lay(a) is None
-              and math.prod(shape_of(a) or (2,)) > 1]
+    params = [
+        a
+        for a in step.args
+        if (a.op == "get_attr" or a in an.floating) and an.lay(a) is None and math.prod(shape_of(a) or (2,)) > 1
+    ]
     leading = node.op == "call_method" and node.target == "unsqueeze" and node.args[1:] == (0,)  # a batch dim in front
     if params and not step.located and node.op == "call_method" and (node.target in _FLOATING_METHODS or leading):
         an.floating[node] = an.floating.get(params[0], params[0])  # cls_token.expand(N, -1, -1), pos_embed.unsqueeze(0)
         return None
-    if node.target is operator.getitem and params == [node.args[0]] and isinstance(node.args[1], fx.Node) \
-            and len(shape_of(params[0]) or ()) >= 2:  # table[index]: a bias/embedding table's last dim (heads) follows
+    if (
+        node.target is operator.getitem
+        and params == [node.args[0]]
+        and isinstance(node.args[1], fx.Node)
+        and len(shape_of(params[0]) or ()) >= 2
+    ):  # table[index]: a bias/embedding table's last dim (heads) follows
         step.src = an.table_parameter(params[0])
         step.located, params = [(params[0], step.src)], []
-    joins = _is_elementwise(node) or (node.target in (torch.cat, torch.concat) and step.located
-                                      and step.located[0][1][0] != cat_dim(node))
+    joins = _is_elementwise(node) or (
+        node.target in (torch.cat, torch.concat) and step.located and step.located[0][1][0] != cat_dim(node)
+    )
     if params and step.located and joins:
         offset = len(shape_of(step.located[0][0])) - step.located[0][1][0]  # a parameter short of the channel dim or of
-        params = [a for a in params if len(shape_of(a) or ()) >= offset and shape_of(a)[-offset] > 1]  # size 1 there broadcasts (RoPE, masks)
+        params = [
+            a for a in params if len(shape_of(a) or ()) >= offset and shape_of(a)[-offset] > 1
+        ]  # size 1 there broadcasts (RoPE, masks)
         for param in params:
             placed = an.lined_up(param, step.located[0])
             if placed is not None:
@@ -122,8 +229,15 @@ def function_layout(an: ChannelAnalysis, step: Step) -> Optional[Located]:
     result = rule(an, step) if rule is not None else NotImplemented
     if result is NotImplemented:
         flat = next((an.spread[a] for a in step.args if a in an.spread), None)
-        an.fix_all([lo for _, lo in step.located], f"{node.name} ({name_of(node.target)}) " + (
-            "is not channel-aware" if flat is None else f"reads channels flattened over {flat} entries each (a channel shuffle)"))
+        an.fix_all(
+            [lo for _, lo in step.located],
+            f"{node.name} ({name_of(node.target)}) "
+            + (
+                "is not channel-aware"
+                if flat is None
+                else f"reads channels flattened over {flat} entries each (a channel shuffle)"
+            ),
+        )
         return an.fresh(node, f"output of {node.name} ({name_of(node.target)})")
     return result
 
@@ -131,12 +245,17 @@ def function_layout(an: ChannelAnalysis, step: Step) -> Optional[Located]:
 @register_node_rule(methods=_CAST_METHODS)
 def cast(an: ChannelAnalysis, step: Step) -> Optional[Located]:
     """contiguous(), float(), to(...): the first operand, recast"""
-    return step.src if step.shape is not None and step.shape == step.src_shape else an.moved(step.node, step.src, None, step.node.name)
+    return (
+        step.src
+        if step.shape is not None and step.shape == step.src_shape
+        else an.moved(step.node, step.src, None, step.node.name)
+    )
 
 
 @register_node_rule(*_ELEMENTWISE, methods=_ELEMENTWISE_METHODS)
 def broadcasting(an: ChannelAnalysis, step: Step) -> Optional[Located]:
-    """add, mul, activations: operands' channels merge (residual adds, squeeze-excitation); size-1 channel dims broadcast"""
+    """add, mul, activations: operands' channels merge (residual adds, squeeze-excitation); size-1 channel dims
+    broadcast"""
     wide = [(a, lo) for a, lo in step.located if shape_of(a)[lo[0]] > 1]
     return an.merge(wide, step.node) if wide else (step.located[0][1] if step.located else None)
 
@@ -149,8 +268,13 @@ def permute(an: ChannelAnalysis, step: Step) -> Optional[Located]:
     return an.moved(step.node, src, None if dims is None else permuted_axis(src[0], dims, ndim), step.node.name)
 
 
-@register_node_rule(torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
-                    methods=("view", "reshape", "flatten", "squeeze", "unsqueeze", "view_as", "reshape_as"))
+@register_node_rule(
+    torch.flatten,
+    torch.reshape,
+    torch.squeeze,
+    torch.unsqueeze,
+    methods=("view", "reshape", "flatten", "squeeze", "unsqueeze", "view_as", "reshape_as"),
+)
 def reshape(an: ChannelAnalysis, step: Step) -> Any:
     """view/reshape/flatten/(un)squeeze: followed when the channel dim survives whole, is flattened outermost
     (VGG's classifier), split into pieces (SKNet's paths) or heads (attention), or heads merge back"""
@@ -160,8 +284,12 @@ def reshape(an: ChannelAnalysis, step: Step) -> Any:
     before, axis = step.src_shape, src[0]
     moved, flat = follow_axis(before, shape, axis), flattened_axis(before, shape, axis)
     merged, split = merged_axis(before, shape, axis), split_axis(before, shape, axis)
-    if moved == axis + 1 and list(shape) == [*before[:axis], 1, *before[axis:]] and stored_width(node, axis, least=1) \
-            and counts_heads(node, an.root):  # (N, C) -> (N, 1, C) in attention: one head
+    if (
+        moved == axis + 1
+        and list(shape) == [*before[:axis], 1, *before[axis:]]
+        and stored_width(node, axis, least=1)
+        and counts_heads(node, an.root)
+    ):  # (N, C) -> (N, 1, C) in attention: one head
         return _split(an, step, moved - 1, moved, 1)
     if moved is not None:
         located = (moved, src[1])
@@ -174,7 +302,9 @@ def reshape(an: ChannelAnalysis, step: Step) -> Any:
     else:
         return an.moved(node, src, None, node.name)
     located = _size_coupled(an, node, located)
-    if stored_width(node, located[0]) and not an.stored(step, int(shape[located[0]]), located[1]):  # gamma.view(self.shape)
+    if stored_width(node, located[0]) and not an.stored(
+        step, int(shape[located[0]]), located[1]
+    ):  # gamma.view(self.shape)
         an.fix_all([src], f"{node.name} ({name_of(node.target)}) hard-codes {shape[located[0]]} channels")
     return located
 
@@ -187,8 +317,8 @@ def _spread(an: ChannelAnalysis, node: fx.Node, src: Located, axis: int, entries
 
 def _split(an: ChannelAnalysis, step: Step, first: int, last: int, pieces: int) -> Any:
     """(N, C) -> (N, ..., d): with d computed, ``pieces`` equal pieces of d on the last dim; with d
-    stored (or a stored head count in an attention block, see ``register_block_handler(heads=True)``), heads (N, k, h, d): k equal pieces
-    (q, k, v) of h heads each, the channels on the heads dim."""
+    stored (or a stored head count in an attention block, see ``register_block_handler(heads=True)``), heads (N, k,
+    h, d): k equal pieces (q, k, v) of h heads each, the channels on the heads dim."""
     node = step.node
     stored_heads = last - 1 >= first and stored_width(node, last - 1, least=1) and counts_heads(node, an.root)
     if not stored_width(node, last) and not stored_heads:  # widen d
@@ -264,7 +394,10 @@ def _size_coupled(an: ChannelAnalysis, node: fx.Node, located: Any) -> Any:
         if not set(an.groups.expand(found[0])) <= set(an.groups.expand(located[1])):  # not these channels rearranged
             # (a channel shuffle): sized off other channels in a way the layouts cannot line up (LambdaLayer:
             # heads x dim_v flattened back to its input's C): neither may widen
-            an.fix_all([(located[0], found[0]), located], f"{node.name} ({name_of(node.target)}) sizes its channels off another tensor's count")
+            an.fix_all(
+                [(located[0], found[0]), located],
+                f"{node.name} ({name_of(node.target)}) sizes its channels off another tensor's count",
+            )
         return located
     an.groups.union_layouts(an.groups.align([located[1] * found[2], found[0]]))
     return located[0], an.groups.expand(located[1])
@@ -319,14 +452,26 @@ def matmul(an: ChannelAnalysis, step: Step) -> Any:
     the dim both contract (single-head attention's ``q.transpose(-2, -1) @ k``): they stay as they are, the
     output has none (new channels of both would enter every product)"""
     node = step.node
-    wide = [(a, lo) for a, lo in step.located if an.groups.total(lo[1]) > 1]  # one channel (GCNet's attention logits) broadcasts
-    if len(wide) == 2 == len(step.args) and [len(shape_of(a)) - lo[0] for a, lo in wide] == [1, 2] and wide[0][0] is node.args[0]:
-        an.fix_all([lo for _, lo in wide], f"{node.name} (matmul) contracts these channels with others' (attention scores)")
+    wide = [
+        (a, lo) for a, lo in step.located if an.groups.total(lo[1]) > 1
+    ]  # one channel (GCNet's attention logits) broadcasts
+    if (
+        len(wide) == 2 == len(step.args)
+        and [len(shape_of(a)) - lo[0] for a, lo in wide] == [1, 2]
+        and wide[0][0] is node.args[0]
+    ):
+        an.fix_all(
+            [lo for _, lo in wide], f"{node.name} (matmul) contracts these channels with others' (attention scores)"
+        )
         return None
     if len(wide) == 2:  # a fixed operand's matrix dim (attention scores' tokens) needs no following
-        wide = [(a, lo) for a, lo in wide if not (all(an.groups.is_fixed(g) for g in lo[1]) and len(shape_of(a)) - lo[0] <= 2)] or wide
+        wide = [
+            (a, lo)
+            for a, lo in wide
+            if not (all(an.groups.is_fixed(g) for g in lo[1]) and len(shape_of(a)) - lo[0] <= 2)
+        ] or wide
     if len(wide) == 1 and len(step.args) == 2 and step.shape is not None and len(step.shape) >= 2:
-        (a, (axis, layout)), = wide
+        ((a, (axis, layout)),) = wide
         from_right = len(shape_of(a)) - axis
         if (a is node.args[0] and from_right == 2) or (a is node.args[1] and from_right == 1 and a is not node.args[0]):
             return len(step.shape) - from_right, layout  # each output row (column) reads one row (column) of these
@@ -348,8 +493,14 @@ def einsum(an: ChannelAnalysis, step: Step) -> Any:
         return NotImplemented
     letters = {terms[operands.index(a)][lo[0]] for a, lo in step.located}
     letter = letters.pop() if len(letters) == 1 else None
-    if letter is None or letter not in output or any(
-            a not in dict(step.located) and letter in term and shape_of(a)[term.index(letter)] > 1 for a, term in zip(operands, terms)):
+    if (
+        letter is None
+        or letter not in output
+        or any(
+            a not in dict(step.located) and letter in term and shape_of(a)[term.index(letter)] > 1
+            for a, term in zip(operands, terms)
+        )
+    ):
         return NotImplemented  # channels contracted, on different letters, or met by an operand not followed
     if len({an.groups.total(lo[1]) for _, lo in step.located}) > 1:
         return NotImplemented
@@ -369,7 +520,9 @@ def stack(an: ChannelAnalysis, step: Step) -> Any:
     return merged if merged is None or dim % len(step.shape) <= axis else (axis, merged[1])
 
 
-@register_node_rule(torch.softmax, torch.log_softmax, F.softmax, F.log_softmax, F.normalize, methods=("softmax", "log_softmax"))
+@register_node_rule(
+    torch.softmax, torch.log_softmax, F.softmax, F.log_softmax, F.normalize, methods=("softmax", "log_softmax")
+)
 def normalising(an: ChannelAnalysis, step: Step) -> Any:
     """softmax, F.normalize over another dim keep the channels (SKNet's path attention, cosine attention over
     the head dim); over the channels they normalise them"""
@@ -385,7 +538,8 @@ def normalising(an: ChannelAnalysis, step: Step) -> Any:
 
 @register_node_rule(torch.Tensor.repeat, methods=("repeat",))
 def repeat(an: ChannelAnalysis, step: Step) -> Any:
-    """repeat over other dims (XCiT's positional encoding over the batch) keeps the channels; over them it is not followed"""
+    """repeat over other dims (XCiT's positional encoding over the batch) keeps the channels; over them it is not
+    followed"""
     sizes = list(step.node.args[1:])
     sizes = list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)) else sizes
     if step.src is None or step.shape is None or len(sizes) != len(step.src_shape) or sizes[step.src[0]] != 1:
@@ -404,7 +558,8 @@ def spatial(an: ChannelAnalysis, step: Step) -> Any:
 
 @register_node_rule(*REDUCTIONS.values(), methods=REDUCTIONS)
 def reduction(an: ChannelAnalysis, step: Step) -> Optional[Located]:
-    """mean/sum/amax/amin/norm: over other dims the channels survive; over the channels they are statistics (GRN, CBAM)"""
+    """mean/sum/amax/amin/norm: over other dims the channels survive; over the channels they are statistics (GRN,
+    CBAM)"""
     src = step.src
     reduced = reduced_dims(step.node, len(step.src_shape)) if src is not None else None
     if src is not None and reduced is not None and src[0] in reduced[0]:
@@ -440,7 +595,12 @@ def pixel_shuffling(an: ChannelAnalysis, step: Step) -> Any:
 def patch_merging(an: ChannelAnalysis, step: Step) -> Any:
     """torchvision's Swin: the four pixels of each 2x2 patch of an NHWC image side by side (4 x the channels)"""
     src = step.src
-    if src is None or step.shape is None or src[0] != len(step.src_shape) - 1 or step.shape[-1] != 4 * step.src_shape[-1]:
+    if (
+        src is None
+        or step.shape is None
+        or src[0] != len(step.src_shape) - 1
+        or step.shape[-1] != 4 * step.src_shape[-1]
+    ):
         return NotImplemented
     return src[0], src[1] * 4
 
@@ -480,8 +640,13 @@ def through_flattened(an: ChannelAnalysis, step: Step) -> bool:
     module = an.gm.get_submodule(node.target) if node.op == "call_module" else None
     handler = channel_handler(module) if module is not None else None
     single = len(args) == 1  # then src is the flattened tensor
-    if single and handler is not None and handler.kind in ("linear", "conv") and getattr(module, "groups", 1) == 1 \
-            and handler.axis % len(step.src_shape) == step.src[0]:  # a classifier; a conv after a channel shuffle
+    if (
+        single
+        and handler is not None
+        and handler.kind in ("linear", "conv")
+        and getattr(module, "groups", 1) == 1
+        and handler.axis % len(step.src_shape) == step.src[0]
+    ):  # a classifier; a conv after a channel shuffle
         an.spreads[node.target] = an.spread[spread_src]  # then read as usual
         return False
     if single and step.shape == step.src_shape and _keeps_every_entry(an, node):
@@ -500,6 +665,13 @@ def _keeps_every_entry(an: ChannelAnalysis, node: fx.Node) -> bool:
     """An op that maps each entry to itself: dropout, activations, casts (safe on flattened channels)."""
     if node.op == "call_module":
         module = an.gm.get_submodule(node.target)
-        pointwise = (torch.nn.Dropout, torch.nn.Identity, torch.nn.ReLU, torch.nn.GELU, torch.nn.SiLU, torch.nn.Hardswish)
+        pointwise = (
+            torch.nn.Dropout,
+            torch.nn.Identity,
+            torch.nn.ReLU,
+            torch.nn.GELU,
+            torch.nn.SiLU,
+            torch.nn.Hardswish,
+        )
         return isinstance(module, pointwise) and not any(True for _ in module.parameters())
     return _is_elementwise(node) or (node.op == "call_method" and node.target in _CAST_METHODS)

@@ -5,6 +5,7 @@ so each piece can widen on its own. ``chunk(n)`` needs no stored size (its piece
 a cut at literal sizes is followed only inside a block with a block handler
 (:func:`kapify.register_block_handler`), which rewrites the sizes after re-widening.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -26,7 +27,8 @@ def _literal(value: Any) -> bool:
 
 @register_node_rule(torch.split, torch.chunk, methods=("split", "chunk"))
 def split(an: ChannelAnalysis, step: Step) -> Any:
-    """split/chunk: along the channels, pieces are segments (stored sizes need a block handler); along other dims, each piece keeps them"""
+    """split/chunk: along the channels, pieces are segments (stored sizes need a block handler); along other dims,
+    each piece keeps them"""
     node, src = step.node, step.src
     metas = node.meta.get("tensor_meta")
     if src is None or not isinstance(metas, (tuple, list)) or not all(hasattr(m, "shape") for m in metas):
@@ -39,7 +41,9 @@ def split(an: ChannelAnalysis, step: Step) -> Any:
         an.pieces[node] = [src] * len(metas)
         return None
     sizes = [int(m.shape[src[0]]) for m in metas]
-    how = node.kwargs.get("split_size_or_sections", node.kwargs.get("split_size", node.args[1] if len(node.args) > 1 else None))
+    how = node.kwargs.get(
+        "split_size_or_sections", node.kwargs.get("split_size", node.args[1] if len(node.args) > 1 else None)
+    )
     if name_of(node.target) == "chunk":
         pieces = an.cut(step, sizes, "equal", ()) if len(set(sizes)) == 1 else None
     elif _literal(how):
@@ -80,7 +84,8 @@ def narrow(an: ChannelAnalysis, step: Step) -> Any:
 
 @register_node_rule(operator.getitem, getattr)
 def getitem(an: ChannelAnalysis, step: Step) -> Any:
-    """x[...]: a piece of a split; x[:, a:b] a slice of the channels; x[:, 0] (a ViT's cls token) keeps them; non-tensors have none"""
+    """x[...]: a piece of a split; x[:, a:b] a slice of the channels; x[:, 0] (a ViT's cls token) keeps them;
+    non-tensors have none"""
     node, src = step.node, step.src
     if step.shape is None:
         return None
@@ -95,16 +100,18 @@ def getitem(an: ChannelAnalysis, step: Step) -> Any:
     cut = items[src[0]] if Ellipsis not in items and None not in items and len(items) > src[0] else slice(None)
     if not isinstance(cut, slice) or cut == slice(None):
         axis = indexed_axis(node.args[1], len(step.src_shape), src[0])
-        if axis is None and isinstance(cut, slice) and all(i == slice(None) for i in items[src[0] + 1:]):
+        if axis is None and isinstance(cut, slice) and all(i == slice(None) for i in items[src[0] + 1 :]):
             axis = len(step.shape) - (len(step.src_shape) - src[0])  # x[index_tensor]: trailing dims stay trailing
             axis = axis if 0 <= axis < len(step.shape) and step.shape[axis] == step.src_shape[src[0]] else None
         return an.moved(node, src, axis, node.name)
     if cut.step not in (None, 1) or not all(v is None or (_literal(v) and v >= 0) for v in (cut.start, cut.stop)):
         return NotImplemented
-    axis = indexed_axis(tuple(items[:src[0]] + [slice(None)] + items[src[0] + 1:]), len(step.src_shape), src[0])
+    axis = indexed_axis(tuple(items[: src[0]] + [slice(None)] + items[src[0] + 1 :]), len(step.src_shape), src[0])
     total = an.groups.total(src[1])
     stop = total if cut.stop is None else min(cut.stop, total)
-    return NotImplemented if axis is None else _channel_range(an, step, axis, cut.start or 0, stop, [cut.start, cut.stop])
+    return (
+        NotImplemented if axis is None else _channel_range(an, step, axis, cut.start or 0, stop, [cut.start, cut.stop])
+    )
 
 
 def _channel_range(an: ChannelAnalysis, step: Step, axis: int, start: int, stop: int, stored: Sequence[Any]) -> Any:

@@ -5,6 +5,7 @@ Each handler rewrites the attributes its block's forward reads the split sizes f
 for each is its docstring. Tested on the real blocks with function preservation
 (``tests/test_channel_slicing.py``).
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -77,24 +78,45 @@ def gated_conv(block: nn.Module, sizes: StoredSizes) -> None:
     block.split_indices = tuple(sizes.pieces(block.split_indices))
 
 
-@register_present(register_block_handler, "timm.models.maxxvit:Attention2d", "timm.layers:Attention",
-                  "timm.layers:AttentionPoolLatent", "timm.models.cait:ClassAttn", "timm.models.cait:TalkingHeadAttn",
-                  "timm.models.coat:FactorAttnConvRelPosEnc", "timm.models.crossvit:CrossAttention",
-                  "timm.models.davit:ChannelAttention", "timm.models.davit:ChannelAttentionV2",
-                  "timm.models.davit:WindowAttention", "timm.models.eva:EvaAttention",
-                  "timm.models.metaformer:Attention", "timm.models.nest:Attention", "timm.models.pvt_v2:Attention",
-                  "timm.models.twins:GlobalSubSampleAttn", "timm.models.twins:LocallyGroupedAttn",
-                  "timm.models.vision_transformer_relpos:RelPosAttention", "timm.models.beit:Attention",
-                  "timm.models.lowformer:ConvAttention", "timm.models.nextvit:EfficientAttention",
-                  "timm.models.swin_transformer:WindowAttention", "timm.models.swin_transformer_v2:WindowAttention",
-                  "timm.models.swin_transformer_v2_cr:WindowMultiHeadAttention", "timm.models.visformer:Attention",
-                  "torchvision.models.maxvit:RelativePositionalMultiHeadAttention", "timm.models.xcit:XCA",
-                  "timm.models.convit:GPSA", "timm.models.convit:MHSA", "timm.models.fastvit:Attention", heads=True)
+@register_present(
+    register_block_handler,
+    "timm.models.maxxvit:Attention2d",
+    "timm.layers:Attention",
+    "timm.layers:AttentionPoolLatent",
+    "timm.models.cait:ClassAttn",
+    "timm.models.cait:TalkingHeadAttn",
+    "timm.models.coat:FactorAttnConvRelPosEnc",
+    "timm.models.crossvit:CrossAttention",
+    "timm.models.davit:ChannelAttention",
+    "timm.models.davit:ChannelAttentionV2",
+    "timm.models.davit:WindowAttention",
+    "timm.models.eva:EvaAttention",
+    "timm.models.metaformer:Attention",
+    "timm.models.nest:Attention",
+    "timm.models.pvt_v2:Attention",
+    "timm.models.twins:GlobalSubSampleAttn",
+    "timm.models.twins:LocallyGroupedAttn",
+    "timm.models.vision_transformer_relpos:RelPosAttention",
+    "timm.models.beit:Attention",
+    "timm.models.lowformer:ConvAttention",
+    "timm.models.nextvit:EfficientAttention",
+    "timm.models.swin_transformer:WindowAttention",
+    "timm.models.swin_transformer_v2:WindowAttention",
+    "timm.models.swin_transformer_v2_cr:WindowMultiHeadAttention",
+    "timm.models.visformer:Attention",
+    "torchvision.models.maxvit:RelativePositionalMultiHeadAttention",
+    "timm.models.xcit:XCA",
+    "timm.models.convit:GPSA",
+    "timm.models.convit:MHSA",
+    "timm.models.fastvit:Attention",
+    heads=True,
+)
 def attention_heads(block: nn.Module, sizes: StoredSizes) -> None:
     """Attention that reshapes to its stored head count (``reshape(B, N, 3, self.num_heads, head_dim)``,
     MaxViT's ``view(B, self.num_heads, self.dim_head * 3, -1)``; torchvision's MaxViT calls them ``n_heads``,
-    DaViT's channel attention ``groups``; XCiT's cross-covariance attention): widening adds heads, the head dim stays. Its inner width (``attn_dim``), when stored,
-    and a relative position bias (its table widened with the heads) follow."""
+    DaViT's channel attention ``groups``; XCiT's cross-covariance attention): widening adds heads, the head dim
+    stays. Its inner width (``attn_dim``), when stored, and a relative position bias (its table widened with the
+    heads) follow."""
     heads = next(name for name in ("num_heads", "n_heads", "groups") if hasattr(block, name))
     setattr(block, heads, sizes(getattr(block, heads)))
     for inner in ("attn_dim", "attention_dim", "o_proj_inpdim"):
@@ -145,7 +167,8 @@ def vgg_conv_mlp(an, step, layer):
 
 @register_present(register_layer_rule, "timm.models.twins:LocallyGroupedAttn")
 def twins_local_attention(an, step, layer):
-    """Twins' windowed attention (a leaf: it pads to whole windows): ``qkv`` in heads of ``C // self.num_heads``, ``proj``"""
+    """Twins' windowed attention (a leaf: it pads to whole windows): ``qkv`` in heads of ``C // self.num_heads``,
+    ``proj``"""
     return attention_leaf(an, step, layer.num_heads, ["qkv"], "proj")
 
 
@@ -164,9 +187,13 @@ def tiny_vit_block(an, step, layer):
     heads = layers_in_sequence(an, step, ["attn.norm", "attn.qkv"])
     an.fix_all([heads], f"TinyViT attention '{step.node.target}.attn' splits its heads' q, k, v at stored sizes")
     merged = (stream[0], (an.groups.new(layer.attn.proj.in_features, f"heads of '{step.node.target}.attn'"),))
-    return add_to_stream(an, stream, layers_in_sequence(an, step, ["attn.proj"], merged),
-                         layers_in_sequence(an, step, ["local_conv.conv", "local_conv.bn"]),
-                         layers_in_sequence(an, step, ["mlp.norm", "mlp.fc1", "mlp.fc2"]))
+    return add_to_stream(
+        an,
+        stream,
+        layers_in_sequence(an, step, ["attn.proj"], merged),
+        layers_in_sequence(an, step, ["local_conv.conv", "local_conv.bn"]),
+        layers_in_sequence(an, step, ["mlp.norm", "mlp.fc1", "mlp.fc2"]),
+    )
 
 
 @register_present(register_layer_rule, "timm.models.mobilevit:MobileVitV2Block")
@@ -181,10 +208,18 @@ def mobilevit_v2_block(an, step, layer):
         query, key, value = split_in_leaf(an, step, qkv, [1, block.attn.embed_dim, block.attn.embed_dim], f"{p}.attn")
         an.fix_all([(qkv[0], query)], f"MobileViT-v2's query '{step.node.target}.{p}.attn' (one channel)")
         values = an.groups.union_layouts(an.groups.align([key, value]))  # relu(v) * context(k): one layout
-        add_to_stream(an, x, layers_in_sequence(an, step, [f"{p}.attn.out_proj"], (x[0], values)),
-                      layers_in_sequence(an, step, [f"{p}.norm2", f"{p}.mlp.fc1", f"{p}.mlp.fc2"], x))
-    return layers_in_sequence(an, step, ["norm", "conv_proj.conv", "conv_proj.bn"] if hasattr(layer.conv_proj, "conv")
-                              else ["norm", "conv_proj"], x)
+        add_to_stream(
+            an,
+            x,
+            layers_in_sequence(an, step, [f"{p}.attn.out_proj"], (x[0], values)),
+            layers_in_sequence(an, step, [f"{p}.norm2", f"{p}.mlp.fc1", f"{p}.mlp.fc2"], x),
+        )
+    return layers_in_sequence(
+        an,
+        step,
+        ["norm", "conv_proj.conv", "conv_proj.bn"] if hasattr(layer.conv_proj, "conv") else ["norm", "conv_proj"],
+        x,
+    )
 
 
 @register_present(register_block_handler, "timm.models.mobilevit:LinearSelfAttention")
