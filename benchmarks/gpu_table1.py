@@ -14,7 +14,7 @@ Two schedules (``--schedule``):
   PGD-L2 as in Table A1 (100 steps, step 4/255) at ε=0.5 and 1, AutoAttack at ε=0.5, and the paired
   difference KAP − NT on the same images with its 95% interval.
 
-    python benchmarks/gpu_table1.py --out results/gpu_table1 --data-dir .data        # fast: about 9 min on one H200
+    python benchmarks/gpu_table1.py --out runs/gpu_table1 --data-dir .data        # fast: about 9 min on one H200
     python benchmarks/gpu_table1.py --out /tmp/smoke --data-dir ../shared/data --smoke # any device, ~1 min on a CPU
     python benchmarks/gpu_table1.py --schedule paper --out /tmp/t1 --data-dir .data --stages train --models kap_s0.1
     --export $OUT

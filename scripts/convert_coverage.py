@@ -6,7 +6,7 @@ classification model: build it (pretrained=False), convert it, run the converted
 mode and check the output shape and that every conv the eager model calls is pooled.
 Results stream to a JSONL file (a rerun resumes), then a Markdown report is written.
 
-    python scripts/convert_coverage.py --out docs/coverage            # everything (hours on 2 cores)
+    python scripts/convert_coverage.py        # everything: results/coverage/square.{jsonl,md} (hours on 2 cores)
     python scripts/convert_coverage.py --timm 'resnet*' --no-torchvision
 """
 
@@ -318,7 +318,9 @@ def _comparison(rows: dict, before: dict, label: str) -> list:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="docs/coverage", help="output prefix (.jsonl and .md are written)")
+    parser.add_argument(
+        "--out", default=None, help="output prefix (.jsonl and .md are written; default results/coverage/<grid>)"
+    )
     parser.add_argument("--timm", nargs="*", default=None, help="fnmatch patterns of timm names (default: all)")
     parser.add_argument("--no-timm", action="store_true")
     parser.add_argument("--no-torchvision", action="store_true")
@@ -337,6 +339,7 @@ def main() -> int:
     torch.set_num_threads(1)
     shard, shards = (int(v) for v in args.shard.split("/"))
     signal.signal(signal.SIGALRM, _alarm)
+    args.out = args.out or f"results/coverage/{args.grid}"
     jsonl = args.out + ".jsonl"
     rows = {}
     if os.path.exists(jsonl):

@@ -78,7 +78,7 @@ def test_block_handler_rewrites_stored_sizes_and_keeps_the_function(build, block
 
 
 class Halves(nn.Module):
-    """A block that splits its conv's output at a size it stores (the README's example)."""
+    """A block that splits its conv's output at a size it stores (the example in docs/rewiden.md)."""
 
     def __init__(self, width: int = 8) -> None:
         super().__init__()
@@ -222,14 +222,14 @@ def test_groupset_cut_and_align_refine_every_use_of_a_group():
     assert groups.is_fixed(c) and all(groups.is_fixed(g) for g in groups.leaves(c))
 
 
-def test_the_readme_block_handler_example_runs(monkeypatch, capsys):
+def test_the_docs_block_handler_example_runs(monkeypatch, capsys):
     import pathlib
     import re
 
     monkeypatch.setattr("kapify.surgery.channels.blocks._BLOCK_HANDLERS", dict(_BLOCK_HANDLERS))
-    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    example = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "register_block_handler" in b)
-    exec(compile(example, "README.md", "exec"), {"__name__": "readme_example"})
+    page = (pathlib.Path(__file__).parents[1] / "docs" / "rewiden.md").read_text()
+    example = next(b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "register_block_handler" in b)
+    exec(compile(example, "docs/rewiden.md", "exec"), {"__name__": "docs_example"})
     assert capsys.readouterr().out.split() == ["25", "16"]
 
 
