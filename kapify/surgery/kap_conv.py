@@ -30,6 +30,7 @@ __all__ = [
     "is_kap_conv",
     "original_class",
     "set_blend",
+    "plain_ungrouped",
     "weight_poolable",
     "Impl",
 ]
@@ -127,15 +128,15 @@ def _kap_class(cls: Type[nn.Module]) -> Type[nn.Module]:
     return _CLASSES[cls]
 
 
+def plain_ungrouped(conv: nn.Module) -> bool:
+    """Whether ``conv`` runs torch's own forward with one group: an average pool after it can run on its filters.
+    Grouped convs are excluded: averaging filters of different groups would need inputs from several groups."""
+    return getattr(conv, "groups", 1) == 1 and getattr(original_class(conv), "forward", None) in _PLAIN_FORWARDS
+
+
 def weight_poolable(conv: nn.Module, pool: Optional[nn.Module]) -> bool:
-    """Whether ``pool`` after ``conv`` can run on the conv's filters: an average pool after a plain
-    (torch's own forward) ungrouped conv. Grouped convs are excluded: averaging filters of
-    different groups would need inputs from several groups."""
-    return (
-        isinstance(pool, KernelAvgPool)
-        and getattr(conv, "groups", 1) == 1
-        and getattr(original_class(conv), "forward", None) in _PLAIN_FORWARDS
-    )
+    """Whether ``pool`` after ``conv`` can run on the conv's filters: an average pool after a plain ungrouped conv."""
+    return isinstance(pool, KernelAvgPool) and plain_ungrouped(conv)
 
 
 def attach_kap(
