@@ -15,7 +15,7 @@ from torch import nn
 
 from .model_source import build_from_source
 from .surgery.config import KapConfig, get_config, unwrap
-from .surgery.convert import convert
+from .surgery.convert import convert, replay
 from .surgery.fold import fold
 
 __all__ = ["save", "load", "load_config", "load_extra", "NotACheckpointError"]
@@ -87,8 +87,9 @@ def load(path: PathLike, model: Optional[nn.Module] = None, device: Union[str, t
     """Rebuild a converted model from a checkpoint written by :func:`save`.
 
     The plain model is built from the recorded timm/torchvision source (or pass the unconverted
-    ``model`` yourself), converted with the recorded options, checked layer by layer against the
-    record, and the weights are loaded strictly.
+    ``model`` yourself) and converted by replaying the stored plan (no tracing; a checkpoint written
+    before plans were stored is converted again with the recorded options), checked layer by layer
+    against the record, and the weights are loaded strictly.
     """
     config = load_config(path)
     if model is None:
@@ -98,7 +99,7 @@ def load(path: PathLike, model: Optional[nn.Module] = None, device: Union[str, t
                 f"kapify.create_model model): pass the unconverted model, kapify.load(path, model=plain_model)"
             )
         model = build_from_source(config.source)
-    converted = convert(model, **config.convert_kwargs())
+    converted = replay(model, config) if config.plan is not None else convert(model, **config.convert_kwargs())
     if config.folded:
         converted = fold(converted)
     got = [(r.name, r.grid, r.out_channels) for r in get_config(converted).layers]

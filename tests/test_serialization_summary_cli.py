@@ -140,6 +140,61 @@ def test_a_model_kapify_cannot_name_saves_and_loads_with_model_argument(tmp_path
         assert torch.equal(kap(x), loaded(x))
 
 
+def _no_tracing(*args, **kwargs):
+    raise AssertionError("kapify.load traced the model")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "timm/cs3darknet_s",  # split sizes a block handler rewrites
+        "timm/convnext_atto",  # LayerScale parameters, LayerNorms, feature_info
+        "timm/pit_ti_224",  # merged groups (old channels moved), attention heads
+        "torchvision/mobilenet_v2",
+    ],
+)
+def test_load_replays_the_stored_plan_without_tracing(tmp_path, monkeypatch, name):
+    from kapify.surgery.tracing import example_input
+
+    plain = kapify.create_model(name, num_classes=10).eval()
+    x = example_input(plain)
+    kap = kapify.convert(plain, example_input=x).eval()
+    kapify.save(kap, tmp_path / "m.safetensors")
+    monkeypatch.setattr(torch.fx.Tracer, "trace", _no_tracing)
+    back = kapify.load(tmp_path / "m.safetensors").eval()
+    with torch.no_grad():
+        assert torch.equal(kap(x), back(x))
+    assert kapify.get_config(back).to_dict() == kapify.get_config(kap).to_dict()
+    if hasattr(kap, "feature_info"):
+        assert [f["num_chs"] for f in back.feature_info] == [f["num_chs"] for f in kap.feature_info]
+
+
+def test_a_flattened_classifier_and_an_old_checkpoint_without_a_plan_load(tmp_path, monkeypatch):
+    """A Linear reading flattened (C, H, W) features widens by whole channels on replay; a checkpoint written
+    before plans were stored (no ``plan``) is converted again."""
+
+    class Flattened(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = torch.nn.Conv2d(3, 10, 3, padding=1), torch.nn.Linear(10 * 16, 4)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(self.conv(x), 1))
+
+    plain, x = Flattened().eval(), torch.rand(2, 3, 4, 4)
+    kap = kapify.convert(plain, example_input=x[:1]).eval()
+    assert kap.fc.in_features == 16 * 16 and kapify.get_config(kap).plan["widths"]["spread"] == {"fc": 16}
+    kapify.save(kap, tmp_path / "new.safetensors")
+    kapify.get_config(kap).plan = None
+    kapify.save(kap, tmp_path / "old.safetensors")
+    kapify.get_config(kap).plan = kapify.load_config(tmp_path / "new.safetensors").plan
+    old = kapify.load(tmp_path / "old.safetensors", model=plain).eval()  # converts again (traces)
+    monkeypatch.setattr(torch.fx.Tracer, "trace", _no_tracing)
+    new = kapify.load(tmp_path / "new.safetensors", model=plain).eval()
+    with torch.no_grad():
+        assert torch.equal(kap(x), new(x)) and torch.equal(kap(x), old(x))
+
+
 def test_save_load_errors(tmp_path):
     with pytest.raises(ValueError, match="not converted"):
         kapify.save(torchvision.models.resnet18(weights=None), tmp_path / "y.safetensors")

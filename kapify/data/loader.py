@@ -71,8 +71,9 @@ def build_loader(
     (e.g. a held-out subset).
 
     Example:
-        >>> loader = build_loader("cifar10", train=False, batch_size=8, data_dir="../shared/data", num_samples=16,
-        download=False)  # doctest: +SKIP
+        >>> loader = build_loader(
+        ...     "cifar10", train=False, batch_size=8, data_dir="../shared/data", num_samples=16, download=False
+        ... )  # doctest: +SKIP
     """
     if dataset is None:
         transform = default_transform(name, train and augment)

@@ -90,8 +90,8 @@ def evaluate(
 
     Example:
         >>> model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
-        >>> out = evaluate(model, torch.rand(8, 3, 2, 2), torch.randint(0, 4, (8,)), attacks=["clean", "pgd"],
-        progress=False)
+        >>> x, y = torch.rand(8, 3, 2, 2), torch.randint(0, 4, (8,))
+        >>> out = evaluate(model, x, y, attacks=["clean", "pgd"], progress=False)
         >>> [r["attack"] for r in out["results"]]
         ['clean', 'pgd']
     """

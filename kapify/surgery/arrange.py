@@ -69,8 +69,9 @@ def grid_placement(sim: torch.Tensor, grid: ChannelGrid, polish_passes: int = 2)
 
     Example:
         >>> sim = torch.eye(4) + torch.diag(torch.ones(3), 1) + torch.diag(torch.ones(3), -1)  # a chain 0-1-2-3
-        >>> grid_placement(sim[[2, 0, 3, 1]][:, [2, 0, 3, 1]], ChannelGrid(1, 4)).tolist() in ([1, 3, 0, 2], [2, 0,
-        3, 1]) True
+        >>> order = [2, 0, 3, 1]
+        >>> grid_placement(sim[order][:, order], ChannelGrid(1, 4)).tolist() in ([1, 3, 0, 2], [2, 0, 3, 1])
+        True
     """
     from scipy.optimize import linear_sum_assignment
 

@@ -66,7 +66,10 @@ class KapConfig:
     )
     arrange: Optional[str] = None  # channel arrangement applied before pooling (the weights are stored arranged)
     blend: float = 1.0  # KAP warm-start: (1 - blend) conv + blend KAP (kapify.set_blend)
-    version: int = 2  # 2: grid="square" gives spare filters to fixed widths and grows a group at most 2x
+    # what kapify.load replays without tracing: the re-widening ("widths", see kapify.surgery.rewiden.width_record)
+    # and the module that reads the input ("entry"); None in checkpoints of version 2 and before (load converts again)
+    plan: Optional[Dict[str, Any]] = None
+    version: int = 3  # 2: spare filters for fixed widths, a group grows at most 2x; 3: the plan is stored
 
     def convert_kwargs(self) -> Dict[str, Any]:
         """The keyword arguments that make :func:`kapify.convert` repeat this conversion."""

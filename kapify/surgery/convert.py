@@ -9,6 +9,7 @@ changes the copy). ``kapify.load`` replays a stored plan through :func:`apply_pl
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -28,10 +29,10 @@ from .conversion_plan import GRID_RULES, IMPLS, POOLS, ConvertOptions, LayerPlan
 from .kap_conv import attach_kap, set_blend
 from .optional import warn_skipped_once
 from .resize import resize_layer
-from .rewiden import RewidenError, Widened, widen
+from .rewiden import RewidenError, Widened, replay_widths, widen, width_record
 from .width_plan import why_not_square
 
-__all__ = ["convert", "analyse", "plan_conversion", "apply_plan", "Analysis", "ConversionPlan", "GRID_RULES"]
+__all__ = ["convert", "analyse", "plan_conversion", "apply_plan", "replay", "Analysis", "ConversionPlan", "GRID_RULES"]
 __all__ += ["POOLS", "IMPLS", "INPUT_NOISE_ATTR"]
 
 INPUT_NOISE_ATTR = "kapify_input_noise"
@@ -153,6 +154,7 @@ def plan_conversion(
         widened_across_norm=across_norm,
         arrange=options.arrange,
         input_shape=None if example_input is None else [1, *example_input.shape[1:]],
+        plan={"widths": width_record(found.widened) if found.widened else None, "entry": found.sites.entry},
     )
     return ConversionPlan(options, layers, found.sites.entry, config)
 
@@ -267,3 +269,23 @@ def convert(
     plan = plan_conversion(model, found, options, example_input)
     _warn_oversized(plan)
     return apply_plan(found.model, plan)
+
+
+def replay(model: nn.Module, config: KapConfig) -> nn.Module:
+    """A converted copy of ``model`` as ``config`` records it, from its stored plan, without tracing (what
+    :func:`kapify.load` does): the widths re-applied, each recorded conv planned again and the plan applied. The
+    copy's record holds the layers as planned now, so a caller can compare them with ``config.layers``."""
+    if config.plan is None:
+        raise ValueError(f"this record (version {config.version}) has no stored plan; convert the model again")
+    options = ConvertOptions.checked(
+        k=config.k, sigma=config.sigma, pool=config.pool, stride=config.stride, grid=config.grid,
+        input_noise=config.input_noise, impl=config.impl, include=config.include, exclude=config.exclude,
+        blend=config.blend, arrange=config.arrange,
+    )  # fmt: skip
+    widths = config.plan.get("widths")
+    new = replay_widths(model, widths) if widths is not None else copy.deepcopy(model)
+    layers = plan_layers(new, {r.name: r.route for r in config.layers}, options)
+    for layer, stored in zip(layers, config.layers):
+        layer.record.neighbour_similarity = stored.neighbour_similarity
+    record = dataclasses.replace(copy.deepcopy(config), layers=[layer.record for layer in layers])
+    return apply_plan(new, ConversionPlan(options, layers, config.plan.get("entry"), record))

@@ -26,8 +26,9 @@ def fold(model: nn.Module) -> nn.Module:
         >>> import timm, kapify
         >>> kap = kapify.convert(timm.create_model("resnet18", num_classes=10)).eval()
         >>> folded = kapify.fold(kap)
-        >>> type(folded.conv1).__name__, torch.allclose(folded(torch.ones(1, 3, 32, 32)), kap(torch.ones(1, 3, 32,
-        32)), atol=1e-4) ('Conv2d', True)
+        >>> x = torch.ones(1, 3, 32, 32)
+        >>> type(folded.conv1).__name__, torch.allclose(folded(x), kap(x), atol=1e-4)
+        ('Conv2d', True)
     """
     config = get_config(model)
     if config is None:

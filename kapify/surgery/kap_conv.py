@@ -175,8 +175,9 @@ def set_blend(model: nn.Module, blend: float) -> int:
     Example:
         >>> from kapify.layers import KernelAvgPool
         >>> conv = attach_kap(nn.Conv2d(3, 16, 3), KernelAvgPool(3, grid=(4, 4)), None)
-        >>> set_blend(conv, 0.0), torch.equal(conv(torch.ones(1, 3, 5, 5)), nn.Conv2d.forward(conv, torch.ones(1, 3,
-        5, 5))) (1, True)
+        >>> x = torch.ones(1, 3, 5, 5)
+        >>> set_blend(conv, 0.0), torch.equal(conv(x), nn.Conv2d.forward(conv, x))
+        (1, True)
     """
     a = float(blend)
     if not 0.0 <= a <= 1.0:

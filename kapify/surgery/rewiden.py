@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from .channels import ChannelGraph, StoredSizes, analyze_channels, block_handler
+from .channels import ChannelGraph, ChannelGroup, SliceSite, StoredSizes, analyze_channels, block_handler
 from .conv_types import is_conv
 from .resize import resize_layer, resize_parameter
 from .squares import MAX_GROWTH, square_width
@@ -31,6 +31,8 @@ __all__ = [
     "width_mult",
     "WIDTH_RULES",
     "resolve_width_rule",
+    "replay_widths",
+    "width_record",
 ]
 
 
@@ -142,6 +144,51 @@ def widen(
     shapes, output = _check_forward(new, x, [e["module"] for e in entries])
     _sync_feature_info(graph.module_shapes, entries, shapes)
     return Widened(new, graph, plan, (x, output))
+
+
+def width_record(widened: Widened) -> Dict[str, Any]:
+    """What :func:`replay_widths` needs to widen a fresh copy of the model again without tracing it, as JSON:
+    each group's old and new width, the old channels' new positions where they moved (merged groups), each
+    member's layouts, the stored sizes block handlers rewrite, and timm's new ``feature_info`` widths."""
+    graph, plan = widened.graph, widened.plan
+    moved = {g: idx for g, idx in plan.index.items() if not torch.equal(idx, torch.arange(graph.groups[g].width))}
+
+    def layouts(table: Dict[str, Tuple[int, ...]]) -> Dict[str, List[int]]:
+        return {name: list(layout) for name, layout in table.items()}
+
+    return {
+        "old": [g.width for g in graph.groups],
+        "new": [plan.widths[g.id] for g in graph.groups],
+        "index": {str(g): idx.tolist() for g, idx in moved.items()},
+        "inputs": layouts(graph.inputs),
+        "outputs": layouts(graph.outputs),
+        "channelwise": layouts(graph.channelwise),
+        "parameters": {path: [dim, list(layout)] for path, (dim, layout) in graph.parameters.items()},
+        "spread": dict(graph.spread),
+        "slices": [[s.owner, [[at, list(prefix)] for at, prefix in s.boundaries]] for s in graph.slices],
+        "feature_info": [entry["num_chs"] for entry in _feature_modules(widened.model)],
+    }
+
+
+def replay_widths(model: nn.Module, record: Dict[str, Any]) -> nn.Module:
+    """A copy of ``model`` re-widened as :func:`width_record` recorded it (no tracing, no forward run)."""
+    new = copy.deepcopy(model)
+    graph = ChannelGraph(
+        groups=[ChannelGroup(i, width) for i, width in enumerate(record["old"])],
+        inputs={name: tuple(layout) for name, layout in record["inputs"].items()},
+        outputs={name: tuple(layout) for name, layout in record["outputs"].items()},
+        channelwise={name: tuple(layout) for name, layout in record["channelwise"].items()},
+        parameters={path: (dim, tuple(layout)) for path, (dim, layout) in record["parameters"].items()},
+        spread=dict(record["spread"]),
+        slices=[SliceSite(owner, [(at, tuple(prefix)) for at, prefix in bounds]) for owner, bounds in record["slices"]],
+    )
+    index = {g: torch.arange(width) for g, width in enumerate(record["old"])}
+    index.update({int(g): torch.tensor(idx) for g, idx in record["index"].items()})
+    apply_layout(new, graph, dict(enumerate(record["new"])), index, zero_new_inputs=True)
+    _sync_head_width(model, new)
+    for entry, channels in zip(_feature_modules(new), record["feature_info"]):
+        entry["num_chs"] = channels
+    return new
 
 
 def apply_layout(
