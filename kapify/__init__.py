@@ -13,7 +13,11 @@ from .reporting import summary
 from .serialization import load, load_config, load_extra, save
 from .surgery import (
     ChannelHandler,
+    ChannelwiseHandler,
+    ConvHandler,
+    GroupNormHandler,
     KapConfig,
+    LinearHandler,
     TracingError,
     arrange_channels,
     channel_groups,
@@ -44,6 +48,10 @@ __all__ = [
     "arrange_channels",
     "ChannelGrid",
     "ChannelHandler",
+    "ChannelwiseHandler",
+    "ConvHandler",
+    "GroupNormHandler",
+    "LinearHandler",
     "channel_groups",
     "register_block_handler",
     "register_channel_handler",

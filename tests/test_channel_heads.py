@@ -202,7 +202,7 @@ def test_multihead_attention_widens_by_heads_with_packed_projections():
     """``nn.MultiheadAttention`` (sequence-first, learned key/value biases): its q, k, v rows of
     ``in_proj_weight`` follow the channel index, new heads see the old channels unchanged, whatever the new
     input channels hold (their weights are zero); a width that is not whole heads is refused."""
-    from kapify.surgery.resize import resize_layer
+    from kapify.surgery.handlers import resize_layer
 
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(8, 2, add_bias_kv=True).double().eval()

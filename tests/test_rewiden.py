@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import kapify
-from kapify.surgery.resize import resize_layer
+from kapify.surgery.handlers import resize_layer
 from kapify.surgery.rewiden import RewidenError
 from tests.helpers import CASES, assert_unchanged, build, state_snapshot, without_layernorm
 
@@ -764,3 +764,28 @@ def test_a_grouped_transposed_conv_keeps_its_function(c_mid, c_out, groups):
     assert math.isqrt(wide[1].out_channels) ** 2 == wide[1].out_channels > c_out
     with torch.no_grad():
         torch.testing.assert_close(wide(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+def test_a_user_layer_with_a_registered_channelwise_handler_widens_with_its_group(monkeypatch):
+    from kapify.surgery.handlers import CHANNEL_HANDLERS
+
+    class Scale(nn.Module):  # one learned factor per channel, its width in ``dim``
+        def __init__(self, dim):
+            super().__init__()
+            self.dim, self.weight = dim, nn.Parameter(torch.rand(dim))
+
+        def reset_parameters(self):
+            nn.init.ones_(self.weight)
+
+        def forward(self, x):
+            return x * self.weight[:, None, None]
+
+    monkeypatch.setattr("kapify.surgery.handlers.CHANNEL_HANDLERS", dict(CHANNEL_HANDLERS))
+    with pytest.raises(TypeError, match="takes a ChannelHandler instance"):
+        kapify.register_channel_handler(Scale, "channelwise")
+    kapify.register_channel_handler(Scale, kapify.ChannelwiseHandler("dim"))
+    model = nn.Sequential(nn.Conv2d(3, 10, 3), Scale(10), nn.Conv2d(10, 4, 1)).double().eval()
+    x = torch.rand(2, 3, 6, 6, dtype=torch.float64)
+    wide = kapify.rewiden(model, "square", function_preserving=True, example_input=x).eval()
+    assert wide[1].dim == wide[1].weight.shape[0] == wide[0].out_channels == 16
+    torch.testing.assert_close(wide(x), model(x))

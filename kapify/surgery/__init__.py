@@ -15,8 +15,15 @@ from .conv_sites import ConvSites, find_conv_sites
 from .conv_types import is_conv, register_conv_type
 from .convert import convert
 from .fold import fold
+from .handlers import (
+    ChannelHandler,
+    ChannelwiseHandler,
+    ConvHandler,
+    GroupNormHandler,
+    LinearHandler,
+    register_channel_handler,
+)
 from .kap_conv import attach_kap, is_kap_conv, set_blend
-from .resize import ChannelHandler, register_channel_handler
 from .rewiden import rewiden, square_width, width_mult
 from .tracing import TracingError, register_leaf_module, trace
 
@@ -25,6 +32,10 @@ __all__ = [
     "arrange_channels",
     "ChannelGroup",
     "ChannelHandler",
+    "ChannelwiseHandler",
+    "ConvHandler",
+    "GroupNormHandler",
+    "LinearHandler",
     "analyze_channels",
     "channel_groups",
     "register_channel_handler",

@@ -26,9 +26,9 @@ from .config import CONFIG_ATTR, KapConfig, is_converted
 from .conv_sites import ConvSites, find_conv_sites
 from .conv_types import conv_types
 from .conversion_plan import GRID_RULES, IMPLS, POOLS, ConvertOptions, LayerPlan, PatternArg, plan_layers
+from .handlers import resize_layer
 from .kap_conv import attach_kap, set_blend
 from .optional import warn_skipped_once
-from .resize import resize_layer
 from .rewiden import RewidenError, Widened, replay_widths, widen, width_record
 from .width_plan import why_not_square
 

@@ -5,7 +5,7 @@ SENet154's 64 groups of 2 -> 4 channels) that only gains whole groups keeps ``ou
 never two squares. Merging its groups frees the output width: ``g`` groups of ``a / g`` inputs each hold
 several old groups (their inputs and outputs side by side, zero weights between them), so any output width
 ``b >= m x a`` with ``g`` dividing both works. :func:`merged_square` picks ``b``, :func:`merged_index` places
-the old outputs, and :func:`regroup` is how :func:`~kapify.surgery.resize.resize_layer` reads any layout back.
+the old outputs, and :func:`regroup` is how :func:`~kapify.surgery.handlers.resize_layer` reads any layout back.
 """
 
 from __future__ import annotations

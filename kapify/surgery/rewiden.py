@@ -15,7 +15,7 @@ from torch import nn
 
 from .channels import ChannelGraph, ChannelGroup, SliceSite, StoredSizes, analyze_channels, block_handler
 from .conv_types import is_conv
-from .resize import resize_layer, resize_parameter
+from .handlers import resize_layer, resize_parameter
 from .squares import MAX_GROWTH, square_width
 from .tracing import eval_mode
 from .tracing import example_input as default_input

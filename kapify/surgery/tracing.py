@@ -44,7 +44,7 @@ class TracingError(RuntimeError):
     """The model could not be traced by torch.fx; the message names the module where it failed."""
 
 
-def _timm_settings() -> Tuple[List[type], List[Callable]]:
+def timm_settings() -> Tuple[List[type], List[Callable]]:
     try:
         from timm.layers import get_notrace_functions, get_notrace_modules
     except ImportError:  # pragma: no cover
@@ -56,7 +56,7 @@ class KapifyTracer(fx.Tracer):
     """``torch.fx.Tracer`` with timm's leaf settings, conv types as leaves, and the module path of a failure."""
 
     def __init__(self, leaf_modules: Sequence[type] = (), timm_leaves: bool = True) -> None:
-        timm_modules, timm_functions = _timm_settings()
+        timm_modules, timm_functions = timm_settings()
         super().__init__(autowrap_functions=tuple(f for f in timm_functions if callable(f)))
         self.leaf_types = tuple({*(timm_modules if timm_leaves else ()), *_LEAF_MODULES, *leaf_modules})
         self._stack: List[Tuple[str, type]] = []

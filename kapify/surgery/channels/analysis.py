@@ -2,270 +2,67 @@
 
 Each tensor's channel axis belongs to a *channel group*: a conv/linear output starts a group; the
 rules for each kind of node (:mod:`.node_rules` for functions and methods, :mod:`.module_rules`
-for layers) say where an op puts the channels and which groups must merge. A group touching
-anything the rules do not know (the model's input or output, an op that is not channel-aware) is
-*fixed*: its width cannot change, and the reason names the node.
+for layers, whose channel handlers own what a layer does) say where an op puts the channels and which
+groups must merge. A group touching anything the rules do not know (the model's input or output, an op
+that is not channel-aware) is *fixed*: its width cannot change, and the reason names the node.
 """
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..resize import ChannelHandler, channel_handler
-from ..tracing import _timm_settings, check_graph, eval_mode, trace
+from ..handlers import channel_handler
+from ..tracing import check_graph, eval_mode, timm_settings, trace
 from ..tracing import example_input as default_input
-from .axes import name_of, shape_of
-from .blocks import block_owner
-from .graph import ChannelGraph, ChannelGroup, GroupSet, Layout, SliceSite
+from . import module_rules, node_rules
+from .axes import shape_of
+from .context import ChannelAnalysis, Located, Step
+from .graph import ChannelGraph, ChannelGroup
 
-__all__ = ["ChannelAnalysis", "Located", "Step", "analyze_channels", "channel_groups"]
-
-Located = Tuple[int, Layout]  # (the tensor dim holding the channels, its segments)
-
-
-@dataclass
-class Step:
-    """The node being visited, with what the rules read about it."""
-
-    node: fx.Node
-    shape: Optional[torch.Size]
-    args: List[fx.Node]  # tensor-valued arguments (inside lists too: torch.cat([a, b]))
-    src: Optional[Located]  # layout of the first tensor argument
-    src_shape: Optional[torch.Size]  # shape of the first tensor argument
-    located: List[Tuple[fx.Node, Located]] = field(default_factory=list)  # arguments with a layout
+__all__ = ["analyze_channels", "channel_groups", "visit"]
 
 
-class ChannelAnalysis:
-    """The state of one pass: each node's layout, the groups, and each layer's role in them."""
-
-    def __init__(self, gm: fx.GraphModule, root: type = nn.Module, model: Optional[nn.Module] = None) -> None:
-        self.gm, self.root = gm, root  # root: the traced model's class (a block handler may own its forward)
-        self.model = (
-            model if model is not None else gm
-        )  # the traced model (a layer read through its weight keeps its type there)
-        self.groups = GroupSet()
-        self.layout: Dict[fx.Node, Optional[Located]] = {}
-        self.inputs: Dict[str, Layout] = {}
-        self.outputs: Dict[str, Layout] = {}
-        self.roles: Dict[str, List[Tuple[str, Layout]]] = {}
-        self.parameters: Dict[str, Tuple[int, int]] = {}  # parameter path -> (its channel dim, its group)
-        self.floating: Dict[
-            fx.Node, fx.Node
-        ] = {}  # an expanded/cast parameter whose channel dim is not known yet -> its get_attr
-        self.spread: Dict[fx.Node, int] = {}  # a flattened tensor whose channels span k consecutive entries each
-        self.spreads: Dict[str, int] = {}  # the linear layers reading such tensors
-        self.pieces: Dict[fx.Node, List[Optional[Located]]] = {}  # split/chunk results: the layout of each piece
-        self.slices: List[SliceSite] = []  # splits and slices at sizes a block stores
-        self.module_shapes: Dict[
-            str, Tuple[int, ...]
-        ] = {}  # module path -> shape of the last tensor computed inside it
-
-    # -- helpers the rules share -------------------------------------------------------------------
-    def lay(self, arg: Any) -> Optional[Located]:
-        """A node's layout, its segments as cut so far (splits refine groups after the fact)."""
-        lo = self.layout.get(arg) if isinstance(arg, fx.Node) else None
-        return None if lo is None else (lo[0], self.groups.expand(lo[1]))
-
-    def fix_all(self, located: Iterable[Optional[Located]], why: str) -> None:
-        for lo in located:
-            for g in lo[1] if lo else ():
-                self.groups.fix(g, why)
-
-    def fresh(self, node: fx.Node, why: str) -> Optional[Located]:
-        """A new, fixed group for a tensor whose channels the analysis cannot follow."""
-        shape = shape_of(node)
-        return (1, (self.groups.new(int(shape[1]), why),)) if shape is not None and len(shape) >= 2 else None
-
-    def merge(self, operands: List[Tuple[fx.Node, Located]], node: fx.Node) -> Optional[Located]:
-        """Broadcasting ops: channel dims must line up counted from the right, segments must match."""
-        offsets = {len(shape_of(a)) - lo[0] for a, lo in operands}
+def visit(an: ChannelAnalysis) -> ChannelGraph:
+    """Run the rules over every node of ``an``'s graph, in order; the finished :class:`ChannelGraph`."""
+    for node in an.gm.graph.nodes:
+        args: List[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), args.append)
+        step = Step(node, shape_of(node), args, an.lay(args[0]) if args else None, shape_of(args[0]) if args else None)
+        if step.shape is not None and node.op in ("call_module", "call_function", "call_method"):
+            paths = [p for p, _ in node.meta.get("nn_module_stack", {}).values()]
+            for path in paths + [node.target] * (node.op == "call_module"):
+                an.module_shapes[path] = tuple(step.shape)  # nodes come in execution order: the last is the output
         if (
-            len(offsets) == 1
-            and len({len(lo[1]) for _, lo in operands}) > 1
-            and len({self.groups.total(lo[1]) for _, lo in operands}) == 1
-        ):  # e.g. a split stream added to a whole one
-            aligned = self.groups.align([lo[1] for _, lo in operands])
-            operands = [(a, (lo[0], segments)) for (a, lo), segments in zip(operands, aligned)]
-        if len(offsets) > 1 or len({len(lo[1]) for _, lo in operands}) > 1 or len(shape_of(node) or ()) < max(offsets):
-            self.fix_all([lo for _, lo in operands], f"operands of {node.name} are laid out differently")
-            return self.fresh(node, f"output of {node.name}")
-        return len(shape_of(node)) - offsets.pop(), self.groups.union_layouts([lo[1] for _, lo in operands])
-
-    def moved(self, node: fx.Node, src: Optional[Located], axis: Optional[int], what: str) -> Optional[Located]:
-        """The channels moved to ``axis`` (None: they did not survive the op: their groups become fixed)."""
-        if src is None:
-            return None
-        if axis is None:
-            self.fix_all([src], f"{what} ({name_of(node.target)}) changes the channel axis")
-            return self.fresh(node, f"output of {what}")
-        return axis, src[1]
-
-    def role(self, module_name: str, role: str, layout: Layout) -> None:
-        """Record that a layer reads (role "conv") or carries ("channelwise", "grouped") these segments."""
-        self.roles.setdefault(module_name, []).append((role, layout))
-
-    def pinned(self, node: fx.Node, module: nn.Module, handler: ChannelHandler) -> None:
-        """A layer that produces channels the analysis cannot widen: its fixed group still names it, when
-        that group is the layer's own output axis (not the tokens of a Linear's (N, tokens, C) output)."""
-        lo, shape = self.layout.get(node), shape_of(node)
-        if (
-            lo is not None
-            and len(lo[1]) == 1
-            and shape is not None
-            and lo[0] == handler.axis % len(shape)
-            and self.groups.width[self.groups.find(lo[1][0])] == handler.count(module, handler.out_attr)
+            any(a in an.spread for a in args)
+            and step.shape is not None
+            and node.op != "output"
+            and node_rules.through_flattened(an, step)
         ):
-            self.outputs[node.target] = lo[1]
+            continue
+        an.layout[node] = _layout(an, node, step)
+        an.check_width(node, step.shape)
+    graph = an.groups.to_graph(an.inputs, an.outputs, an.roles, an.parameters, an.spreads, an.slices)
+    graph.module_shapes = an.module_shapes
+    return graph
 
-    def lined_up(self, param: fx.Node, other: Tuple[fx.Node, Located]) -> Optional[Located]:
-        """A parameter with several dims > 1 (ViT's pos_embed: tokens x C) meeting a laid-out operand
-        of a broadcasting op takes the dim lined up with its channels (counted from the right)."""
-        (node, (axis, segments)), pshape = other, shape_of(param)
-        root = self.floating.get(param, param)  # the get_attr node a cls/reg token expand comes from
-        dim = len(pshape) - (len(shape_of(node)) - axis)
-        root_dim = dim - (len(pshape) - len(shape_of(root)))
-        if (
-            len(segments) != 1
-            or not 0 <= root_dim < len(shape_of(root))
-            or shape_of(root)[root_dim] != shape_of(node)[axis]
-        ):
-            return None
-        known = self.parameters.get(root.target)
-        if known is not None and known[0] != root_dim:
-            return None
-        gid = known[1] if known is not None else self.groups.new(int(shape_of(root)[root_dim]))
-        self.parameters[root.target] = (root_dim, gid)
-        self.layout[param] = (dim, (gid,))
-        return self.layout[param]
 
-    def cut(self, step: Step, sizes: Sequence[int], kind: str, stored: Sequence[int]) -> Optional[List[Located]]:
-        """Cut ``step.src`` into pieces of ``sizes`` channels; ``stored``: the offsets a block stores
-        (needing its handler), ``kind``: the piece constraint (see :class:`SliceSite`). None: not followed."""
-        node, (axis, layout) = step.node, step.src
-        if sum(sizes) != self.groups.total(layout):  # the traced layout does not add up: not followed
-            return None
-        owner, block_type = block_owner(node, self.root) if stored else (None, None)
-        if stored and owner is None:
-            self.fix_all(
-                [step.src],
-                f"{node.name} ({name_of(node.target)}) cuts the channels at sizes stored in '{block_type.__name__}': "
-                f"register a block handler for it (kapify.register_block_handler)",
-            )
-            return None
-        pieces = self.cut_layout(layout, sizes)
-        if kind == "equal" or (kind == "leading" and len(pieces) > 2):
-            self.groups.tie(pieces if kind == "equal" else pieces[:-1], f"{node.name} makes pieces of one width")
-        if stored:
-            total = self.groups.total(layout)
-            leaves = self.groups.expand(layout)
-            boundaries = [(at, self._prefix(leaves, at)) for at in sorted({*stored, total}) if 0 < at <= total]
-            self.slices.append(SliceSite(owner, boundaries, kind, pieces))
-        return [(axis, piece) for piece in pieces]
-
-    def cut_layout(self, layout: Layout, sizes: Sequence[int]) -> List[Layout]:
-        """Cut ``layout`` into pieces of ``sizes`` channels (they add up to its width): each piece's layout."""
-        for at in list(itertools.accumulate(sizes))[:-1]:
-            self.groups.cut(layout, at)
-        leaves, pieces, i = self.groups.expand(layout), [], 0
-        for size in sizes:
-            piece, width = [], 0
-            while width < size:
-                piece.append(leaves[i])
-                width, i = width + self.groups.width[leaves[i]], i + 1
-            pieces.append(tuple(piece))
-        return pieces
-
-    def equal_pieces(self, step: Step, count: int) -> Optional[Layout]:
-        """Cut ``step.src`` into ``count`` equal pieces that keep one width (merged: the layout of one piece)."""
-        pieces = self.cut(step, [self.groups.total(step.src[1]) // count] * count, "equal", ())
-        return None if pieces is None else self.groups.union_layouts(self.groups.align([piece for _, piece in pieces]))
-
-    def stored(self, step: Step, old: int, layout: Layout) -> bool:
-        """A width ``old`` a block stores (``view(B, self.num_heads, ...)``), now that of ``layout``:
-        followed when the block has a handler, which rewrites it; the site is recorded."""
-        owner, _ = block_owner(step.node, self.root)
-        if owner is not None:
-            self.slices.append(SliceSite(owner, [(old, self.groups.expand(layout))]))
-        return owner is not None
-
-    def _prefix(self, leaves: Sequence[int], at: int) -> tuple:
-        widths = itertools.accumulate(self.groups.width[g] for g in leaves)
-        return tuple(g for g, end in zip(leaves, widths) if end <= at)
-
-    # -- the pass ----------------------------------------------------------------------------------
-    def run(self) -> ChannelGraph:
-        from . import module_rules, node_rules
-
-        for node in self.gm.graph.nodes:
-            args: List[fx.Node] = []
-            fx.node.map_arg((node.args, node.kwargs), args.append)
-            step = Step(
-                node, shape_of(node), args, self.lay(args[0]) if args else None, shape_of(args[0]) if args else None
-            )
-            if step.shape is not None and node.op in ("call_module", "call_function", "call_method"):
-                for path in [p for p, _ in node.meta.get("nn_module_stack", {}).values()] + [node.target] * (
-                    node.op == "call_module"
-                ):
-                    self.module_shapes[path] = tuple(
-                        step.shape
-                    )  # nodes come in execution order: the last one is the output
-            if (
-                any(a in self.spread for a in args)
-                and step.shape is not None
-                and node.op != "output"
-                and node_rules.through_flattened(self, step)
-            ):
-                continue
-            if node.op == "placeholder":
-                self.layout[node] = self.fresh(node, "model input")
-            elif node.op == "get_attr":
-                self.layout[node] = self._parameter(node, step.shape)
-            elif node.op == "output":
-                found: List[Optional[Located]] = []
-                fx.node.map_arg(node.args, lambda n: found.append(self.layout.get(n)))
-                self.fix_all(found, "model output")
-            elif node.op == "call_module":
-                self.layout[node] = module_rules.module_layout(self, step, self.gm.get_submodule(node.target))
-            else:
-                self.layout[node] = node_rules.function_layout(self, step)
-            self._check_width(node, step.shape)
-        graph = self.groups.to_graph(self.inputs, self.outputs, self.roles, self.parameters, self.spreads, self.slices)
-        graph.module_shapes = self.module_shapes
-        return graph
-
-    def _parameter(self, node: fx.Node, shape: Optional[torch.Size]) -> Optional[Located]:
-        """A parameter with one channel-sized dim (LayerScale gamma) joins whatever it meets; a layer's
-        own weight or bias (read by ``F.linear(x, layer.weight)``) is resized with its layer."""
-        owner = self.model.get_submodule(node.target.rpartition(".")[0]) if "." in node.target else self.model
-        big = [d for d, size in enumerate(shape or ()) if size > 1]
-        return self.parameter_group(node, big[0]) if len(big) == 1 and channel_handler(owner) is None else None
-
-    def table_parameter(self, node: fx.Node) -> Located:
-        """A table looked up by a tensor index (relative position bias): its last dim gets a group."""
-        return self.parameter_group(node, len(shape_of(node)) - 1)
-
-    def parameter_group(self, node: fx.Node, dim: int) -> Located:
-        """A new group for dim ``dim`` of the parameter ``node`` reads (resized with it)."""
-        gid = self.groups.new(int(shape_of(node)[dim]))
-        self.parameters[node.target] = (dim, gid)
-        self.layout[node] = dim, (gid,)
-        return self.layout[node]
-
-    def _check_width(self, node: fx.Node, shape: Optional[torch.Size]) -> None:
-        lo = self.layout.get(node)
-        if (
-            lo is not None
-            and shape is not None
-            and len(shape) > lo[0]
-            and self.groups.total(lo[1]) * self.spread.get(node, 1) != shape[lo[0]]
-        ):
-            self.fix_all([lo], f"{node.name}: traced channel layout does not add up to {shape[lo[0]]} channels")
+def _layout(an: ChannelAnalysis, node: fx.Node, step: Step) -> Optional[Located]:
+    if node.op == "placeholder":
+        return an.fresh(node, "model input")
+    if node.op == "get_attr":
+        return an.parameter(node, step.shape)
+    if node.op == "output":
+        found: List[Optional[Located]] = []
+        fx.node.map_arg(node.args, lambda n: found.append(an.layout.get(n)))
+        an.fix_all(found, "model output")
+        return None
+    if node.op == "call_module":
+        return module_rules.module_layout(an, step, an.gm.get_submodule(node.target))
+    return node_rules.function_layout(an, step)
 
 
 def analyze_channels(
@@ -283,7 +80,7 @@ def analyze_channels(
         type(m) for m in model.modules() if channel_handler(m) is not None
     }  # e.g. timm's Linear: a leaf, not F.linear
     x = example_input if example_input is not None else default_input(model)
-    return ChannelAnalysis(_shaped_graph(model, tuple(leaf_modules) + tuple(handled), x), type(model), model).run()
+    return visit(ChannelAnalysis(_shaped_graph(model, tuple(leaf_modules) + tuple(handled), x), type(model), model))
 
 
 def _shaped_graph(model: nn.Module, leaves: Tuple[type, ...], x: torch.Tensor) -> fx.GraphModule:
@@ -296,7 +93,7 @@ def _shaped_graph(model: nn.Module, leaves: Tuple[type, ...], x: torch.Tensor) -
             ShapeProp(gm).propagate(x)
         return gm
 
-    timm_blocks = tuple(_timm_settings()[0])
+    timm_blocks = tuple(timm_settings()[0])
     if any(isinstance(m, timm_blocks) and not isinstance(m, leaves) for m in model.modules()):
         try:
             gm = shaped(timm_leaves=False)

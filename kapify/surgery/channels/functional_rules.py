@@ -13,10 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..resize import channel_handler
-from .analysis import ChannelAnalysis, Located, Step
+from ..handlers import channel_handler, weight_layout
 from .axes import shape_of
-from .module_rules import layer_layout
+from .context import ChannelAnalysis, Located, Step
 from .node_rules import register_node_rule
 
 __all__: list = []  # rules only: they register themselves
@@ -29,7 +28,7 @@ def _owner(an: ChannelAnalysis, param: Any, attr: str) -> Optional[Tuple[str, nn
     path, _, name = param.target.rpartition(".")
     layer = an.model.get_submodule(path) if name == attr else None
     handler = channel_handler(layer) if layer is not None else None
-    return (path, layer) if handler is not None and handler.kind in ("conv", "linear") else None
+    return (path, layer) if handler is not None and handler.maps_channels else None
 
 
 def _on_last_dim(an: ChannelAnalysis, tensor: Any) -> Optional[Located]:
@@ -61,11 +60,11 @@ def functional_layer(an: ChannelAnalysis, step: Step) -> Any:
     own_bias = bias is None or (isinstance(bias, fx.Node) and bias.op == "get_attr" and bias.target == f"{path}.bias")
     if not own_bias and (an.lay(bias) is None or an.lay(bias)[0] != 0):
         return NotImplemented
-    located = layer_layout(an, step, path, layer, channel_handler(layer), src)
+    located = weight_layout(an, step, path, layer, channel_handler(layer), src)
     if not own_bias and located is not None:  # the output (one group) lines up with the bias's segments
         segments = an.groups.align([an.lay(bias)[1], an.outputs[path]])
         an.groups.union_layouts(segments)
-        an.outputs[path] = an.groups.expand(an.outputs[path])
+        an.record_layer(path, outputs=an.groups.expand(an.outputs[path]))
         located = located[0], an.outputs[path]
     return located
 
@@ -115,12 +114,12 @@ def shifted_window_attention(an: ChannelAnalysis, step: Step) -> Any:
     ):
         return NotImplemented
     stream = src[1][0]
-    an.inputs[qkv[0]] = an.inputs[proj[0]] = src[1]
-    an.outputs[qkv[0]] = src[1] * 3
+    an.record_layer(qkv[0], inputs=src[1], outputs=src[1] * 3)
+    an.record_layer(proj[0], inputs=src[1])
     an.role(qkv[0], "conv", src[1])
     an.role(proj[0], "conv", src[1])
     out = an.groups.new(int(proj[1].out_features))
-    an.outputs[proj[0]] = (out,)
+    an.record_layer(proj[0], outputs=(out,))
     head = bias[1][0]
     an.groups.multiply(stream, head, an.groups.width[an.groups.find(stream)] // heads, 1)
     scale = _argument(node, 11, "logit_scale")

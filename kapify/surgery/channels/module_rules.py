@@ -1,11 +1,12 @@
 """Rules for layers (call_module nodes): what a layer does to the channels it reads.
 
-The layer's :class:`~kapify.surgery.resize.ChannelHandler` (the registry users extend with
-:func:`kapify.register_channel_handler`) says which kind it is: a conv/linear reads its input
+The layer's :class:`~kapify.surgery.handlers.ChannelHandler` (the registry users extend with
+:func:`kapify.register_channel_handler`) lays out its channels: a conv/linear reads its input
 channels and produces a new group; a channelwise layer (BatchNorm) and a depthwise conv carry their
 input's groups; a GroupNorm/LayerNorm also marks them normalised; self-attention
-(``nn.MultiheadAttention``) carries them in whole heads. A stateless layer without a
-handler (``nn.Flatten``, an activation) is followed like a reshape; any other one fixes the channels,
+(``nn.MultiheadAttention``) carries them in whole heads. This module checks what holds for every
+layer (which dim it reads, other tensor inputs) first. A stateless layer without a handler
+(``nn.Flatten``, an activation) is followed like a reshape; any other one fixes the channels,
 unless a rule is registered for its type (:func:`register_layer_rule`: a block FX keeps whole).
 """
 
@@ -16,11 +17,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Type
 
 from torch import nn
 
+from ..handlers import channel_handler, weight_layout
 from ..optional import optional_imports
-from ..resize import ChannelHandler, channel_handler
-from ..squares import MAX_GROWTH_GROUPED, aligned_square
-from .analysis import ChannelAnalysis, Located, Step
 from .axes import follow_axis, permuted_axis
+from .context import ChannelAnalysis, Located, Step
 from .graph import Layout, SliceSite
 
 __all__ = [
@@ -28,7 +28,6 @@ __all__ = [
     "add_to_stream",
     "attention_leaf",
     "module_layout",
-    "layer_layout",
     "register_layer_rule",
     "layers_in_sequence",
     "split_in_leaf",
@@ -69,9 +68,7 @@ def _inner_layer(an: ChannelAnalysis, step: Step, name: str, src: Located) -> Op
             an.fix_all([src], f"{type(layer).__name__} '{path}' has no channel handler")
             return None
         return src
-    if handler.kind == "channelwise":
-        return _channelwise(an, path, layer, handler, src)
-    return layer_layout(an, step, path, layer, handler, src)
+    return handler.inner_layout(an, step, path, layer, src)
 
 
 def layers_in_sequence(
@@ -90,7 +87,7 @@ def split_in_leaf(an: ChannelAnalysis, step: Step, located: Located, sizes: Sequ
     the pieces' layouts; the site is recorded, so the owner's block handler rewrites the sizes."""
     pieces = an.cut_layout(located[1], sizes)
     ends = list(itertools.accumulate(sizes))[:-1]
-    an.slices.append(
+    an.add_slice(
         SliceSite(f"{step.node.target}.{owner}", [(end, sum(pieces[: i + 1], ())) for i, end in enumerate(ends)])
     )
     return pieces
@@ -126,11 +123,12 @@ def attention_leaf(
     for name in per_head:
         path, value = f"{node.target}.{name}", getattr(block, name)
         if isinstance(value, nn.Parameter):  # one entry per head on dim 0 (ConViT's gating)
-            an.parameters[path] = (0, head)
+            an.add_parameter(path, 0, head)
             continue
         handler = channel_handler(value)  # a layer whose outputs are the heads (ConViT's positional scores)
         inputs = (src[0], (an.groups.new(handler.count(value, handler.in_attr), f"input of '{path}'"),))
-        an.groups.union_layouts(an.groups.align([layer_layout(an, step, path, value, handler, inputs)[1], (head,)]))
+        heads = weight_layout(an, step, path, value, handler, inputs)[1]
+        an.groups.union_layouts(an.groups.align([heads, (head,)]))
     return _inner_layer(an, step, proj, src)
 
 
@@ -142,36 +140,24 @@ def module_layout(an: ChannelAnalysis, step: Step, module: nn.Module) -> Optiona
     handler = channel_handler(module)
     if handler is None:
         return _without_handler(an, step, module)
-    node, src = step.node, step.src
+    node, src, what = step.node, step.src, f"{type(module).__name__} '{step.node.target}'"
     if src is None:
-        an.layout[node] = an.fresh(node, f"input of '{node.target}' has no traced channel layout")
+        located = an.set_layout(node, an.fresh(node, f"input of '{node.target}' has no traced channel layout"))
         an.pinned(node, module, handler)
-        return an.layout[node]
+        return located
     axis = handler.axis % len(step.src_shape)
-    if (
-        handler.kind != "attention"
-    ):  # more tensor inputs (CondConv's routing weights): what it does with them is unknown
-        an.fix_all(
-            [an.lay(a) for a in step.args[1:]], f"{type(module).__name__} '{node.target}' reads it besides its input"
-        )
+    if not handler.reads_other_inputs:  # more tensor inputs (CondConv's routing weights): what it does is unknown
+        an.fix_all([an.lay(a) for a in step.args[1:]], f"{what} reads it besides its input")
     multi = [
         a
         for a in (handler.in_attr, handler.out_attr)
         if isinstance(getattr(module, a), (tuple, list)) and len(getattr(module, a)) != 1
     ]
     if multi:  # e.g. LayerNorm over (C, H, W): not one channel dim
-        an.fix_all([src], f"{type(module).__name__} '{node.target}' has a multi-dim {multi[0]}")
-        return an.fresh(node, f"output of {type(module).__name__} '{node.target}'")
+        an.fix_all([src], f"{what} has a multi-dim {multi[0]}")
+        return an.fresh(node, f"output of {what}")
     guessed = all(an.groups.is_fixed(g) for g in src[1])  # e.g. XCiT's Fourier features: no traced channels
-    if (
-        handler.kind == "conv"
-        and src[0] >= 2
-        and not guessed
-        and step.shape is not None
-        and step.shape[src[0]] == step.src_shape[src[0]]
-    ):
-        for g in src[1]:  # a conv sliding along the channels (ECA's Conv1d): any width runs, but the
-            an.groups.normalise(g)  # last old channels see new neighbours instead of zero padding
+    if handler.slides_along(an, step, src, guessed):
         return src
     if src[0] != axis and guessed:  # the traced axis was only a guess
         src = (
@@ -180,22 +166,18 @@ def module_layout(an: ChannelAnalysis, step: Step, module: nn.Module) -> Optiona
         )
     if (
         src[0] != axis
-        and handler.kind in ("linear", "channelwise")
+        and handler.passes_other_dims
         and step.shape is not None
         and len(step.shape) == len(step.src_shape)
         and step.shape[src[0]] == step.src_shape[src[0]]
     ):
         return src  # MLP-Mixer's token mixing, a norm over the head dim: the channels stay on their dim
     if src[0] != axis:  # e.g. a conv reading a dim other than the channels
-        an.fix_all([src], f"{type(module).__name__} '{node.target}' reads dim {axis}, the channels are on dim {src[0]}")
-        an.layout[node] = an.fresh(node, f"output of {type(module).__name__} '{node.target}', which reads dim {axis}")
+        an.fix_all([src], f"{what} reads dim {axis}, the channels are on dim {src[0]}")
+        located = an.set_layout(node, an.fresh(node, f"output of {what}, which reads dim {axis}"))
         an.pinned(node, module, handler)
-        return an.layout[node]
-    if handler.kind == "channelwise":
-        return _channelwise(an, node.target, module, handler, src)
-    if handler.kind == "attention":
-        return _attention(an, step, module, handler, src)
-    return layer_layout(an, step, node.target, module, handler, src)
+        return located
+    return handler.layout(an, step, node.target, module, src)
 
 
 def _without_handler(an: ChannelAnalysis, step: Step, module: nn.Module) -> Optional[Located]:
@@ -208,92 +190,3 @@ def _without_handler(an: ChannelAnalysis, step: Step, module: nn.Module) -> Opti
         return an.moved(node, src, follow_axis(step.src_shape, step.shape, src[0]), node.name)
     an.fix_all([an.lay(a) for a in step.args], f"{type(module).__name__} '{node.target}' has no channel handler")
     return an.fresh(node, f"output of {type(module).__name__} '{node.target}'")
-
-
-def _channelwise(an: ChannelAnalysis, name: str, module: nn.Module, handler: ChannelHandler, src: Located) -> Located:
-    """BatchNorm, LayerNorm, GroupNorm (module ``name``): the channels pass through; norms over channels mark them
-    normalised, except a GroupNorm of several groups, which widens by whole new groups (the old ones keep their
-    statistics)."""
-    an.role(name, "channelwise", src[1])
-    if handler.channels_normalised:  # statistics mix channels
-        groups = getattr(module, handler.groups_attr) if handler.groups_attr else 1
-        size = handler.count(module, handler.in_attr) // groups
-        whole_groups = groups > 1 and not any(an.groups.width[g] % size for g in src[1])
-        for g in src[1]:
-            if whole_groups:
-                an.groups.restrict(g, size)
-            else:  # widen each group
-                an.groups.normalise(g, groups)
-    return src
-
-
-def _attention(an: ChannelAnalysis, step: Step, module: nn.Module, handler: ChannelHandler, src: Located) -> None:
-    """Self-attention (``nn.MultiheadAttention``): query, key and value, read by one packed projection, and the
-    output share their channels; widening adds whole heads. Its output is (attention, weights)."""
-    node = step.node
-    qkv = [
-        node.kwargs.get(k, node.args[i] if len(node.args) > i else None)
-        for i, k in enumerate(("query", "key", "value"))
-    ]
-    operands = [an.lay(a) for a in qkv]
-    if any(lo is None or lo[0] != src[0] for lo in operands) or len({an.groups.total(lo[1]) for lo in operands}) != 1:
-        an.fix_all(
-            operands, f"{type(module).__name__} '{node.target}' reads keys or values laid out unlike its queries"
-        )
-        return None
-    layout = an.groups.union_layouts(an.groups.align([lo[1] for lo in operands]))
-    _whole_units(an, node.target, layout, getattr(module, handler.unit_attr), "attention", "heads")
-    an.role(node.target, "channelwise", layout)
-    an.pieces[node] = [(src[0], layout), None]
-    return None
-
-
-def _whole_units(an: ChannelAnalysis, name: str, layout: Layout, width: int, what: str, units: str) -> None:
-    """Widening adds whole units of ``width`` channels (a grouped conv's groups, attention heads) to each segment."""
-    if any(an.groups.width[g] % width for g in layout):  # a segment boundary inside a unit
-        an.fix_all([(0, layout)], f"{what} '{name}' reads segments that cut its {units} of {width}")
-    for g in layout:
-        an.groups.restrict(g, width)
-
-
-def layer_layout(
-    an: ChannelAnalysis, step: Step, name: str, module: nn.Module, handler: ChannelHandler, src: Located
-) -> Optional[Located]:
-    """A conv/linear (module ``name``, called as a layer or through its weight) starts a new group; a
-    depthwise/grouped conv with equal in and out channels carries its input's."""
-    node, axis = step.node, src[0]
-    groups = getattr(module, "groups", 1)
-    c_in, c_out = handler.count(module, handler.in_attr), handler.count(module, handler.out_attr)
-    if groups > 1 and c_in == c_out:  # depthwise / grouped: channel i in feeds group of channel i out
-        width = c_in // groups
-        if (
-            width > 1
-            and src is step.src
-            and len(src[1]) == 1
-            and aligned_square(c_in, divisor=width, max_growth=MAX_GROWTH_GROUPED) is None
-        ):
-            # no square within MAX_GROWTH_GROUPED x is a whole number of groups (RegNet's 3 groups of 56): keep the
-            # count, widen each
-            piece = an.equal_pieces(step, groups)
-            if piece is not None:
-                an.role(name, "grouped", piece * groups)
-                return axis, piece * groups
-        _whole_units(an, name, src[1], width, "grouped conv", "groups")
-        an.role(name, "grouped", src[1])
-        return src
-    if groups > 1 and len(src[1]) != 1:
-        an.fix_all([src], f"grouped conv '{name}' with {c_in} in and {c_out} out channels reads a concatenation")
-        an.layout[node] = an.fresh(node, f"output of grouped conv '{name}' ({c_in} -> {c_out} channels)")
-        if name == node.target:
-            an.pinned(node, module, handler)
-        return an.layout[node]
-    if handler.channels_normalised:  # weight standardisation over the input channels
-        for g in src[1]:
-            an.groups.normalise(g)
-    an.inputs[name] = src[1]
-    out = an.groups.new(c_out)
-    if groups > 1:  # a depth multiplier (out = m x in): widening adds whole groups on both sides (or merges them)
-        an.groups.multiply(src[1][0], out, c_in // groups, c_out // groups, grouped_conv=True)
-    an.outputs[name] = (out,)
-    an.role(name, "conv", src[1])
-    return axis, (out,)

@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from ..handlers import channel_handler
 from ..optional import optional_imports
-from ..resize import channel_handler
-from .analysis import ChannelAnalysis, Located, Step
 from .axes import (
     REDUCTIONS,
     cat_dim,
@@ -44,6 +43,7 @@ from .axes import (
     stored_width,
 )
 from .blocks import counts_heads
+from .context import ChannelAnalysis, Located, Step
 from .graph import Layout
 
 __all__ = ["NodeRule", "register_node_rule", "node_rule", "function_layout"]
@@ -199,7 +199,7 @@ def function_layout(an: ChannelAnalysis, step: Step) -> Optional[Located]:
     ]
     leading = node.op == "call_method" and node.target == "unsqueeze" and node.args[1:] == (0,)  # a batch dim in front
     if params and not step.located and node.op == "call_method" and (node.target in _FLOATING_METHODS or leading):
-        an.floating[node] = an.floating.get(params[0], params[0])  # cls_token.expand(N, -1, -1), pos_embed.unsqueeze(0)
+        an.float_parameter(node, an.floating.get(params[0], params[0]))  # cls_token.expand(N, -1, -1), unsqueeze(0)
         return None
     if (
         node.target is operator.getitem
@@ -311,7 +311,7 @@ def reshape(an: ChannelAnalysis, step: Step) -> Any:
 
 def _spread(an: ChannelAnalysis, node: fx.Node, src: Located, axis: int, entries: int) -> Located:
     """Channels flattened outermost: each spans ``entries`` consecutive entries (read in blocks)."""
-    an.spread[node] = entries
+    an.set_spread(node, entries)
     return axis, src[1]
 
 
@@ -643,20 +643,19 @@ def through_flattened(an: ChannelAnalysis, step: Step) -> bool:
     if (
         single
         and handler is not None
-        and handler.kind in ("linear", "conv")
+        and handler.maps_channels
         and getattr(module, "groups", 1) == 1
         and handler.axis % len(step.src_shape) == step.src[0]
     ):  # a classifier; a conv after a channel shuffle
-        an.spreads[node.target] = an.spread[spread_src]  # then read as usual
+        an.read_flattened(node.target, an.spread[spread_src])  # then read as usual
         return False
     if single and step.shape == step.src_shape and _keeps_every_entry(an, node):
-        an.layout[node], an.spread[node] = step.src, an.spread[spread_src]
+        an.set_layout(node, step.src)
+        an.set_spread(node, an.spread[spread_src])
         return True
     why = f"{node.name} reads channels flattened over {an.spread[spread_src]} entries each"
     for flat in [a for a in args if a in an.spread]:  # anything else sees an untracked, fixed axis
-        an.fix_all([an.layout[flat]], why)
-        an.layout[flat] = (an.layout[flat][0], (an.groups.new(int(shape_of(flat)[an.layout[flat][0]]), why),))
-        del an.spread[flat]
+        an.unflatten(flat, why)
     step.src = an.lay(args[0])
     return False
 

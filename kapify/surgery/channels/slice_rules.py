@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .analysis import ChannelAnalysis, Step
 from .axes import indexed_axis, name_of
+from .context import ChannelAnalysis, Step
 from .node_rules import register_node_rule
 
 __all__: list = []  # rules only: they register themselves
@@ -38,7 +38,7 @@ def split(an: ChannelAnalysis, step: Step) -> Any:
         return NotImplemented
     ndim = len(step.src_shape)
     if dim % ndim != src[0]:
-        an.pieces[node] = [src] * len(metas)
+        an.set_pieces(node, [src] * len(metas))
         return None
     sizes = [int(m.shape[src[0]]) for m in metas]
     how = node.kwargs.get(
@@ -54,7 +54,7 @@ def split(an: ChannelAnalysis, step: Step) -> Any:
         return NotImplemented
     if pieces is None:
         return NotImplemented
-    an.pieces[node] = pieces
+    an.set_pieces(node, pieces)
     return None
 
 
@@ -65,7 +65,7 @@ def unbind(an: ChannelAnalysis, step: Step) -> Any:
     dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
     if src is None or step.src_shape is None or not _literal(dim) or dim % len(step.src_shape) == src[0]:
         return NotImplemented
-    an.pieces[node] = [(src[0] - (dim % len(step.src_shape) < src[0]), src[1])] * int(step.src_shape[dim])
+    an.set_pieces(node, [(src[0] - (dim % len(step.src_shape) < src[0]), src[1])] * int(step.src_shape[dim]))
     return None
 
 
