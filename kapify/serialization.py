@@ -92,6 +92,7 @@ def load(path: PathLike, model: Optional[nn.Module] = None, device: Union[str, t
     against the record, and the weights are loaded strictly.
     """
     config = load_config(path)
+    built = model is None  # a model load builds itself may be converted in place: one copy less in memory
     if model is None:
         if config.source is None:
             raise ValueError(
@@ -99,7 +100,10 @@ def load(path: PathLike, model: Optional[nn.Module] = None, device: Union[str, t
                 f"kapify.create_model model): pass the unconverted model, kapify.load(path, model=plain_model)"
             )
         model = build_from_source(config.source)
-    converted = replay(model, config) if config.plan is not None else convert(model, **config.convert_kwargs())
+    if config.plan is not None:
+        converted = replay(model, config, inplace=built)
+    else:
+        converted = convert(model, **config.convert_kwargs())
     if config.folded:
         converted = fold(converted)
     got = [(r.name, r.grid, r.out_channels) for r in get_config(converted).layers]

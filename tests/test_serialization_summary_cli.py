@@ -95,7 +95,9 @@ def test_every_torchvision_classifier_saves_and_loads_with_default_arguments(tmp
     plain = torchvision.models.get_model(name)  # default arguments (1000 classes), random weights
     size = TRACE_SIZE.get(name)
     x = torch.rand(1, 3, size, size) if size else example_input(plain)
-    assert_round_trip(kapify.convert(plain, example_input=x).eval(), tmp_path, x)
+    kap = kapify.convert(plain, example_input=x).eval()
+    del plain  # the largest (vit_h_14: 2.5 GB of weights) must fit a 24 GB CI machine in their copies
+    assert_round_trip(kap, tmp_path, x)
 
 
 def test_tied_weights_save_once_and_load_into_both_names(tmp_path):

@@ -95,14 +95,7 @@ def evaluate(
         >>> [r["attack"] for r in out["results"]]
         ['clean', 'pgd']
     """
-    unknown = [a for a in attacks if a not in ATTACKS]
-    if unknown:
-        raise ValueError(f"unknown attack(s) {unknown}; available: {sorted(ATTACKS)}")
-    eps_list = [float(e) for e in ([eps] if isinstance(eps, (int, float)) else eps)]
-    if not eps_list or any(not e > 0 for e in eps_list):
-        raise ValueError(f"eps must be > 0, got {eps}")
-    if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+    eps_list = _checked(attacks, eps, images, labels)
     device = next(model.parameters()).device
     with attack_mode(model, test_noise), torch.no_grad():
         num_classes = model(images[:1].float().to(device)).shape[1]
@@ -113,67 +106,90 @@ def evaluate(
     examples: Dict[Any, torch.Tensor] = {}
     per_image: Dict[Any, torch.Tensor] = {}
     with attack_mode(model, test_noise):
-        clean_correct = (
-            torch.cat(
-                [
-                    predict(model, x_all[i : i + batch_size].to(device)).cpu() == y_all[i : i + batch_size]
-                    for i in range(0, len(y_all), batch_size)
-                ]
-            )
-            if len(y_all)
-            else torch.zeros(0, dtype=torch.bool)
-        )
+        clean_correct = _correct(model, x_all, y_all, batch_size, device)
         for attack in attacks:
             for e in eps_list if attack != "clean" else eps_list[:1]:
-                spec_e = dataclasses.replace(base, norm=norm, eps=e)
                 folder = None
                 if cache_dir is not None:
-                    folder = (
-                        Path(cache_dir)
-                        / f"{attack}-{norm}-eps{e:g}-seed{seed}-n{images.shape[0]}-bs{batch_size}-rank{rank}of{world}"
-                    )
+                    name = f"{attack}-{norm}-eps{e:g}-seed{seed}-n{images.shape[0]}-bs{batch_size}-rank{rank}of{world}"
+                    folder = Path(cache_dir) / name
                     folder.mkdir(parents=True, exist_ok=True)
-                correct, advs, notes, t0 = [], [], [], time.perf_counter()
-                batches = range(0, len(y_all), batch_size)
-                for b in tqdm(
-                    batches, desc=f"{attack} {norm} eps={e:g}", disable=not progress or rank != 0, leave=False
-                ):
-                    cached = folder / f"batch{b // batch_size:05d}.pt" if folder is not None else None
-                    saved = _cached_batch(cached, min(batch_size, len(y_all) - b), return_examples)
-                    if saved is not None:
-                        batch_correct, x_adv, batch_notes = saved["correct"], saved.get("x_adv"), []
-                    else:
-                        x, y = x_all[b : b + batch_size].to(device), y_all[b : b + batch_size].to(device)
-                        x_adv, batch_notes = ATTACKS[attack](model, x, y, spec_e, seed + b)
-                        verify_examples(x, x_adv, e, norm, attack)
-                        batch_correct = (predict(model, x_adv) == y).cpu() & clean_correct[b : b + batch_size]
-                        x_adv = x_adv.detach().cpu()
-                        if cached is not None:
-                            tmp = cached.with_name(cached.name + ".tmp")
-                            torch.save({"correct": batch_correct, "x_adv": x_adv if return_examples else None}, tmp)
-                            os.replace(tmp, cached)  # a batch file is whole or absent
-                    correct.append(batch_correct)
-                    notes.extend(n for n in batch_notes if n not in notes)
-                    if return_examples:
-                        advs.append(x_adv)
-                mine = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+                t0 = time.perf_counter()
+                run = _Attack(model, attack, dataclasses.replace(base, norm=norm, eps=e), seed, return_examples)
+                mine, advs, notes = run.all_batches(
+                    x_all, y_all, clean_correct, batch_size, folder, progress and rank == 0
+                )
                 per_image[(attack, e)] = _unshard(mine, index, images.shape[0], world)
                 hits, total = all_reduce_sum([float(mine.sum()), float(mine.numel())], device)
-                results.append(
-                    {
-                        "attack": attack,
-                        "norm": norm,
-                        "eps": e,
-                        "seed": seed,
-                        "accuracy": hits / max(total, 1),
-                        "n": int(total),
-                        "time_s": time.perf_counter() - t0,
-                        "notes": notes,
-                    }
-                )
+                accuracy, elapsed = hits / max(total, 1), time.perf_counter() - t0
+                results.append({"attack": attack, "norm": norm, "eps": e, "seed": seed, "accuracy": accuracy,
+                                "n": int(total), "time_s": elapsed, "notes": notes})  # fmt: skip
                 if return_examples and advs:
                     examples[(attack, e)] = _unshard(torch.cat(advs), index, images.shape[0], world)
     return {"results": results, "examples": examples, "correct": per_image}
+
+
+def _checked(attacks: Sequence[str], eps: Union[float, Sequence[float]], images: torch.Tensor, labels: torch.Tensor):
+    """The eps values; a ValueError naming what is wrong with the attacks, eps or shapes."""
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown:
+        raise ValueError(f"unknown attack(s) {unknown}; available: {sorted(ATTACKS)}")
+    eps_list = [float(e) for e in ([eps] if isinstance(eps, (int, float)) else eps)]
+    if not eps_list or any(not e > 0 for e in eps_list):
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+    return eps_list
+
+
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    """Per image: whether ``model`` classifies it correctly."""
+    if not len(y):
+        return torch.zeros(0, dtype=torch.bool)
+    steps = range(0, len(y), batch_size)
+    return torch.cat([predict(model, x[i : i + batch_size].to(device)).cpu() == y[i : i + batch_size] for i in steps])
+
+
+@dataclasses.dataclass
+class _Attack:
+    """One attack at one eps over this process's images, batch by batch, each batch's result cached."""
+
+    model: nn.Module
+    attack: str
+    spec: AttackSpec
+    seed: int
+    keep_examples: bool
+
+    def all_batches(self, x_all, y_all, clean_correct, batch_size: int, folder: Optional[Path], progress: bool):
+        """(correct per image, adversarial batches if kept, the attack's notes)."""
+        correct, advs, notes = [], [], []
+        desc = f"{self.attack} {self.spec.norm} eps={self.spec.eps:g}"
+        for b in tqdm(range(0, len(y_all), batch_size), desc=desc, disable=not progress, leave=False):
+            cached = folder / f"batch{b // batch_size:05d}.pt" if folder is not None else None
+            x, y = x_all[b : b + batch_size], y_all[b : b + batch_size]
+            batch_correct, x_adv, batch_notes = self.batch(x, y, clean_correct[b : b + batch_size], b, cached)
+            correct.append(batch_correct)
+            notes.extend(n for n in batch_notes if n not in notes)
+            if self.keep_examples:
+                advs.append(x_adv)
+        return (torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)), advs, notes
+
+    def batch(self, x, y, clean, offset: int, cached: Optional[Path]):
+        """One batch: its saved result, or the attack run, verified, scored and saved (whole or not at all)."""
+        saved = _cached_batch(cached, len(y), self.keep_examples)
+        if saved is not None:
+            return saved["correct"], saved.get("x_adv"), []
+        device = next(self.model.parameters()).device
+        x, y = x.to(device), y.to(device)
+        x_adv, notes = ATTACKS[self.attack](self.model, x, y, self.spec, self.seed + offset)
+        verify_examples(x, x_adv, self.spec.eps, self.spec.norm, self.attack)
+        batch_correct = (predict(self.model, x_adv) == y).cpu() & clean
+        x_adv = x_adv.detach().cpu()
+        if cached is not None:
+            tmp = cached.with_name(cached.name + ".tmp")
+            torch.save({"correct": batch_correct, "x_adv": x_adv if self.keep_examples else None}, tmp)
+            os.replace(tmp, cached)  # a batch file is whole or absent
+        return batch_correct, x_adv, notes
 
 
 def _cached_batch(path: Optional[Path], size: int, need_examples: bool) -> Optional[Dict[str, Any]]:

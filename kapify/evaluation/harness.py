@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -23,6 +22,7 @@ from ..distributed import init_distributed, shutdown_distributed
 from ..layers import set_noise
 from ..options import option, parse_options
 from ..surgery.config import get_config
+from ..versions import versions
 from .attacks import ATTACKS, AttackSpec
 from .certify import certified_accuracy, certify
 from .checks import masking_flags
@@ -174,26 +174,6 @@ def _aggregate(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return list(rows.values())
 
 
-def _versions() -> Dict[str, str]:
-    import timm
-
-    from .. import __version__
-
-    found = {
-        "kapify": __version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-    }
-    try:
-        from importlib.metadata import version
-
-        found["pyautoattack"] = version("pyautoattack")
-    except Exception:  # not installed: only the attacks that need it fail
-        pass
-    return found
-
-
 def _noise_sensitivity(
     model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, sigma: float, seed: int, batch: int
 ) -> List[Dict[str, Any]]:
@@ -231,30 +211,73 @@ def _write_per_image(path: Path, correct: Dict[tuple, torch.Tensor], seed: int) 
     os.replace(tmp, path)
 
 
-def run_evaluation(cfg: EvalConfig) -> Dict[str, Any]:
-    """Run the evaluation ``cfg`` describes; write ``results.json``, ``results.md`` and plots under
-    ``cfg.out``; return the results dict (schema in docs/evaluation.md)."""
-    from ..reporting.eval_report import write_report
+@dataclass
+class _Session:
+    """What the sections of one evaluation share: the model, the data, the attack settings and the first repeat's
+    images, labels and adversarial examples (attack, eps) -> tensor."""
 
+    cfg: EvalConfig
+    env: Any
+    device: torch.device
+    info: Any
+    model: nn.Module
+    dataset: Any
+    spec: AttackSpec
+    attacks: List[str]
+    eps_values: List[float]
+    images: Optional[torch.Tensor] = None
+    labels: Optional[torch.Tensor] = None
+    examples: Optional[Dict[tuple, torch.Tensor]] = None
+    _reference: Optional[nn.Module] = None
+
+    @property
+    def sigma(self) -> float:
+        """The test-time noise std: ``--noise-sigma``, else the model's training sigma, else 0.1."""
+        if self.cfg.noise_sigma is not None:
+            return self.cfg.noise_sigma
+        trained = get_config(self.model)
+        return trained.sigma if trained and trained.sigma > 0 else 0.1
+
+    @property
+    def nominal(self) -> float:
+        """The eps the single-eps sections use: 1.0 if swept, else the middle of the sweep."""
+        return 1.0 if 1.0 in self.eps_values else self.eps_values[len(self.eps_values) // 2]
+
+    @property
+    def chosen(self) -> Optional[tuple]:
+        """The strongest attack run at the nominal eps: (attack, eps) of its examples, or None."""
+        order = ("autoattack", "autoattack-rand", "pgd", "square")
+        return next(((a, self.nominal) for a in order if (a, self.nominal) in (self.examples or {})), None)
+
+    def reference(self) -> nn.Module:
+        """The ``--transfer-from`` model, loaded once."""
+        if self._reference is None:
+            from .. import serialization
+
+            self._reference = serialization.load(self.cfg.transfer_from, device=self.device)
+        return self._reference
+
+    def correct(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per image: whether ``model`` classifies it correctly (in batches, noise-free)."""
+        step = self.cfg.batch_size
+        with attack_mode(model):
+            return torch.cat(
+                [
+                    predict(model, images[i : i + step].to(self.device)).cpu() == labels[i : i + step]
+                    for i in range(0, len(labels), step)
+                ]
+            )
+
+
+def _start(cfg: EvalConfig) -> _Session:
+    """Check the options, load the model (test-time noise on if asked) and the test set."""
     attacks, eps_values = cfg.attack_list(), cfg.eps_list()
     info = dataset_info(cfg.dataset)
     if cfg.n_examples < 1 or cfg.repeats < 1:
         raise ValueError(f"n_examples and repeats must be >= 1, got {cfg.n_examples} and {cfg.repeats}")
     env, device = init_distributed(cfg.device)
     model = load_model(cfg, info.num_classes, device)
-    if cfg.test_noise:
-        trained = get_config(model)
-        sigma = (
-            cfg.noise_sigma
-            if cfg.noise_sigma is not None
-            else (trained.sigma if trained and trained.sigma > 0 else 0.1)
-        )
-        if set_noise(model, True, sigma=sigma) == 0:
-            raise ValueError("--test-noise: the model has no kapify noise layers (convert it with sigma > 0)")
     dataset = build_dataset(cfg.dataset, train=False, data_dir=cfg.data_dir, download=cfg.download)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cache = out / "cache" if cfg.resume else None
     spec = AttackSpec(
         norm=cfg.norm,
         eps=eps_values[0],
@@ -263,174 +286,154 @@ def run_evaluation(cfg: EvalConfig) -> Dict[str, Any]:
         square_queries=cfg.square_queries,
         num_classes=info.num_classes,
     )
-    started = time.perf_counter()
-    runs, first_examples, first_labels, first_images = [], {}, None, None
+    session = _Session(cfg, env, device, info, model, dataset, spec, attacks, eps_values)
+    if cfg.test_noise and set_noise(model, True, sigma=session.sigma) == 0:
+        raise ValueError("--test-noise: the model has no kapify noise layers (convert it with sigma > 0)")
+    return session
+
+
+def _attack_section(s: _Session, out: Path) -> List[Dict[str, Any]]:
+    """Every attack at every eps on each repeat's images, aggregated over repeats; the first repeat's images,
+    labels and examples are kept on the session and its per-image results written to ``per_image.json``."""
+    cfg, runs = s.cfg, []
     for r in range(cfg.repeats):
         seed = cfg.seed + r
-        images, labels = _examples(cfg, dataset, seed)
-        want_examples = r == 0 and (cfg.noise_sensitivity or cfg.diagnostics)
+        images, labels = _examples(cfg, s.dataset, seed)
         done = evaluate(
-            model,
+            s.model,
             images,
             labels,
-            attacks,
+            s.attacks,
             cfg.norm,
-            eps_values,
+            s.eps_values,
             seed,
             cfg.batch_size,
-            spec,
-            return_examples=want_examples,
-            cache_dir=cache,
-            progress=cfg.progress and env.is_main,
+            s.spec,
+            return_examples=r == 0 and (cfg.noise_sensitivity or cfg.diagnostics),
+            cache_dir=out / "cache" if cfg.resume else None,
+            progress=cfg.progress and s.env.is_main,
             test_noise=cfg.test_noise,
         )
         runs.extend(done["results"])
         if r == 0:
-            first_examples, first_labels, first_images = done["examples"], labels, images
-            if env.is_main:
+            s.examples, s.labels, s.images = done["examples"], labels, images
+            if s.env.is_main:
                 _write_per_image(out / "per_image.json", done["correct"], seed)
+    return _aggregate(runs)
+
+
+def _noise_section(s: _Session) -> Optional[Dict[str, Any]]:
+    """Table 2: the strongest attack's examples re-scored with test-time noise (non-adaptive, and says so)."""
+    if not (s.cfg.noise_sensitivity and s.chosen):
+        return None
+    rows = _noise_sensitivity(s.model, s.examples[s.chosen], s.labels, s.sigma, s.cfg.seed, s.cfg.batch_size)
+    return {"attack": s.chosen[0], "eps": s.chosen[1], "protocol": NON_ADAPTIVE, "rows": rows}
+
+
+def _transfer_section(s: _Session) -> Optional[Dict[str, Any]]:
+    """Table A3: examples crafted on the ``--transfer-from`` model at the nominal eps, scored on this one."""
+    cfg = s.cfg
+    if not cfg.transfer_from:
+        return None
+    runs = []
+    for r in range(cfg.repeats):
+        images, labels = _examples(cfg, s.dataset, cfg.seed + r)
+        crafted = evaluate(
+            s.reference(),
+            images,
+            labels,
+            [a for a in s.attacks if a != "clean"] or ["pgd"],
+            cfg.norm,
+            s.nominal,
+            cfg.seed + r,
+            cfg.batch_size,
+            s.spec,
+            return_examples=True,
+            progress=False,
+        )
+        clean_ok = s.correct(s.model, images, labels)
+        for (attack, eps), x_adv in crafted["examples"].items():
+            accuracy = float((s.correct(s.model, x_adv, labels) & clean_ok).float().mean())
+            runs.append({"attack": f"transfer-{attack}", "norm": cfg.norm, "eps": eps, "seed": cfg.seed + r,
+                         "accuracy": accuracy, "n": len(labels), "time_s": 0.0, "notes": []})  # fmt: skip
+    return {"reference": cfg.transfer_from, "results": _aggregate(runs)}
+
+
+def _certification_section(s: _Session) -> Optional[Dict[str, Any]]:
+    """Randomized-smoothing certification (Cohen et al.) of the first repeat's images; certified accuracy by radius."""
+    cfg = s.cfg
+    if not cfg.certify_sigma:
+        return None
+    n = min(cfg.certify_examples, len(s.labels))
+    with attack_mode(s.model):
+        rows = certify(s.model, s.images[:n], s.labels[:n], cfg.certify_sigma, cfg.certify_n0, cfg.certify_n,
+                       cfg.certify_alpha, cfg.batch_size, cfg.seed, cfg.progress and s.env.is_main)  # fmt: skip
+    radii = [round(0.25 * i, 2) for i in range(0, 17)]
+    return {"sigma": cfg.certify_sigma, "n0": cfg.certify_n0, "n": cfg.certify_n, "alpha": cfg.certify_alpha,
+            "radii": radii, "certified_accuracy": certified_accuracy(rows, radii), "examples": rows}  # fmt: skip
+
+
+def _diagnostics_section(s: _Session) -> tuple[Optional[Dict[str, Any]], List[torch.Tensor]]:
+    """First-layer kernels on the KAP grid with a topography score (the reference model's too, with
+    ``--transfer-from``), and the per-layer activation change under the strongest attack; the kernel mosaics."""
+    if not s.cfg.diagnostics:
+        return None, []
+    name, conv, grid = first_conv(s.model)
+    section: Dict[str, Any] = {"first_conv": name, "grid": str(grid), "topography": topography_score(conv.weight, grid)}
+    mosaics = [kernel_mosaic(conv.weight, grid).cpu()]
+    if s.cfg.transfer_from:  # the reference model's kernels beside this one's (NT beside KAP)
+        ref_name, ref_conv, ref_grid = first_conv(s.reference())
+        section["reference"] = {"checkpoint": s.cfg.transfer_from, "first_conv": ref_name, "grid": str(ref_grid),
+                                "topography": topography_score(ref_conv.weight, ref_grid)}  # fmt: skip
+        mosaics.append(kernel_mosaic(ref_conv.weight, ref_grid).cpu())
+    if s.chosen:
+        batch = s.cfg.batch_size
+        with attack_mode(s.model):
+            layers = activation_change(
+                s.model, s.images[:batch].to(s.device), s.examples[s.chosen][:batch].to(s.device)
+            )
+        section["activation_change"] = {"attack": s.chosen[0], "eps": s.chosen[1], "layers": layers}
+    return section, mosaics
+
+
+def _flags(rows: List[Dict[str, Any]]) -> List[Dict[str, str]]:
+    """Gradient-masking patterns across the rows, and each attack's own notes."""
+    flags = masking_flags(rows)
+    for row in rows:
+        flags.extend({"kind": "attack_note", "message": f"{row['attack']} eps={row['eps']}: {n}"} for n in row["notes"])
+    return flags
+
+
+def run_evaluation(cfg: EvalConfig) -> Dict[str, Any]:
+    """Run the evaluation ``cfg`` describes; write ``results.json``, ``results.md`` and plots under
+    ``cfg.out``; return the results dict (schema in docs/evaluation.md)."""
+    from ..reporting.eval_report import write_report
+
+    s = _start(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    config = get_config(s.model)
     results: Dict[str, Any] = {
         "schema": SCHEMA,
         "config": dataclasses.asdict(cfg),
-        "versions": _versions(),
-        "device": str(device),
-        "world_size": env.world_size,
-        "dataset": dataclasses.asdict(info),
+        "versions": versions(),
+        "device": str(s.device),
+        "world_size": s.env.world_size,
+        "dataset": dataclasses.asdict(s.info),
         "n_examples": cfg.n_examples,
         "seeds": [cfg.seed + r for r in range(cfg.repeats)],
-        "results": _aggregate(runs),
+        "results": _attack_section(s, out),
+        "model": {"checkpoint": cfg.checkpoint, "name": cfg.model, "kapify": config.to_dict() if config else None},
     }
-    config = get_config(model)
-    results["model"] = {"checkpoint": cfg.checkpoint, "name": cfg.model, "kapify": config.to_dict() if config else None}
-    adversarial = [a for a in attacks if a != "clean"]
-    nominal = eps_values[len(eps_values) // 2] if 1.0 not in eps_values else 1.0
-    chosen = next(
-        ((a, nominal) for a in ("autoattack", "autoattack-rand", "pgd", "square") if (a, nominal) in first_examples),
-        None,
-    )
-    if cfg.noise_sensitivity and chosen:
-        sigma = (
-            cfg.noise_sigma if cfg.noise_sigma is not None else (config.sigma if config and config.sigma > 0 else 0.1)
-        )
-        results["noise_sensitivity"] = {
-            "attack": chosen[0],
-            "eps": chosen[1],
-            "protocol": NON_ADAPTIVE,
-            "rows": _noise_sensitivity(model, first_examples[chosen], first_labels, sigma, cfg.seed, cfg.batch_size),
-        }
-    if cfg.transfer_from:
-        from .. import serialization
-
-        reference = serialization.load(cfg.transfer_from, device=device)
-        transfer_runs = []
-        for r in range(cfg.repeats):
-            images, labels = _examples(cfg, dataset, cfg.seed + r)
-            crafted = evaluate(
-                reference,
-                images,
-                labels,
-                adversarial or ["pgd"],
-                cfg.norm,
-                nominal,
-                cfg.seed + r,
-                cfg.batch_size,
-                spec,
-                return_examples=True,
-                progress=False,
-            )
-            with attack_mode(model):
-                clean_ok = torch.cat(
-                    [
-                        predict(model, images[i : i + cfg.batch_size].to(device)).cpu()
-                        == labels[i : i + cfg.batch_size]
-                        for i in range(0, len(labels), cfg.batch_size)
-                    ]
-                )
-                for (attack, e), x_adv in crafted["examples"].items():
-                    adv_ok = torch.cat(
-                        [
-                            predict(model, x_adv[i : i + cfg.batch_size].to(device)).cpu()
-                            == labels[i : i + cfg.batch_size]
-                            for i in range(0, len(labels), cfg.batch_size)
-                        ]
-                    )
-                    transfer_runs.append(
-                        {
-                            "attack": f"transfer-{attack}",
-                            "norm": cfg.norm,
-                            "eps": e,
-                            "seed": cfg.seed + r,
-                            "accuracy": float((adv_ok & clean_ok).float().mean()),
-                            "n": len(labels),
-                            "time_s": 0.0,
-                            "notes": [],
-                        }
-                    )
-        results["transfer"] = {"reference": cfg.transfer_from, "results": _aggregate(transfer_runs)}
-    if cfg.certify_sigma:
-        n_cert = min(cfg.certify_examples, len(first_labels))
-        with attack_mode(model):
-            rows = certify(
-                model,
-                first_images[:n_cert],
-                first_labels[:n_cert],
-                cfg.certify_sigma,
-                cfg.certify_n0,
-                cfg.certify_n,
-                cfg.certify_alpha,
-                cfg.batch_size,
-                cfg.seed,
-                cfg.progress and env.is_main,
-            )
-        radii = [round(0.25 * i, 2) for i in range(0, 17)]
-        results["certification"] = {
-            "sigma": cfg.certify_sigma,
-            "n0": cfg.certify_n0,
-            "n": cfg.certify_n,
-            "alpha": cfg.certify_alpha,
-            "radii": radii,
-            "certified_accuracy": certified_accuracy(rows, radii),
-            "examples": rows,
-        }
-    if cfg.diagnostics:
-        name, conv, grid = first_conv(model)
-        results["diagnostics"] = {
-            "first_conv": name,
-            "grid": str(grid),
-            "topography": topography_score(conv.weight, grid),
-        }
-        results["_mosaic"] = kernel_mosaic(conv.weight, grid)
-        if cfg.transfer_from:  # the reference model's kernels beside this one's (NT beside KAP)
-            from .. import serialization
-
-            ref_name, ref_conv, ref_grid = first_conv(serialization.load(cfg.transfer_from, device="cpu"))
-            results["diagnostics"]["reference"] = {
-                "checkpoint": cfg.transfer_from,
-                "first_conv": ref_name,
-                "grid": str(ref_grid),
-                "topography": topography_score(ref_conv.weight, ref_grid),
-            }
-            results["_reference_mosaic"] = kernel_mosaic(ref_conv.weight, ref_grid)
-        if chosen:
-            with attack_mode(model):
-                results["diagnostics"]["activation_change"] = {
-                    "attack": chosen[0],
-                    "eps": chosen[1],
-                    "layers": activation_change(
-                        model,
-                        first_images[: cfg.batch_size].to(device),
-                        first_examples[chosen][: cfg.batch_size].to(device),
-                    ),
-                }
-    flags = masking_flags(results["results"])
-    for row in results["results"]:
-        flags.extend({"kind": "attack_note", "message": f"{row['attack']} eps={row['eps']}: {n}"} for n in row["notes"])
-    results["flags"] = flags
+    sections = {"noise_sensitivity": _noise_section(s), "transfer": _transfer_section(s),
+                "certification": _certification_section(s)}  # fmt: skip
+    sections["diagnostics"], mosaics = _diagnostics_section(s)
+    results.update({key: value for key, value in sections.items() if value is not None})
+    results["flags"] = _flags(results["results"])
     results["time_s"] = time.perf_counter() - started
-    if env.is_main:
-        write_report(results, out)
-    results.pop("_mosaic", None)
-    results.pop("_reference_mosaic", None)
+    if s.env.is_main:
+        write_report(results, out, mosaics)
     return results
 
 

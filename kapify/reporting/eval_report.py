@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
 
 __all__ = ["write_report", "markdown_table"]
 
@@ -94,99 +96,108 @@ def markdown_table(results: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plots(results: Dict[str, Any], out: Path) -> List[str]:
+def _save(fig: Any, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
+
+
+def _accuracy_vs_eps(results: Dict[str, Any], out: Path) -> Optional[str]:
+    """Fig. 5: robust accuracy against eps, one line per attack (with an eps sweep)."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["results"] if r["attack"] != "clean"]
+    if len({r["eps"] for r in rows}) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for attack in dict.fromkeys(r["attack"] for r in rows):
+        pts = sorted(
+            (r["eps"], 100 * r["accuracy"]["mean"], 100 * r["accuracy"]["std"]) for r in rows if r["attack"] == attack
+        )
+        xs, ys, errors = zip(*pts)
+        ax.errorbar(xs, ys, yerr=errors, marker="o", label=attack, capsize=3)
+    ax.set(
+        xlabel=f"eps ({rows[0]['norm']})", ylabel="robust accuracy (%)", ylim=(0, 100), title="Robust accuracy vs eps"
+    )
+    ax.legend()
+    return _save(fig, out / "accuracy_vs_eps.png")
+
+
+def _certified_accuracy(results: Dict[str, Any], out: Path) -> Optional[str]:
+    """Fig. 6: certified accuracy against the L2 radius."""
+    import matplotlib.pyplot as plt
+
+    c = results.get("certification")
+    if not c:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(c["radii"], [100 * a for a in c["certified_accuracy"]], marker=".")
+    title = f"Randomized smoothing, sigma={c['sigma']}"
+    ax.set(xlabel="L2 radius", ylabel="certified accuracy (%)", ylim=(0, 100), title=title)
+    return _save(fig, out / "certified_accuracy.png")
+
+
+def _kernels(results: Dict[str, Any], out: Path, mosaics: List[Any]) -> Optional[str]:
+    """Fig. 7: the first layer's kernels on the channel grid (the reference model's beside them)."""
+    if not mosaics:
+        return None
+    from .figures import plot_kernel_mosaics
+
+    def short(path: Any) -> str:  # run folder + file name: what tells two checkpoints apart
+        return "/".join(Path(str(path)).parts[-2:]) if path else "model"
+
+    d = results["diagnostics"]
+    described = [(short((results.get("model") or {}).get("checkpoint")), d)]
+    if "reference" in d:
+        described.append((f"reference {short(d['reference']['checkpoint'])}", d["reference"]))
+    panels = [
+        (f"{who}\n{part['first_conv']}, grid {part['grid']}, topography {part['topography']['score']:.3f}", mosaic)
+        for (who, part), mosaic in zip(described, mosaics)
+    ]
+    plot_kernel_mosaics(panels, out / "first_layer_kernels.png")
+    return "first_layer_kernels.png"
+
+
+def _activation_change(results: Dict[str, Any], out: Path) -> Optional[str]:
+    """Fig. A4: the normalised activation change under attack, per conv layer in forward order."""
+    import matplotlib.pyplot as plt
+
+    change = (results.get("diagnostics") or {}).get("activation_change")
+    if not change:
+        return None
+    names = list(change["layers"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 4))
+    ax.plot(range(len(names)), list(change["layers"].values()), marker="o")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    title = f"Activation change ({change['attack']}, eps={change['eps']:g})"
+    ax.set(xlabel="conv layer (forward order)", ylabel="||f(x_adv) - f(x)|| / ||f(x)||", title=title)
+    return _save(fig, out / "activation_change.png")
+
+
+def _plots(results: Dict[str, Any], out: Path, mosaics: List[Any]) -> List[str]:
+    """Every plot the results call for; the names of the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    rows = [r for r in results["results"] if r["attack"] != "clean"]
-    if len({r["eps"] for r in rows}) > 1:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for attack in dict.fromkeys(r["attack"] for r in rows):
-            pts = sorted(
-                (r["eps"], 100 * r["accuracy"]["mean"], 100 * r["accuracy"]["std"])
-                for r in rows
-                if r["attack"] == attack
-            )
-            ax.errorbar(
-                [p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", label=attack, capsize=3
-            )
-        ax.set(
-            xlabel=f"eps ({rows[0]['norm']})",
-            ylabel="robust accuracy (%)",
-            ylim=(0, 100),
-            title="Robust accuracy vs eps",
-        )
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "accuracy_vs_eps.png", dpi=120)
-        plt.close(fig)
-        written.append("accuracy_vs_eps.png")
-    if "certification" in results:
-        c = results["certification"]
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(c["radii"], [100 * a for a in c["certified_accuracy"]], marker=".")
-        ax.set(
-            xlabel="L2 radius",
-            ylabel="certified accuracy (%)",
-            ylim=(0, 100),
-            title=f"Randomized smoothing, sigma={c['sigma']}",
-        )
-        fig.tight_layout()
-        fig.savefig(out / "certified_accuracy.png", dpi=120)
-        plt.close(fig)
-        written.append("certified_accuracy.png")
-    if "_mosaic" in results:
-        from .figures import plot_kernel_mosaics
-
-        def short(path: Any) -> str:  # run folder + file name: what tells two checkpoints apart
-            return "/".join(Path(str(path)).parts[-2:]) if path else "model"
-
-        d = results["diagnostics"]
-        panels = [
-            (
-                f"{short((results.get('model') or {}).get('checkpoint'))}\n{d['first_conv']}, grid {d['grid']}, "
-                f"topography {d['topography']['score']:.3f}",
-                results["_mosaic"],
-            )
-        ]
-        if "_reference_mosaic" in results:
-            ref = d["reference"]
-            panels.append(
-                (
-                    f"reference {short(ref['checkpoint'])}\n{ref['first_conv']}, grid {ref['grid']}, "
-                    f"topography {ref['topography']['score']:.3f}",
-                    results["_reference_mosaic"],
-                )
-            )
-        plot_kernel_mosaics(panels, out / "first_layer_kernels.png")
-        written.append("first_layer_kernels.png")
-    change = (results.get("diagnostics") or {}).get("activation_change")
-    if change:
-        names = list(change["layers"])
-        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 4))
-        ax.plot(range(len(names)), list(change["layers"].values()), marker="o")
-        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-        ax.set(
-            xlabel="conv layer (forward order)",
-            ylabel="||f(x_adv) - f(x)|| / ||f(x)||",
-            title=f"Activation change ({change['attack']}, eps={change['eps']:g})",
-        )
-        fig.tight_layout()
-        fig.savefig(out / "activation_change.png", dpi=120)
-        plt.close(fig)
-        written.append("activation_change.png")
-    return written
+    written = [
+        _accuracy_vs_eps(results, out),
+        _certified_accuracy(results, out),
+        _kernels(results, out, mosaics),
+        _activation_change(results, out),
+    ]
+    return [name for name in written if name]
 
 
-def write_report(results: Dict[str, Any], out: Path) -> None:
-    """Write results.json, results.md and the plots into ``out``."""
+def write_report(results: Dict[str, Any], out: Path, mosaics: Sequence[torch.Tensor] = ()) -> None:
+    """Write results.json, results.md and the plots into ``out``; ``mosaics``: the first-layer kernel mosaics of
+    the diagnostics section (this model's, then the reference model's)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results["plots"] = _plots(results, out)
-    public = {k: v for k, v in results.items() if not k.startswith("_")}
+    results["plots"] = _plots(results, out, list(mosaics))
+    public = results
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(public, indent=2))
     tmp.replace(out / "results.json")

@@ -271,10 +271,10 @@ def convert(
     return apply_plan(found.model, plan)
 
 
-def replay(model: nn.Module, config: KapConfig) -> nn.Module:
-    """A converted copy of ``model`` as ``config`` records it, from its stored plan, without tracing (what
-    :func:`kapify.load` does): the widths re-applied, each recorded conv planned again and the plan applied. The
-    copy's record holds the layers as planned now, so a caller can compare them with ``config.layers``."""
+def replay(model: nn.Module, config: KapConfig, inplace: bool = False) -> nn.Module:
+    """A converted copy of ``model`` (``model`` itself with ``inplace``) as ``config`` records it, from its stored
+    plan, without tracing (what :func:`kapify.load` does): the widths re-applied, each recorded conv planned again
+    and the plan applied. The record it gets holds the layers as planned now, to compare with ``config.layers``."""
     if config.plan is None:
         raise ValueError(f"this record (version {config.version}) has no stored plan; convert the model again")
     options = ConvertOptions.checked(
@@ -283,7 +283,10 @@ def replay(model: nn.Module, config: KapConfig) -> nn.Module:
         blend=config.blend, arrange=config.arrange,
     )  # fmt: skip
     widths = config.plan.get("widths")
-    new = replay_widths(model, widths) if widths is not None else copy.deepcopy(model)
+    if widths is not None:
+        new = replay_widths(model, widths, inplace)
+    else:
+        new = model if inplace else copy.deepcopy(model)
     layers = plan_layers(new, {r.name: r.route for r in config.layers}, options)
     for layer, stored in zip(layers, config.layers):
         layer.record.neighbour_similarity = stored.neighbour_similarity

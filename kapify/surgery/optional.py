@@ -11,6 +11,8 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Tuple, TypeVar
 
+from ..versions import versions
+
 __all__ = ["Skipped", "diagnostics", "optional_imports", "register_present", "skipped_rules", "warn_skipped_once"]
 
 
@@ -53,24 +55,15 @@ def skipped_rules() -> List[Skipped]:
     return list(_SKIPPED)
 
 
-def _versions() -> Dict[str, Any]:
-    found: Dict[str, Any] = {}
-    for package in ("torch", "torchvision", "timm"):
-        try:
-            found[package] = importlib.import_module(package).__version__
-        except ImportError:
-            found[package] = None
-    return found
-
-
 def warn_skipped_once() -> None:
     """Warn, once per process, if any rule was left out (called by ``kapify.convert``)."""
     if _SKIPPED and not _warned[0]:
         _warned[0] = True
-        versions = ", ".join(f"{k} {v}" for k, v in _versions().items())
+        found = versions()
+        libraries = ", ".join(f"{k} {found[k]}" for k in ("torch", "torchvision", "timm"))
         missing = "; ".join(f"{s.path} ({s.used_for})" for s in _SKIPPED)
         warnings.warn(
-            f"kapify: {len(_SKIPPED)} rule(s) left out because {versions} lacks their class: {missing}. Models "
+            f"kapify: {len(_SKIPPED)} rule(s) left out because {libraries} lacks their class: {missing}. Models "
             f"built from those blocks may keep rectangular grids or fail to re-widen; kapify.diagnostics() lists them",
             RuntimeWarning,
             stacklevel=3,
@@ -89,7 +82,7 @@ def diagnostics() -> Dict[str, Any]:
     from ..layers.fast_noise import fast_noise_available
 
     return {
-        "versions": _versions(),
+        "versions": versions(),
         "skipped_rules": [s.to_dict() for s in _SKIPPED],
         "fast_cpu_noise": fast_noise_available(),
     }

@@ -138,7 +138,7 @@ def widen(
     convs = [n for n in graph.conv_outputs() if is_conv(new.get_submodule(n))]
     plan = plan_widths(graph, fn, function_preserving, widen_normalised, convs)
     apply_layout(new, graph, plan.widths, plan.index, function_preserving)
-    _sync_head_width(model, new)
+    _sync_head_width(new, _reads(model.get_classifier()) if hasattr(model, "get_classifier") else None)
     x = example_input if example_input is not None else default_input(new)
     entries = _feature_modules(new)
     shapes, output = _check_forward(new, x, [e["module"] for e in entries])
@@ -170,9 +170,11 @@ def width_record(widened: Widened) -> Dict[str, Any]:
     }
 
 
-def replay_widths(model: nn.Module, record: Dict[str, Any]) -> nn.Module:
-    """A copy of ``model`` re-widened as :func:`width_record` recorded it (no tracing, no forward run)."""
-    new = copy.deepcopy(model)
+def replay_widths(model: nn.Module, record: Dict[str, Any], inplace: bool = False) -> nn.Module:
+    """A copy of ``model`` (``model`` itself with ``inplace``) re-widened as :func:`width_record` recorded it (no
+    tracing, no forward run)."""
+    old_classifier = _reads(model.get_classifier()) if hasattr(model, "get_classifier") else None
+    new = model if inplace else copy.deepcopy(model)
     graph = ChannelGraph(
         groups=[ChannelGroup(i, width) for i, width in enumerate(record["old"])],
         inputs={name: tuple(layout) for name, layout in record["inputs"].items()},
@@ -185,7 +187,7 @@ def replay_widths(model: nn.Module, record: Dict[str, Any]) -> nn.Module:
     index = {g: torch.arange(width) for g, width in enumerate(record["old"])}
     index.update({int(g): torch.tensor(idx) for g, idx in record["index"].items()})
     apply_layout(new, graph, dict(enumerate(record["new"])), index, zero_new_inputs=True)
-    _sync_head_width(model, new)
+    _sync_head_width(new, old_classifier)
     for entry, channels in zip(_feature_modules(new), record["feature_info"]):
         entry["num_chs"] = channels
     return new
@@ -304,12 +306,13 @@ def _reads(classifier: nn.Module) -> Optional[int]:
     return getattr(classifier, "in_channels", None) if isinstance(classifier, nn.modules.conv._ConvNd) else None
 
 
-def _sync_head_width(old: nn.Module, new: nn.Module) -> None:
+def _sync_head_width(new: nn.Module, before: Optional[int]) -> None:
     """timm models remember their feature width (``num_features``, ``head_hidden_size``) for
-    ``reset_classifier`` and ``forward_head``: keep it equal to what the classifier now reads."""
+    ``reset_classifier`` and ``forward_head``: keep it equal to what the classifier now reads (``before``: what it
+    read before re-widening)."""
     if not hasattr(new, "get_classifier") or not hasattr(new, "num_features"):
         return
-    before, after = _reads(old.get_classifier()), _reads(new.get_classifier())
+    after = _reads(new.get_classifier())
     if before is not None and after is not None and before != after:
         for attr in ("num_features", "head_hidden_size", "embed_dim"):  # ViTs rebuild their head from embed_dim
             if getattr(new, attr, None) == before:

@@ -13,6 +13,7 @@ import math
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from .. import serialization
 from ..attacks import pgd
 from ..data import build_dataset, build_loader, dataset_info
+from ..data.datasets import DatasetInfo
 from ..data.loader import default_transform
 from ..data.tensor_loader import TensorLoader, tensor_arrays
 from ..distributed import DistEnv, all_reduce_sum, init_distributed, shutdown_distributed
@@ -36,9 +38,9 @@ from .compiling import compile_model, resolve_compile
 from .config import TrainConfig, parse_args
 from .model import build_model
 from .objectives import OBJECTIVES
-from .precision import resolve_precision
+from .precision import Precision, resolve_precision
 
-__all__ = ["train", "main"]
+__all__ = ["Run", "finish", "main", "save_checkpoint", "start", "train", "train_one_epoch", "validate"]
 
 Loader = Union[DataLoader, TensorLoader]
 
@@ -191,26 +193,60 @@ def _diverged(loss: float, step: int, run_dir: Path) -> str:
     )
 
 
-def train(cfg: TrainConfig) -> Dict[str, Any]:
-    """Train the model ``cfg`` describes and return the final metrics (also in ``<run>/metrics.json``)."""
-    _check(cfg)
-    env, device = init_distributed(cfg.device)
-    info = dataset_info(cfg.dataset)
-    run_dir = Path(cfg.output) / (cfg.experiment or cfg.run_name())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _seed_all(cfg.seed)
-    model = build_model(cfg, info).to(device)
-    train_loader, val_loader, test_loader, loader_kind = _datasets(cfg, env, device)
-    precision = resolve_precision(cfg.amp, cfg.channels_last, device)
+@dataclass
+class Run:
+    """One training run: what :func:`start` builds and the position :func:`train_one_epoch` advances (timm's
+    train.py shape: set-up, train one epoch, validate, checkpoint, finish)."""
 
+    cfg: TrainConfig
+    env: DistEnv
+    device: torch.device
+    info: DatasetInfo
+    run_dir: Path
+    model: nn.Module  # the model itself: state_dict, EMA, saving
+    train_model: nn.Module  # what the training forward runs (DDP and/or compiled around ``model``)
+    optimizer: Any
+    scheduler: Any
+    ema: Optional[nn.Module]
+    scaler: Optional[torch.amp.GradScaler]
+    precision: Precision
+    loaders: Tuple[Loader, Optional[Loader], Loader, str]  # train, validation, test, loader kind
+    compile_mode: Optional[str] = None
+    epoch: int = 0  # where the run stands: the epoch and batch to start from, updates so far
+    skip: int = 0
+    step: int = 0
+    best: float = -1.0
+    pending_rng: Optional[Dict[str, Any]] = None  # a resumed run's RNG state, restored with its first batch
+    train_time: float = 0.0
+    first_update_s: Optional[float] = None
+    stopped: bool = False  # max_steps reached before the last epoch ended
+    warmup_steps: int = 0  # updates of the KAP warm-start (blend 0 -> 1), from the full epoch's length
+
+    def blend_at(self, update: int) -> float:
+        """KAP warm-start: a function of the update count, so a resumed run continues it exactly."""
+        return min(1.0, update / self.warmup_steps)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    @property
+    def extra(self) -> Dict[str, Any]:
+        """What every saved model records about the run."""
+        return {"args": dataclasses.asdict(self.cfg), "dataset": dataclasses.asdict(self.info)}
+
+    def say(self, message: str) -> None:
+        if self.env.is_main:
+            print(message, file=sys.stderr)
+
+
+def _optimizer_and_scheduler(cfg: TrainConfig, model: nn.Module, updates_per_epoch: int) -> Tuple[Any, Any]:
     import timm.optim
     import timm.scheduler
-    from timm.utils import ModelEmaV3
 
     optimizer = timm.optim.create_optimizer_v2(
         model, cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
     )
-    updates_per_epoch = len(train_loader)
     scheduler, _ = timm.scheduler.create_scheduler_v2(
         optimizer,
         cfg.sched,
@@ -223,226 +259,256 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         step_on_epochs=not cfg.sched_on_updates,
         updates_per_epoch=updates_per_epoch,
     )
-    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
-    amp_dtype, channels_last = precision.dtype, precision.channels_last
-    scaler = torch.amp.GradScaler(device.type) if precision.grad_scaler else None
+    return optimizer, scheduler
 
-    start_epoch, skip, step, best, pending_rng, train_time = 0, 0, 0, -1.0, None, 0.0
-    first_update_s: Optional[float] = None
-    resume_path = run_dir / "last.pth" if cfg.resume == "auto" else (None if cfg.resume == "none" else Path(cfg.resume))
-    state = load_state(resume_path) if resume_path is not None else None
+
+def start(cfg: TrainConfig) -> Run:
+    """Check the options, build model, data, optimizer, scheduler and EMA, resume from ``last.pth`` if there is one,
+    and wrap the model for training (channels_last, SyncBN, DDP, compile)."""
+    from timm.utils import ModelEmaV3
+
+    _check(cfg)
+    env, device = init_distributed(cfg.device)
+    info = dataset_info(cfg.dataset)
+    run_dir = Path(cfg.output) / (cfg.experiment or cfg.run_name())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _seed_all(cfg.seed)
+    model = build_model(cfg, info).to(device)
+    loaders = _datasets(cfg, env, device)
+    precision = resolve_precision(cfg.amp, cfg.channels_last, device)
+    optimizer, scheduler = _optimizer_and_scheduler(cfg, model, len(loaders[0]))
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+    scaler = torch.amp.GradScaler(device.type) if precision.grad_scaler else None
+    run = Run(cfg, env, device, info, run_dir, model, model, optimizer, scheduler, ema, scaler, precision, loaders)
+    if cfg.pool == "avg":  # before a resumed run skips batches: len() of the loader is then what is left
+        run.warmup_steps = round(cfg.kap_warmup_epochs * len(loaders[0]))
+    _resume(run)
+    run.compile_mode = resolve_compile(cfg.compile, device, cfg.objective)
+    run.say(
+        f"training in {precision.describe()} on {device}, {loaders[3]} data loader, "
+        f"{'compiled (' + run.compile_mode + ')' if run.compile_mode else 'eager'}"
+    )
+    if precision.channels_last:
+        run.model = run.model.to(memory_format=torch.channels_last)
+    if env.distributed and cfg.sync_bn:
+        run.model = nn.SyncBatchNorm.convert_sync_batchnorm(run.model)
+    run.train_model = run.model
+    if env.distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        run.train_model = DistributedDataParallel(run.train_model, device_ids=ids)
+    run.train_model = compile_model(run.train_model, run.compile_mode)
+    return run
+
+
+def _resume(run: Run) -> None:
+    """Load ``--resume`` (``last.pth`` of the run folder by default) into the run, refusing another run's file."""
+    cfg = run.cfg
+    path = run.run_dir / "last.pth" if cfg.resume == "auto" else (None if cfg.resume == "none" else Path(cfg.resume))
+    state = load_state(path) if path is not None else None
     if cfg.resume not in ("auto", "none") and state is None:
         raise FileNotFoundError(f"--resume {cfg.resume}: no such checkpoint")
-    if state is not None:
-        for key in ("model", "model_kwargs", "dataset", "pool", "kap_k", "grid", "width_mult", "objective", "seed"):
-            if state["config"].get(key) != getattr(cfg, key):
-                raise ValueError(
-                    f"{resume_path} belongs to a run with {key}={state['config'].get(key)!r}, not "
-                    f"{getattr(cfg, key)!r}; "
-                    f"use another --experiment, or --resume none to start over"
-                )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        if scaler is not None and state.get("scaler") is not None:
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, skip, step, best, pending_rng = (
-            state["epoch"],
-            state["batch"],
-            state["step"],
-            state["best"],
-            state["rng"],
-        )
-        train_time = state.get("train_time", 0.0)
-        if env.is_main:
-            print(f"resuming {run_dir} at epoch {start_epoch}, batch {skip} (update {step})", file=sys.stderr)
-
-    compile_mode = resolve_compile(cfg.compile, device, cfg.objective)
-    cuda_graphs = compile_mode in ("reduce-overhead", "max-autotune")
-    if env.is_main:
-        print(
-            f"training in {precision.describe()} on {device}, {loader_kind} data loader, "
-            f"{'compiled (' + compile_mode + ')' if compile_mode else 'eager'}",
-            file=sys.stderr,
-        )
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if env.distributed and cfg.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    train_model: nn.Module = model
-    if env.distributed:
-        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    train_model = compile_model(train_model, compile_mode)
-    objective = OBJECTIVES[cfg.objective]
-    warmup_steps = round(cfg.kap_warmup_epochs * updates_per_epoch) if cfg.pool == "avg" else 0
-
-    def blend_at(
-        update: int,
-    ) -> float:  # KAP warm-start: a function of the update count, so a resumed run continues it exactly
-        return min(1.0, update / warmup_steps)
-
-    log = _CsvLog(run_dir / "log.csv", env.is_main)
-
-    def checkpoint(epoch: int, batch: int, loss_total: float) -> None:
-        """Save last.pth, unless the loss went non-finite since the last save: then that one is kept."""
-        if not math.isfinite(loss_total):
-            raise FloatingPointError(_diverged(loss_total, step, run_dir))
-        if env.is_main:
-            save_state(
-                run_dir / "last.pth",
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "scaler": scaler.state_dict() if scaler else None,
-                    "epoch": epoch,
-                    "batch": batch,
-                    "step": step,
-                    "best": best,
-                    "rng": rng_state(),
-                    "train_time": train_time,
-                    "config": dataclasses.asdict(cfg),
-                },
+    if state is None:
+        return
+    for key in ("model", "model_kwargs", "dataset", "pool", "kap_k", "grid", "width_mult", "objective", "seed"):
+        if state["config"].get(key) != getattr(cfg, key):
+            raise ValueError(
+                f"{path} belongs to a run with {key}={state['config'].get(key)!r}, not {getattr(cfg, key)!r}; "
+                f"use another --experiment, or --resume none to start over"
             )
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.ema is not None and state.get("ema") is not None:
+        run.ema.load_state_dict(state["ema"])
+    if run.scaler is not None and state.get("scaler") is not None:
+        run.scaler.load_state_dict(state["scaler"])
+    run.epoch, run.skip, run.step, run.best = state["epoch"], state["batch"], state["step"], state["best"]
+    run.pending_rng, run.train_time = state["rng"], state.get("train_time", 0.0)
+    run.say(f"resuming {run.run_dir} at epoch {run.epoch}, batch {run.skip} (update {run.step})")
 
-    extra = {"args": dataclasses.asdict(cfg), "dataset": dataclasses.asdict(info)}
-    stopped = False
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        batches = _batches(train_loader, epoch, skip, pending_rng)
-        pending_rng, first, remaining = None, skip, len(train_loader)
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        correct = torch.zeros((), device=device, dtype=torch.float64)
-        seen = 0
-        t0 = time.perf_counter()
-        bar = tqdm(
-            batches,
-            total=remaining,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=not env.is_main,
-            dynamic_ncols=True,
-            mininterval=1.0,
+
+def save_checkpoint(run: Run, epoch: int, batch: int, loss_total: float) -> None:
+    """Save ``last.pth`` (the position: ``epoch``, ``batch``), unless the loss went non-finite since the last save:
+    then that one is kept and the run stops with an error naming the update."""
+    if not math.isfinite(loss_total):
+        raise FloatingPointError(_diverged(loss_total, run.step, run.run_dir))
+    if run.env.is_main:
+        save_state(
+            run.run_dir / "last.pth",
+            {
+                "model": run.model.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(),
+                "ema": run.ema.state_dict() if run.ema is not None else None,
+                "scaler": run.scaler.state_dict() if run.scaler else None,
+                "epoch": epoch,
+                "batch": batch,
+                "step": run.step,
+                "best": run.best,
+                "rng": rng_state(),
+                "train_time": run.train_time,
+                "config": dataclasses.asdict(run.cfg),
+            },
         )
-        for batch_index, (x, y) in enumerate(bar, start=first):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if channels_last:
-                x = x.to(memory_format=torch.channels_last)
-            if warmup_steps:
-                set_blend(model, blend_at(step))
-            if cuda_graphs:  # a new iteration: the graphs may overwrite the previous step's outputs
-                torch.compiler.cudagraph_mark_step_begin()
-            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
-                loss, logits = objective(train_model, x, y, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            step += 1
-            if first_update_s is None:  # this process's first update: compilation (if any) included
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                first_update_s = time.perf_counter() - t0
-            if ema is not None:
-                ema.update(model, step=step)
-            if cfg.sched_on_updates:
-                scheduler.step_update(num_updates=step)
-            loss_sum += loss.detach() * y.numel()
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += y.numel()
-            if step % max(cfg.log_every, 1) == 0 or batch_index + 1 == first + remaining:
-                mean_loss = loss_sum.item() / seen  # one device sync per log interval, not per update
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(_diverged(mean_loss, step, run_dir))
-                bar.set_postfix(
-                    loss=f"{mean_loss:.3f}",
-                    acc=f"{correct.item() / seen:.3f}",
-                    lr=f"{optimizer.param_groups[0]['lr']:.3g}",
-                )
-            if cfg.max_steps is not None and step >= cfg.max_steps:
-                stopped = batch_index + 1 < first + remaining
-                if stopped:
-                    checkpoint(epoch, batch_index + 1, loss_sum.item())
-                break
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                checkpoint(epoch, batch_index + 1, loss_sum.item())
-        bar.close()
-        skip = 0
-        if stopped:
-            break
-        if not cfg.sched_on_updates:
-            scheduler.step(epoch + 1)
-        elapsed = time.perf_counter() - t0
-        train_time += elapsed
-        loss_sum, correct, seen = all_reduce_sum([loss_sum.item(), correct.item(), float(seen)], device)
-        eval_model = ema.module if ema is not None else model
-        row: Dict[str, Any] = {
-            "epoch": epoch + 1,
-            "step": step,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": loss_sum / max(seen, 1),
-            "train_acc": correct / max(seen, 1),
-            "epoch_time_s": elapsed,
-            "images_per_s": seen / max(elapsed, 1e-9),
-            "precision": precision.name,
-            "memory_format": precision.memory_format,
-            "kap_blend": blend_at(step) if warmup_steps else "",
-        }
-        if val_loader is not None:
-            row["val_acc"] = _accuracy(eval_model, val_loader, device, cfg, attack=False)
-            if cfg.val_attack_steps > 0:
-                row["val_robust_acc"] = _accuracy(eval_model, val_loader, device, cfg, attack=True)
-        log.write(row)
-        if env.is_main:
-            print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}), file=sys.stderr)
-        score = row.get("val_robust_acc", -1.0) if cfg.early_stop else float(epoch)
-        if score > best:
-            best = score
-            if env.is_main and cfg.early_stop:
-                serialization.save(eval_model, run_dir / "best.safetensors", extra={**extra, "epoch": epoch + 1, **row})
-        checkpoint(epoch + 1, 0, loss_sum)
-        if cfg.max_steps is not None and step >= cfg.max_steps:
-            stopped = epoch + 1 < cfg.epochs
-            break
 
-    metrics: Dict[str, Any] = {
-        "run_dir": str(run_dir),
-        "steps": step,
-        "finished": not stopped,
-        "precision": precision.describe(),
-        "loader": loader_kind,
-        "train_time_s": train_time,
-        "compile": compile_mode or "off",
-        "first_update_s": first_update_s,
+
+def _update(run: Run, x: torch.Tensor, y: torch.Tensor, t0: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on the batch (x, y): the loss and logits."""
+    cfg, device, amp_dtype = run.cfg, run.device, run.precision.dtype
+    if run.warmup_steps:
+        set_blend(run.model, run.blend_at(run.step))
+    if run.compile_mode in ("reduce-overhead", "max-autotune"):  # CUDA graphs may overwrite the last step's outputs
+        torch.compiler.cudagraph_mark_step_begin()
+    with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+        loss, logits = OBJECTIVES[cfg.objective](run.train_model, x, y, cfg)
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+        run.scaler.unscale_(run.optimizer)
+    else:
+        loss.backward()
+    if cfg.grad_clip:
+        nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.step += 1
+    if run.first_update_s is None:  # this process's first update: compilation (if any) included
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        run.first_update_s = time.perf_counter() - t0
+    if run.ema is not None:
+        run.ema.update(run.model, step=run.step)
+    if cfg.sched_on_updates:
+        run.scheduler.step_update(num_updates=run.step)
+    return loss, logits
+
+
+def train_one_epoch(run: Run, epoch: int) -> Dict[str, Any]:
+    """Train epoch ``epoch`` from the run's position; its loss, accuracy, images and time (this process). Sets
+    ``run.stopped`` when ``max_steps`` ends it early (``last.pth`` then holds the position)."""
+    cfg, device = run.cfg, run.device
+    run.model.train()
+    train_loader = run.loaders[0]
+    batches = _batches(train_loader, epoch, run.skip, run.pending_rng)
+    run.pending_rng, first, remaining = None, run.skip, len(train_loader)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.float64)
+    seen, t0 = 0, time.perf_counter()
+    bar = tqdm(batches, total=remaining, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not run.env.is_main,
+               dynamic_ncols=True, mininterval=1.0)  # fmt: skip
+    for batch_index, (x, y) in enumerate(bar, start=first):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if run.precision.channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        loss, logits = _update(run, x, y, t0)
+        loss_sum += loss.detach() * y.numel()
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += y.numel()
+        if run.step % max(cfg.log_every, 1) == 0 or batch_index + 1 == first + remaining:
+            mean_loss = loss_sum.item() / seen  # one device sync per log interval, not per update
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(_diverged(mean_loss, run.step, run.run_dir))
+            lr = run.optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{correct.item() / seen:.3f}", lr=f"{lr:.3g}")
+        if cfg.max_steps is not None and run.step >= cfg.max_steps:
+            run.stopped = batch_index + 1 < first + remaining
+            if run.stopped:
+                save_checkpoint(run, epoch, batch_index + 1, loss_sum.item())
+            break
+        if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
+            save_checkpoint(run, epoch, batch_index + 1, loss_sum.item())
+    bar.close()
+    run.skip = 0
+    return {"loss_sum": loss_sum.item(), "correct": correct.item(), "seen": seen, "time": time.perf_counter() - t0}
+
+
+def validate(run: Run, epoch: int, stats: Dict[str, Any]) -> Tuple[Dict[str, Any], float]:
+    """After epoch ``epoch``: the log row (training numbers summed over processes, validation accuracy, robust
+    too when asked), written to ``log.csv``; the best model so far saved for early stopping. Returns the row and
+    the epoch's loss summed over processes (one value on every process: all stop together if it is not finite)."""
+    cfg, device = run.cfg, run.device
+    run.train_time += stats["time"]
+    loss_sum, correct, seen = all_reduce_sum([stats["loss_sum"], stats["correct"], float(stats["seen"])], device)
+    row: Dict[str, Any] = {
+        "epoch": epoch + 1,
+        "step": run.step,
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "train_loss": loss_sum / max(seen, 1),
+        "train_acc": correct / max(seen, 1),
+        "epoch_time_s": stats["time"],
+        "images_per_s": seen / max(stats["time"], 1e-9),
+        "precision": run.precision.name,
+        "memory_format": run.precision.memory_format,
+        "kap_blend": run.blend_at(run.step) if run.warmup_steps else "",
     }
-    if stopped:
-        if env.is_main:
-            print(f"stopped after {step} updates (max_steps); rerun the same command to resume", file=sys.stderr)
+    val_loader = run.loaders[1]
+    if val_loader is not None:
+        row["val_acc"] = _accuracy(run.eval_model, val_loader, device, cfg, attack=False)
+        if cfg.val_attack_steps > 0:
+            row["val_robust_acc"] = _accuracy(run.eval_model, val_loader, device, cfg, attack=True)
+    _CsvLog(run.run_dir / "log.csv", run.env.is_main).write(row)
+    run.say(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}))
+    score = row.get("val_robust_acc", -1.0) if cfg.early_stop else float(epoch)
+    if score > run.best:
+        run.best = score
+        if run.env.is_main and cfg.early_stop:
+            extra = {**run.extra, "epoch": epoch + 1, **row}
+            serialization.save(run.eval_model, run.run_dir / "best.safetensors", extra=extra)
+    return row, loss_sum
+
+
+def finish(run: Run) -> Dict[str, Any]:
+    """The run's metrics; for a finished run also test accuracy (of the early-stopping epoch's model, if any),
+    ``model.safetensors`` and ``metrics.json``."""
+    cfg, device, test_loader = run.cfg, run.device, run.loaders[2]
+    metrics: Dict[str, Any] = {
+        "run_dir": str(run.run_dir),
+        "steps": run.step,
+        "finished": not run.stopped,
+        "precision": run.precision.describe(),
+        "loader": run.loaders[3],
+        "train_time_s": run.train_time,
+        "compile": run.compile_mode or "off",
+        "first_update_s": run.first_update_s,
+    }
+    if run.stopped:
+        run.say(f"stopped after {run.step} updates (max_steps); rerun the same command to resume")
         return metrics
-    final = ema.module if ema is not None else model
-    if env.distributed:
+    final = run.eval_model
+    if run.env.distributed:
         torch.distributed.barrier()  # best.safetensors is written by rank 0
-    if cfg.early_stop and (run_dir / "best.safetensors").is_file():
-        final = serialization.load(run_dir / "best.safetensors", device=device)
-        metrics["early_stop_epoch"] = serialization.load_extra(run_dir / "best.safetensors").get("epoch")
+    best = run.run_dir / "best.safetensors"
+    if cfg.early_stop and best.is_file():
+        final = serialization.load(best, device=device)
+        metrics["early_stop_epoch"] = serialization.load_extra(best).get("epoch")
     metrics["test_acc"] = _accuracy(final, test_loader, device, cfg, attack=False)
     metrics["test_images"] = len(test_loader.dataset)
-    if env.is_main:
-        serialization.save(final, run_dir / "model.safetensors", extra={**extra, "metrics": metrics})
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        print(json.dumps(metrics), file=sys.stderr)
+    if run.env.is_main:
+        serialization.save(final, run.run_dir / "model.safetensors", extra={**run.extra, "metrics": metrics})
+        (run.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    run.say(json.dumps(metrics))
     return metrics
+
+
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    """Train the model ``cfg`` describes and return the final metrics (also in ``<run>/metrics.json``)."""
+    run = start(cfg)
+    _CsvLog(run.run_dir / "log.csv", run.env.is_main)  # the header, before the first epoch
+    for epoch in range(run.epoch, cfg.epochs):
+        stats = train_one_epoch(run, epoch)
+        if run.stopped:
+            break
+        if not cfg.sched_on_updates:
+            run.scheduler.step(epoch + 1)
+        _, loss_total = validate(run, epoch, stats)
+        save_checkpoint(run, epoch + 1, 0, loss_total)
+        if cfg.max_steps is not None and run.step >= cfg.max_steps:
+            run.stopped = epoch + 1 < cfg.epochs
+            break
+    return finish(run)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
