@@ -16,8 +16,8 @@ Two schedules (``--schedule``):
 
     python benchmarks/gpu_table1.py --out runs/gpu_table1 --data-dir .data        # fast: about 9 min on one H200
     python benchmarks/gpu_table1.py --out /tmp/smoke --data-dir ../shared/data --smoke # any device, ~1 min on a CPU
-    python benchmarks/gpu_table1.py --schedule paper --out /tmp/t1 --data-dir .data --stages train --models kap_s0.1
-    --export $OUT
+    python benchmarks/gpu_table1.py --schedule paper --out /tmp/t1 --data-dir .data --stages train \
+        --models kap_s0.1 --export $OUT
 
 Every step saves DIR/results.json and DIR/results.md before the next starts, so rerunning the same
 command resumes (training from its last.pth, attacks from their batch cache). Across GPU sessions,

@@ -16,7 +16,7 @@ def versions() -> Dict[str, Optional[str]]:
 
     Example:
         >>> sorted(versions())
-        ['kapify', 'python', 'pyautoattack', 'timm', 'torch', 'torchvision']
+        ['kapify', 'pyautoattack', 'python', 'timm', 'torch', 'torchvision']
     """
     from . import __version__
 

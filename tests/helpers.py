@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import socket
+from pathlib import Path
 
 import timm
 import torch
@@ -10,6 +10,8 @@ import torchvision
 from torch import nn
 
 from kapify.surgery.conv_types import is_conv
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 
 def state_snapshot(model: torch.nn.Module) -> dict:
@@ -92,10 +94,3 @@ def build(library: str, name: str) -> nn.Module:
     if library == "timm":
         return timm.create_model(name, pretrained=False, num_classes=10)
     return torchvision.models.get_model(name, weights=None, num_classes=10)
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on, for torchrun's rendezvous in tests."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

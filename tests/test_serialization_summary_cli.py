@@ -100,6 +100,39 @@ def test_every_torchvision_classifier_saves_and_loads_with_default_arguments(tmp
     assert_round_trip(kap, tmp_path, x)
 
 
+def _timm_coverage_by_module() -> list:
+    """One model per timm module of the coverage list (``results/coverage/square.jsonl``): the quickest to convert."""
+    import timm
+
+    from tests.helpers import ROOT
+
+    rows = [json.loads(line) for line in (ROOT / "results" / "coverage" / "square.jsonl").read_text().splitlines()]
+    seconds = {r["model"]: r["seconds"] for r in rows if r["status"] == "converted" and "/" not in r["model"]}
+    picks = []
+    for module in timm.list_modules():
+        names = [n for n in timm.list_models(module=module) if n in seconds]
+        if names:
+            picks.append(min(names, key=lambda n: (seconds[n], n)))
+    return sorted(picks)
+
+
+TIMM_BY_MODULE = _timm_coverage_by_module()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TIMM_BY_MODULE)
+def test_a_model_of_every_timm_module_in_the_coverage_list_saves_and_loads(tmp_path, name):
+    import timm
+
+    from kapify.surgery.tracing import example_input
+
+    plain = timm.create_model(name, pretrained=False).eval()  # default arguments, as the coverage run
+    x = example_input(plain)
+    kap = kapify.convert(plain, example_input=x).eval()
+    del plain
+    assert_round_trip(kap, tmp_path, x)
+
+
 def test_tied_weights_save_once_and_load_into_both_names(tmp_path):
     class Tied(torch.nn.Module):
         def __init__(self):

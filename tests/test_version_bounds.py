@@ -1,9 +1,8 @@
 """The lowest supported versions are declared once in pyproject.toml and installed as such by CI."""
 
 import re
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 def test_ci_installs_exactly_pyprojects_lower_bounds():

@@ -4,8 +4,8 @@ tensors in [0, 1] (models normalise inside themselves, so noise and attacks live
 Where each dataset is looked for (``root`` = the data dir):
 
 - ``cifar10``: ``root/cifar-10-batches-py`` (torchvision), else the JPEG copy
-``root/[cifar10-jpeg/]{train,test}.tar.gz``
-  (read straight from the archive) or its extracted ``{train,test}/<class>/*.jpg``, else downloaded by torchvision.
+  ``root/[cifar10-jpeg/]{train,test}.tar.gz`` (read straight from the archive) or its extracted
+  ``{train,test}/<class>/*.jpg``, else downloaded by torchvision.
   Decoded CIFAR images are cached as uint8 tensors (:mod:`kapify.data.cache`).
 - ``cifar100``: ``root/cifar-100-python`` (torchvision), else downloaded.
 - ``tinyimagenet``: ``root/tiny-imagenet-200/{train,val}`` (val read from ``val_annotations.txt``).

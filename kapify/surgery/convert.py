@@ -290,5 +290,7 @@ def replay(model: nn.Module, config: KapConfig, inplace: bool = False) -> nn.Mod
     layers = plan_layers(new, {r.name: r.route for r in config.layers}, options)
     for layer, stored in zip(layers, config.layers):
         layer.record.neighbour_similarity = stored.neighbour_similarity
-    record = dataclasses.replace(copy.deepcopy(config), layers=[layer.record for layer in layers])
+    record = dataclasses.replace(  # the model is built unfolded; load folds it after
+        copy.deepcopy(config), layers=[layer.record for layer in layers], folded=False
+    )
     return apply_plan(new, ConversionPlan(options, layers, config.plan.get("entry"), record))

@@ -232,14 +232,12 @@ def apply_layout(
             size, idx = layout_map(graph.outputs[name])
             kwargs.update(new_out=size, out_index=idx)
         resize_layer(module, **kwargs)
-    for path, (dim, layout) in graph.parameters.items():
+    for path, (dim, layout) in graph.parameters.items():  # e.g. LayerScale's gamma
         size, idx = layout_map(layout)
+        if size == sum(len(index[gid]) for gid in layout) and torch.equal(idx, torch.arange(size)):
+            continue  # unchanged; it may be a tensor constant of the traced graph that the plain model lacks
         owner_name, _, attr = path.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        if getattr(owner, attr).shape[dim] != size or not torch.equal(
-            idx, torch.arange(size)
-        ):  # e.g. LayerScale's gamma
-            resize_parameter(owner, attr, dim, size, idx)
+        resize_parameter(model.get_submodule(owner_name), attr, dim, size, idx)
     _rewrite_stored_sizes(model, graph, widths)
 
 

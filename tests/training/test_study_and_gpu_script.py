@@ -2,18 +2,16 @@
 for a trivial reason)."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from kapify.training.study import main as study_main
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 STUDY = """
 description: tiny two-run study
-train: {model_kwargs: {depth: 1, width: 9}, train_samples: 64, val_samples: 0, test_samples: 40, batch_size: 32,
-epochs: 1}
+train: {model_kwargs: {depth: 1, width: 9}, train_samples: 64, val_samples: 0, test_samples: 40,
+        batch_size: 32, epochs: 1}
 runs:
   - {name: nt, label: NT, config: %(root)s/recipes/configs/cifar10_convnet3_nt.yaml, overrides: {sigma: 0.1}}
   - {name: kap, label: KAP, config: %(root)s/recipes/configs/cifar10_convnet3_kap.yaml, overrides: {sigma: 0.1}}

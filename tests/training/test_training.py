@@ -13,9 +13,8 @@ import torch
 import kapify
 from kapify.data import dataset_info
 from kapify.training import OBJECTIVES, build_model, main, parse_args, train, width_kwargs
-from tests.helpers import free_port
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(glob.glob(str(ROOT / "recipes" / "configs" / "*.yaml")))
 TINY = [
     "--model",
@@ -195,8 +194,7 @@ def test_torchrun_two_gloo_processes(cifar_dir, tmp_path):
             "torch.distributed.run",
             "--nproc_per_node",
             "2",
-            "--master_port",
-            str(free_port()),
+            "--standalone",  # torchrun binds a free port itself: no port picked here and freed again (a race)
             str(ROOT / "recipes" / "train_timm.py"),
         ]
         + TINY
@@ -308,3 +306,36 @@ def test_bad_input_fails_before_training(flags, message, tmp_path, capsys):
     assert main(base + flags) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "bad" / "log.csv").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [3, 11])  # updates saved before the kill: inside epoch 1, inside epoch 2
+def test_a_run_killed_at_any_point_resumes_bit_identically(cifar_dir, tmp_path, kill_after):
+    """SIGKILL (no clean-up runs) once ``last.pth`` holds ``kill_after`` updates, possibly mid-write of the next one;
+    the rerun resumes from the file and ends with the weights of a run never interrupted."""
+    import signal
+    import time
+
+    from kapify.training.checkpoint import load_state
+
+    args = TINY + ["--data-dir", cifar_dir, "--train-samples", "320", "--epochs", "2", "--sigma", "0.1",
+                   "--checkpoint-every", "1", "--output", str(tmp_path)]  # fmt: skip
+    command = [sys.executable, str(ROOT / "recipes" / "train_timm.py")] + args
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread in every process: the same float sums
+    straight = subprocess.run(command + ["--experiment", "straight"], capture_output=True, text=True, env=env)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    process = subprocess.Popen(command + ["--experiment", "killed"], stderr=subprocess.DEVNULL, env=env)
+    last, deadline = tmp_path / "killed" / "last.pth", time.time() + 300
+    while process.poll() is None and time.time() < deadline:
+        state = load_state(last) if last.is_file() else None  # written atomically: whole or the previous one
+        if state is not None and state["step"] >= kill_after:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert process.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "killed" / "model.safetensors").exists()
+    resumed = subprocess.run(command + ["--experiment", "killed"], capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr[-2000:]
+    a = kapify.load(tmp_path / "straight" / "model.safetensors").state_dict()
+    b = kapify.load(tmp_path / "killed" / "model.safetensors").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -14,7 +14,7 @@ from kapify.surgery.channels.blocks import _BLOCK_HANDLERS
 from kapify.surgery.channels.graph import GroupSet
 from kapify.surgery.conv_types import is_conv
 from kapify.surgery.rewiden import RewidenError
-from tests.helpers import assert_unchanged, state_snapshot
+from tests.helpers import ROOT, assert_unchanged, state_snapshot
 
 
 def _widen(model: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -223,11 +223,10 @@ def test_groupset_cut_and_align_refine_every_use_of_a_group():
 
 
 def test_the_docs_block_handler_example_runs(monkeypatch, capsys):
-    import pathlib
     import re
 
     monkeypatch.setattr("kapify.surgery.channels.blocks._BLOCK_HANDLERS", dict(_BLOCK_HANDLERS))
-    page = (pathlib.Path(__file__).parents[1] / "docs" / "rewiden.md").read_text()
+    page = (ROOT / "docs" / "rewiden.md").read_text()
     example = next(b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "register_block_handler" in b)
     exec(compile(example, "docs/rewiden.md", "exec"), {"__name__": "docs_example"})
     assert capsys.readouterr().out.split() == ["25", "16"]
