@@ -13,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 from torch import nn
 
+from .files import write_atomically
 from .model_source import build_from_source
 from .surgery.config import KapConfig, get_config, unwrap
 from .surgery.convert import convert, replay
@@ -50,9 +51,7 @@ def save(model: nn.Module, path: PathLike, extra: Optional[Dict[str, Any]] = Non
     metadata = {_CONFIG_KEY: json.dumps(config.to_dict())}
     if extra is not None:
         metadata[_EXTRA_KEY] = json.dumps(extra)
-    tmp = f"{os.fspath(path)}.tmp"
-    save_model(model, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: save_model(model, tmp, metadata=metadata), "kapify checkpoint")
 
 
 def _metadata(path: PathLike) -> Dict[str, str]:

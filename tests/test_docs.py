@@ -28,3 +28,18 @@ def test_the_readme_api_example_runs(tmp_path, monkeypatch, capsys):
     example = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[0]
     exec(compile(example, "README.md", "exec"), {"__name__": "readme_example"})
     assert "parameters:" in capsys.readouterr().out and (tmp_path / "kap.safetensors").is_file()
+
+
+def test_every_test_the_fault_matrix_names_exists():
+    """docs/reliability.md names a test per row (``tests/x.py::name``, or ``::name`` after the previous file)."""
+    text = (ROOT / "docs" / "reliability.md").read_text()
+    missing, current = [], None
+    for path, name in re.findall(r"`(tests/[\w/]+\.py)?(?:::(\w+))?", text):
+        if not (path or name):
+            continue  # some other code span
+        current = path or current
+        if not (ROOT / current).is_file():
+            missing.append(current)
+        elif name and not re.search(rf"^def {name}\(", (ROOT / current).read_text(), re.M):
+            missing.append(f"{current}::{name}")
+    assert not missing and current is not None, missing

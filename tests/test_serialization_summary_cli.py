@@ -246,6 +246,27 @@ def test_save_load_errors(tmp_path):
         kapify.load(tmp_path / "plain.safetensors")
 
 
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    kap = kapify.convert(torch.nn.Sequential(torch.nn.Conv2d(3, 9, 3)), example_input=torch.randn(1, 3, 8, 8))
+    path = tmp_path / "kap.safetensors"
+    kapify.save(kap, path)
+    before = path.read_bytes()
+
+    def disk_full(model, filename, *args, **kwargs):
+        open(filename, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", disk_full)
+    monkeypatch.setattr(kapify.serialization, "save_model", disk_full)
+    with torch.no_grad():
+        kap[0].weight.add_(1.0)
+    with pytest.raises(OSError, match="cannot write the kapify checkpoint"):
+        kapify.save(kap, path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["kap.safetensors"]
+
+
 def test_summary_text_and_data():
     conv = torch.nn.Sequential(torch.nn.Conv2d(3, 7, 3), torch.nn.ReLU(), torch.nn.Conv2d(7, 64, 1))
     s = kapify.summary(kapify.convert(conv, grid="rect", example_input=torch.randn(1, 3, 8, 8)))

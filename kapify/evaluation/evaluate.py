@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import time
 import warnings
 from pathlib import Path
@@ -17,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..distributed import all_gather_tensor, all_reduce_sum
+from ..files import write_atomically
 from ..layers import GaussianNoise
 from ..layers.input_stage import input_stages
 from ..surgery.tracing import eval_mode
@@ -186,9 +186,8 @@ class _Attack:
         batch_correct = (predict(self.model, x_adv) == y).cpu() & clean
         x_adv = x_adv.detach().cpu()
         if cached is not None:
-            tmp = cached.with_name(cached.name + ".tmp")
-            torch.save({"correct": batch_correct, "x_adv": x_adv if self.keep_examples else None}, tmp)
-            os.replace(tmp, cached)  # a batch file is whole or absent
+            saved = {"correct": batch_correct, "x_adv": x_adv if self.keep_examples else None}
+            write_atomically(cached, lambda tmp: torch.save(saved, tmp), "attack cache file")
         return batch_correct, x_adv, notes
 
 

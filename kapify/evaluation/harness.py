@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import statistics
 import sys
 import time
@@ -19,6 +18,7 @@ from torch import nn
 
 from ..data import build_dataset, dataset_info
 from ..distributed import init_distributed, shutdown_distributed
+from ..files import write_text_atomically
 from ..layers import set_noise
 from ..options import option, parse_options
 from ..surgery.config import get_config
@@ -206,9 +206,7 @@ def _write_per_image(path: Path, correct: Dict[tuple, torch.Tensor], seed: int) 
     """Which of the (seeded) test images stayed correct under each attack: 1/0 per image, in the order
     the images were drawn, so that two models attacked on the same images compare image by image."""
     rows = {f"{attack} eps={eps:g}": [int(v) for v in flags.tolist()] for (attack, eps), flags in correct.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"seed": seed, "rows": rows}))
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps({"seed": seed, "rows": rows}), "per-image results")
 
 
 @dataclass
@@ -446,7 +444,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             EvalConfig, argv, "Robustness evaluation of kapify / timm / torchvision models", prog="kapify-eval"
         )
         results = run_evaluation(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError, AdversarialExampleError) as err:
+    except (ValueError, OSError, RuntimeError, FloatingPointError, AdversarialExampleError) as err:
         print(f"kapify-eval: error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -9,6 +9,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from ..files import write_text_atomically
+
 __all__ = ["write_report", "markdown_table"]
 
 
@@ -197,8 +199,5 @@ def write_report(results: Dict[str, Any], out: Path, mosaics: Sequence[torch.Ten
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results["plots"] = _plots(results, out, list(mosaics))
-    public = results
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(public, indent=2))
-    tmp.replace(out / "results.json")
-    (out / "results.md").write_text(markdown_table(public))
+    write_text_atomically(out / "results.json", json.dumps(results, indent=2), "results")
+    write_text_atomically(out / "results.md", markdown_table(results), "results table")

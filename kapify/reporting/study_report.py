@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+from ..files import write_text_atomically
 
 __all__ = ["write_study_report", "study_markdown", "robust_columns"]
 
@@ -119,9 +120,7 @@ def write_study_report(study: Dict[str, Any], out: Path, mosaics: Optional[Dict[
     ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("study.json", json.dumps(study, indent=2)), ("study.md", study_markdown(study))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        write_text_atomically(out / name, text, "study results")
     _pareto_plot(study, out / "pareto.png")
     if mosaics:
         from .figures import plot_kernel_mosaics

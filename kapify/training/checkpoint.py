@@ -3,13 +3,14 @@ position in the data order and every RNG), so a crashed run continues where it s
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
+
+from ..files import write_atomically
 
 __all__ = ["rng_state", "set_rng_state", "save_state", "load_state"]
 
@@ -33,16 +34,12 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 def save_state(path: Path, state: Dict[str, Any]) -> None:
     """Write ``state`` with ``torch.save`` to a temporary name, then rename (never a torn file). A failed
     write (a full disk) leaves the previous checkpoint as it was and no temporary file behind."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as either
-        tmp.unlink(missing_ok=True)
-        raise OSError(
-            f"cannot write the training checkpoint {path} ({err}); the previous one is unchanged: "
-            f"free space, then rerun the same command to resume from it"
-        ) from err
+    write_atomically(
+        path,
+        lambda tmp: torch.save(state, tmp),
+        "training checkpoint",
+        hint=": free space, then rerun the same command to resume from it",
+    )
 
 
 def load_state(path: Path) -> Optional[Dict[str, Any]]:

@@ -31,6 +31,7 @@ from ..data.datasets import DatasetInfo
 from ..data.loader import default_transform
 from ..data.tensor_loader import TensorLoader, tensor_arrays
 from ..distributed import DistEnv, all_reduce_sum, init_distributed, shutdown_distributed
+from ..files import write_text_atomically
 from ..surgery import set_blend
 from ..surgery.arrange import ARRANGE_METHODS
 from .checkpoint import load_state, rng_state, save_state, set_rng_state
@@ -488,7 +489,7 @@ def finish(run: Run) -> Dict[str, Any]:
     metrics["test_images"] = len(test_loader.dataset)
     if run.env.is_main:
         serialization.save(final, run.run_dir / "model.safetensors", extra={**run.extra, "metrics": metrics})
-        (run.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_text_atomically(run.run_dir / "metrics.json", json.dumps(metrics, indent=2), "metrics")
     run.say(json.dumps(metrics))
     return metrics
 

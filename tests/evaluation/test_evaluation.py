@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -125,6 +126,27 @@ def test_cached_batches_resume_without_attacking_again(tmp_path, monkeypatch):
     assert again["results"][0]["accuracy"] == first["results"][0]["accuracy"]
 
 
+def test_an_autoattack_run_interrupted_mid_batch_resumes_with_the_uninterrupted_result(tmp_path, monkeypatch):
+    model, x, y, dist = linear_problem(n=30)
+    run = dict(attacks=["autoattack"], eps=0.5, batch_size=10, progress=False)
+    whole = evaluate(model, x, y, cache_dir=tmp_path / "whole", **run)
+    autoattack, calls = ATTACKS["autoattack"], []
+
+    def interrupted_on_the_second_batch(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # a kill while the batch is being attacked
+        return autoattack(*args)
+
+    monkeypatch.setitem(ATTACKS, "autoattack", interrupted_on_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, x, y, cache_dir=tmp_path / "cut", **run)
+    assert len(list((tmp_path / "cut").rglob("*.pt"))) == 1 and not list((tmp_path / "cut").rglob("*.tmp"))
+    resumed = evaluate(model, x, y, cache_dir=tmp_path / "cut", **run)
+    assert len(calls) == 4  # the rerun attacked the second and third batches only
+    assert torch.equal(resumed["correct"][("autoattack", 0.5)], whole["correct"][("autoattack", 0.5)])
+
+
 def test_a_corrupt_attack_cache_is_reported_and_the_batch_attacked_again(tmp_path):
     model, x, y, dist = linear_problem(n=30)
     first = evaluate(model, x, y, attacks=["pgd"], eps=0.5, batch_size=10, cache_dir=tmp_path, progress=False)
@@ -235,6 +257,28 @@ def test_cli_end_to_end_json_markdown_plots_resume(tiny_checkpoint, cifar_dir, t
     assert (out / "first_layer_kernels.png").is_file()
     cached = len(list((out / "cache").rglob("*.pt")))
     assert main(argv) == 0 and len(list((out / "cache").rglob("*.pt"))) == cached  # second run reuses every batch
+
+
+def test_a_failed_results_write_leaves_the_previous_results_intact(
+    tiny_checkpoint, cifar_dir, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "res"
+    argv = ["--checkpoint", str(tiny_checkpoint), "--data-dir", cifar_dir, "--download", "false", "--n-examples", "8",
+            "--attacks", "clean,pgd", "--eps", "1", "--pgd-steps", "2", "--out", str(out),
+            "--progress", "false"]  # fmt: skip
+    assert main(argv) == 0
+    before = {name: (out / name).read_bytes() for name in ("results.json", "results.md", "per_image.json")}
+
+    def disk_full(self, text, *args, **kwargs):
+        open(self, "w").write(text[:10])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", disk_full)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the" in err and "No space left on device" in err and "unchanged" in err
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
 @pytest.mark.parametrize(
