@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-__all__ = ["LayerRecord", "KapConfig", "get_config", "is_converted", "unwrap", "CONFIG_ATTR"]
+__all__ = ["LayerRecord", "KapConfig", "get_config", "is_converted", "unwrap", "require_module", "CONFIG_ATTR"]
 
 CONFIG_ATTR = "kapify_config"
 
@@ -97,8 +97,20 @@ class KapConfig:
         return cls(**data)
 
 
+def require_module(model: Any) -> None:
+    """Refuse anything but an ``nn.Module`` with what to pass instead (a model name is the common slip)."""
+    if not isinstance(model, nn.Module):
+        hint = (
+            f": build the model first, e.g. kapify.create_model({model!r}) or timm.create_model({model!r})"
+            if isinstance(model, str)
+            else ""
+        )
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}{hint}")
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside DistributedDataParallel (``.module``) / torch.compile (``._orig_mod``) wrappers."""
+    require_module(model)
     while not hasattr(model, CONFIG_ATTR):
         inner = next(
             (getattr(model, a) for a in ("module", "_orig_mod") if isinstance(getattr(model, a, None), nn.Module)), None

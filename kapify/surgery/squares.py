@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 __all__ = ["MAX_GROWTH", "MAX_GROWTH_GROUPED", "aligned_square", "square_width"]
@@ -39,5 +40,7 @@ def square_width(channels: int, align: int = 16, divisor: int = 1, max_growth: i
         >>> [square_width(c) for c in (16, 24, 64, 128, 192, 256, 512)]
         [16, 25, 64, 144, 256, 256, 576]
     """
+    if not isinstance(channels, numbers.Integral) or channels < 1:
+        raise ValueError(f"square_width needs a positive whole number of channels, got {channels!r}")
     square = aligned_square(channels, align, divisor, max_growth)
     return square if square is not None else -(-channels // divisor) * divisor

@@ -54,6 +54,25 @@ def test_bad_options(model, kwargs, error, match):
     assert_unchanged(model, snap)
 
 
+@pytest.mark.parametrize(
+    "call",
+    [kapify.convert, kapify.rewiden, kapify.channel_groups, kapify.fold, kapify.summary, kapify.get_config,
+     lambda m: kapify.save(m, "never-written.safetensors"), lambda m: kapify.arrange_channels(m)],
+    ids=["convert", "rewiden", "channel_groups", "fold", "summary", "get_config", "save", "arrange_channels"],
+)  # fmt: skip
+def test_a_model_name_instead_of_a_model_says_how_to_build_it(call, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TypeError, match=r"expected a torch.nn.Module, got str: build the model first.*create_model"):
+        call("resnet18")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("channels", [0, -3, 2.5])
+def test_square_width_refuses_a_channel_count_that_is_not_a_positive_whole_number(channels):
+    with pytest.raises(ValueError, match="positive whole number of channels"):
+        kapify.square_width(channels)
+
+
 def test_no_convolution():
     mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     with pytest.raises(ValueError, match="has no convolution.*register_conv_type"):

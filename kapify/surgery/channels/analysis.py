@@ -15,6 +15,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ..config import require_module
 from ..handlers import channel_handler
 from ..tracing import check_graph, eval_mode, timm_settings, trace
 from ..tracing import example_input as default_input
@@ -76,6 +77,7 @@ def analyze_channels(
         >>> graph.group_of("layer1.0.conv2") is graph.group_of("conv1")  # joined by the residual add
         True
     """
+    require_module(model)
     handled = {
         type(m) for m in model.modules() if channel_handler(m) is not None
     }  # e.g. timm's Linear: a leaf, not F.linear
