@@ -81,12 +81,13 @@ def _build_arch(source: Dict[str, Any], pretrained: bool) -> nn.Module:
     raise ValueError(f"cannot build a model from source {source!r}: library must be 'timm', 'torchvision' or 'kapify'")
 
 
-def describe_source(model: nn.Module) -> Optional[Dict[str, Any]]:
+def describe_source(model: nn.Module, in_chans: Optional[int] = None) -> Optional[Dict[str, Any]]:
     """How to rebuild ``model`` without weights, or None when it cannot be told from the model.
 
     Models made by :func:`create_model` carry their source; timm models tell their architecture
-    through ``pretrained_cfg``; a torchvision model is recognised among torchvision's builders by its
-    class and parameter shapes (:func:`torchvision_source`).
+    through ``pretrained_cfg`` (``in_chans``: the channels of the input it runs on; else the first conv's,
+    which is wrong after a space-to-depth stem such as TResNet's); a torchvision model is recognised among
+    torchvision's builders by its class and parameter shapes (:func:`torchvision_source`).
     """
     source = getattr(model, SOURCE_ATTR, None)
     if source is not None:
@@ -97,7 +98,9 @@ def describe_source(model: nn.Module) -> Optional[Dict[str, Any]]:
         if hasattr(model, "num_classes"):
             kwargs["num_classes"] = model.num_classes
         first_conv = cfg.get("first_conv")
-        if isinstance(first_conv, str):
+        if in_chans is not None:
+            kwargs["in_chans"] = in_chans
+        elif isinstance(first_conv, str):
             try:
                 kwargs["in_chans"] = model.get_submodule(first_conv).in_channels
             except AttributeError:

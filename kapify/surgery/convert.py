@@ -30,6 +30,7 @@ from .handlers import resize_layer
 from .kap_conv import attach_kap, set_blend
 from .optional import warn_skipped_once
 from .rewiden import RewidenError, Widened, replay_widths, widen, width_record
+from .tracing import example_input as default_input
 from .width_plan import why_not_square
 
 __all__ = ["convert", "analyse", "plan_conversion", "apply_plan", "replay", "Analysis", "ConversionPlan", "GRID_RULES"]
@@ -149,7 +150,7 @@ def plan_conversion(
         layers=[layer.record for layer in layers],
         skipped=found.sites.functional,
         params_before=sum(p.numel() for p in model.parameters()),
-        source=describe_source(model),
+        source=describe_source(model, in_chans=_input_channels(model, example_input)),
         fixed_widths=fixed_widths,
         widened_across_norm=across_norm,
         arrange=options.arrange,
@@ -269,6 +270,12 @@ def convert(
     plan = plan_conversion(model, found, options, example_input)
     _warn_oversized(plan)
     return apply_plan(found.model, plan)
+
+
+def _input_channels(model: nn.Module, example_input: Optional[torch.Tensor]) -> Optional[int]:
+    """The channels of the image the model was traced on (dim 1 of a batch of images), else None."""
+    x = default_input(model) if example_input is None else example_input
+    return x.shape[1] if isinstance(x, torch.Tensor) and x.dim() >= 3 else None
 
 
 def replay(model: nn.Module, config: KapConfig, inplace: bool = False) -> nn.Module:
