@@ -269,8 +269,7 @@ def _place_filters(
         input_index = rows if input_dim == 0 else columns
         keep = torch.zeros(new.shape[input_dim], dtype=torch.bool)
         keep[input_index] = True
-        new = new.clone()
-        new[(slice(None),) * input_dim + (~keep,)] = 0
+        new[(slice(None),) * input_dim + (~keep,)] = 0  # ``new`` is the fresh layer's: written in place
     return _place(old, new, rows, columns)
 
 
