@@ -42,6 +42,16 @@ def _seconds(checkout: str, name: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def _commit(checkout: str) -> str:
+    """The checkout's commit (with ``+dirty`` for uncommitted changes), to name what was compared."""
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], cwd=checkout, capture_output=True, text=True).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", help="timm names, or tv/<name> for torchvision")
@@ -59,7 +69,12 @@ def main() -> int:
     print(f"total {total:.2f}x, largest {max(r['ratio'] for r in rows.values()):.2f}x")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"baseline": args.baseline, "models": rows, "total_ratio": round(total, 3)}, f, indent=1)
+            json.dump(
+                {"baseline": _commit(args.baseline), "this": _commit(here), "threads": 1, "models": rows,
+                 "total_ratio": round(total, 3)},
+                f,
+                indent=1,
+            )  # fmt: skip
     return 0
 
 
