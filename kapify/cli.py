@@ -57,7 +57,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(report)
     converted.eval()
     with torch.no_grad():
-        x = torch.rand(2, *kapify.surgery.tracing.example_input(converted).shape[1:])
+        x = torch.rand(2, *kapify.surgery.tracing.example_input_shape(converted))
         out = converted(x)
     print(f"forward check: input {tuple(x.shape)} -> output {tuple(out.shape)}")
     if args.json:

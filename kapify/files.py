@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Callable, Union
 
-__all__ = ["write_atomically", "write_text_atomically"]
+__all__ = ["PathLike", "write_atomically", "write_text_atomically"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from .files import write_atomically
+from .files import PathLike, write_atomically
 from .model_source import build_from_source
 from .surgery.config import KapConfig, get_config, unwrap
 from .surgery.convert import convert, replay
@@ -23,7 +23,6 @@ __all__ = ["save", "load", "load_config", "load_extra", "NotACheckpointError"]
 
 _CONFIG_KEY = "kapify.config"
 _EXTRA_KEY = "kapify.extra"
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 class NotACheckpointError(ValueError):

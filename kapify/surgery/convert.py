@@ -30,7 +30,7 @@ from .handlers import resize_layer
 from .kap_conv import attach_kap, set_blend
 from .optional import warn_skipped_once
 from .rewiden import RewidenError, Widened, replay_widths, widen, width_record
-from .tracing import example_input as default_input
+from .tracing import example_input_shape
 from .width_plan import why_not_square
 
 __all__ = ["convert", "analyse", "plan_conversion", "apply_plan", "replay", "Analysis", "ConversionPlan", "GRID_RULES"]
@@ -274,8 +274,10 @@ def convert(
 
 def _input_channels(model: nn.Module, example_input: Optional[torch.Tensor]) -> Optional[int]:
     """The channels of the image the model was traced on (dim 1 of a batch of images), else None."""
-    x = default_input(model) if example_input is None else example_input
-    return x.shape[1] if isinstance(x, torch.Tensor) and x.dim() >= 3 else None
+    if example_input is None:
+        shape = example_input_shape(model)
+        return shape[0] if len(shape) >= 2 else None
+    return example_input.shape[1] if isinstance(example_input, torch.Tensor) and example_input.dim() >= 3 else None
 
 
 def replay(model: nn.Module, config: KapConfig, inplace: bool = False) -> nn.Module:

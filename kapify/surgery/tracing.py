@@ -19,7 +19,10 @@ from torch import nn
 
 from .conv_types import conv_types
 
-__all__ = ["KapifyTracer", "TracingError", "register_leaf_module", "trace", "check_graph", "eval_mode", "example_input"]
+__all__ = [
+    "KapifyTracer", "TracingError", "register_leaf_module", "trace", "check_graph", "eval_mode", "example_input",
+    "example_input_shape",
+]  # fmt: skip
 
 _LEAF_MODULES: Set[Type[nn.Module]] = set()
 
@@ -110,21 +113,25 @@ def trace(model: nn.Module, leaf_modules: Sequence[type] = (), timm_leaves: bool
     return fx.GraphModule(model, graph, class_name=type(model).__name__ + "Graph")
 
 
-def example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
-    """A random input for ``model``: timm's ``pretrained_cfg['input_size']`` if present, else a
-    small input shaped for the first convolution (3x224x224 for torchvision-style image models)."""
+def example_input_shape(model: nn.Module) -> Tuple[int, ...]:
+    """The shape of one input for ``model``, without the batch: timm's ``pretrained_cfg['input_size']`` if present,
+    else shaped for the first convolution (3x224x224 for torchvision-style image models)."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     if "input_size" in cfg:
-        return torch.randn(batch_size, *cfg["input_size"], device=device, dtype=dtype)
+        return tuple(cfg["input_size"])
     first = next((m for m in model.modules() if isinstance(m, conv_types())), None)
     if first is None:
         raise ValueError("cannot guess an input for a model without convolutions; pass example_input")
     ndim = len(first.kernel_size)
-    side = 224 if ndim == 2 else 32
-    return torch.randn(batch_size, first.in_channels, *([side] * ndim), device=device, dtype=dtype)
+    return (first.in_channels, *([224 if ndim == 2 else 32] * ndim))
+
+
+def example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
+    """A random input for ``model`` of :func:`example_input_shape`, on its device and in its float dtype."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    return torch.randn(batch_size, *example_input_shape(model), device=device, dtype=dtype)
 
 
 @contextlib.contextmanager
