@@ -19,6 +19,7 @@ from torch import nn
 from ..data import build_dataset, dataset_info
 from ..distributed import init_distributed, shutdown_distributed
 from ..files import write_text_atomically
+from ..heap import keep_freed_memory
 from ..layers import set_noise
 from ..options import option, parse_options
 from ..surgery.config import get_config
@@ -274,6 +275,8 @@ def _start(cfg: EvalConfig) -> _Session:
     if cfg.n_examples < 1 or cfg.repeats < 1:
         raise ValueError(f"n_examples and repeats must be >= 1, got {cfg.n_examples} and {cfg.repeats}")
     env, device = init_distributed(cfg.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     model = load_model(cfg, info.num_classes, device)
     dataset = build_dataset(cfg.dataset, train=False, data_dir=cfg.data_dir, download=cfg.download)
     spec = AttackSpec(

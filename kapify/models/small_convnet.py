@@ -14,6 +14,10 @@ class SmallConvNet(nn.Module):
     """``depth`` blocks of conv(k x k) -> BatchNorm -> ReLU (-> 2x2 max-pool), then global average
     pooling and a linear classifier. ``width`` is one int for every block or one per block.
 
+    With ``downsample`` the ReLU runs after the max-pool: max and ReLU commute (both monotone), so the
+    block computes the same function and gradients as conv -> BN -> ReLU -> max-pool, with the ReLU
+    on a quarter of the elements (a §4.2 training step on a CPU: ``docs/training.md``).
+
     KAP goes right after each conv (paper §4.1) when the model is passed to :func:`kapify.convert`.
 
     Example:
@@ -37,13 +41,8 @@ class SmallConvNet(nn.Module):
             raise ValueError(f"need depth >= 1 and one positive width per block, got depth={depth}, width={width!r}")
         blocks, chans = [], in_chans
         for w in widths:
-            layers = [
-                nn.Conv2d(chans, w, kernel_size, padding=kernel_size // 2, bias=False),
-                nn.BatchNorm2d(w),
-                nn.ReLU(inplace=True),
-            ]
-            if downsample:
-                layers.append(nn.MaxPool2d(2))
+            layers = [nn.Conv2d(chans, w, kernel_size, padding=kernel_size // 2, bias=False), nn.BatchNorm2d(w)]
+            layers += [nn.MaxPool2d(2), nn.ReLU(inplace=True)] if downsample else [nn.ReLU(inplace=True)]
             blocks.append(nn.Sequential(*layers))
             chans = w
         self.features = nn.Sequential(*blocks)

@@ -59,6 +59,7 @@ class StudyConfig:
     only: Optional[str] = option(
         None, "comma-separated run names to train and evaluate now (the table keeps the others' earlier rows)"
     )
+    train_only: bool = option(False, "train the runs and evaluate none (a later invocation evaluates them)")
     progress: bool = option(True, "progress bars")
 
 
@@ -186,6 +187,9 @@ def run_study(path: str, cfg: Optional[StudyConfig] = None) -> Dict[str, Any]:
             metrics = train(train_cfg)
             if not metrics.get("finished"):
                 raise RuntimeError(f"run {run['name']} stopped before its last epoch; rerun the study to resume it")
+        if cfg.train_only:
+            study["rows"] += [r for r in earlier if r["name"] == run["name"]]
+            continue
         print(f"study: evaluating {run['name']}", file=sys.stderr)
         row, mosaics[run.get("label", run["name"])] = _evaluate(
             run_dir / "model.safetensors", out / "eval" / run["name"], evaluation, common

@@ -32,6 +32,7 @@ from ..data.loader import default_transform
 from ..data.tensor_loader import TensorLoader, tensor_arrays
 from ..distributed import DistEnv, all_reduce_sum, init_distributed, shutdown_distributed
 from ..files import write_text_atomically
+from ..heap import keep_freed_memory
 from ..surgery import set_blend
 from ..surgery.arrange import ARRANGE_METHODS
 from .checkpoint import load_state, rng_state, save_state, set_rng_state
@@ -270,6 +271,8 @@ def start(cfg: TrainConfig) -> Run:
 
     _check(cfg)
     env, device = init_distributed(cfg.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     info = dataset_info(cfg.dataset)
     run_dir = Path(cfg.output) / (cfg.experiment or cfg.run_name())
     run_dir.mkdir(parents=True, exist_ok=True)

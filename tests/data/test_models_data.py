@@ -60,6 +60,27 @@ def test_small_convnet_shapes_and_kap(depth, width):
         SmallConvNet(depth=2, width=[4])
 
 
+def test_small_convnet_pools_before_relu_and_computes_conv_bn_relu_pool():
+    """The block's ReLU after the max-pool is the paper's conv -> BN -> ReLU -> pool: outputs and gradients."""
+    torch.manual_seed(0)
+    net = SmallConvNet(depth=2, width=[6, 5], num_classes=3).double().train()
+    x = torch.randn(4, 3, 12, 12, dtype=torch.float64)
+    x[:, :, :4] = 0.0  # constant patches tie in the max-pool, where the two orders could route gradients apart
+
+    def reference(inp):
+        for block in net.features:
+            conv, bn, pool, _ = block
+            inp = pool(torch.relu(bn(conv(inp))))
+        return net.head(inp)
+
+    got, want = net(x), reference(x)
+    torch.testing.assert_close(got, want)
+    grads = torch.autograd.grad(got.square().sum(), list(net.parameters()))
+    ref_grads = torch.autograd.grad(want.square().sum(), list(net.parameters()))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
 def test_cifar10_jpeg_archive_reads_standard_labels(cifar_dir):
     test = build_dataset("cifar10", train=False, data_dir=cifar_dir, download=False)
     assert len(test) == 10_000 and test.classes[0] == "airplane" and test.classes[-1] == "truck"
