@@ -72,6 +72,7 @@ def evaluate(
     cache_dir: Optional[Union[str, Path]] = None,
     progress: bool = True,
     test_noise: bool = False,
+    search_model: Optional[nn.Module] = None,
 ) -> Dict[str, Any]:
     """Accuracy of ``model`` on ``images`` (N,C,H,W in [0,1]) under each attack and each eps.
 
@@ -82,6 +83,8 @@ def evaluate(
 
     With ``test_noise=True`` the noise switched on by :func:`kapify.set_noise` stays on while attacking
     and scoring: use an attack that averages over it (``autoattack-rand``: EOT) to be adaptive.
+    ``search_model`` (default ``model``) is what the attacks run on, e.g. a faster form of the same
+    function (:func:`~kapify.evaluation.attack_model.attack_model`); every example is scored on ``model``.
 
     Returns ``{"results": [{attack, norm, eps, seed, accuracy, n, time_s, notes}], "examples":
     {(attack, eps): x_adv}, "correct": {(attack, eps): bool tensor (N,)}}`` (examples only with
@@ -115,7 +118,8 @@ def evaluate(
                     folder = Path(cache_dir) / name
                     folder.mkdir(parents=True, exist_ok=True)
                 t0 = time.perf_counter()
-                run = _Attack(model, attack, dataclasses.replace(base, norm=norm, eps=e), seed, return_examples)
+                spec_e = dataclasses.replace(base, norm=norm, eps=e)
+                run = _Attack(model, search_model or model, attack, spec_e, seed, return_examples)
                 mine, advs, notes = run.all_batches(
                     x_all, y_all, clean_correct, batch_size, folder, progress and rank == 0
                 )
@@ -154,7 +158,8 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 class _Attack:
     """One attack at one eps over this process's images, batch by batch, each batch's result cached."""
 
-    model: nn.Module
+    model: nn.Module  # scores the examples
+    search_model: nn.Module  # the attack runs on it
     attack: str
     spec: AttackSpec
     seed: int
@@ -181,7 +186,7 @@ class _Attack:
             return saved["correct"], saved.get("x_adv"), []
         device = next(self.model.parameters()).device
         x, y = x.to(device), y.to(device)
-        x_adv, notes = ATTACKS[self.attack](self.model, x, y, self.spec, self.seed + offset)
+        x_adv, notes = ATTACKS[self.attack](self.search_model, x, y, self.spec, self.seed + offset)
         verify_examples(x, x_adv, self.spec.eps, self.spec.norm, self.attack)
         batch_correct = (predict(self.model, x_adv) == y).cpu() & clean
         x_adv = x_adv.detach().cpu()

@@ -28,6 +28,7 @@ from .attacks import ATTACKS, AttackSpec
 from .certify import certified_accuracy, certify
 from .checks import masking_flags
 from .diagnostics import activation_change, first_conv, kernel_mosaic, topography_score
+from .attack_model import attack_model, resolve_attack_precision
 from .evaluate import attack_mode, evaluate, predict
 
 __all__ = ["EvalConfig", "run_evaluation", "load_model", "main", "SCHEMA"]
@@ -66,6 +67,13 @@ class EvalConfig:
     pgd_step_size: Optional[float] = option(None, "PGD step size (default 2.5*eps/steps; Table A1 used 4/255)")
     square_queries: int = option(5000, "Square attack queries (Table A1: 5000)")
     batch_size: int = option(250, "attack batch size")
+    attack_precision: str = option(
+        "auto",
+        "what the attacks search on (examples are always scored on the model in fp32): exact (the model as it is), "
+        "fp32 (folded, channels-last), bf16 (that under bf16 autocast), auto (bf16 on CPUs with native bf16, else "
+        "fp32)",
+        choices=["auto", "exact", "fp32", "bf16"],
+    )
     noise_sensitivity: bool = option(
         False, "re-score adversarial examples with noise on input/activations (Table 2's protocol: NOT adaptive)"
     )
@@ -228,6 +236,7 @@ class _Session:
     labels: Optional[torch.Tensor] = None
     examples: Optional[Dict[tuple, torch.Tensor]] = None
     _reference: Optional[nn.Module] = None
+    _search: Optional[nn.Module] = None
 
     @property
     def sigma(self) -> float:
@@ -247,6 +256,13 @@ class _Session:
         """The strongest attack run at the nominal eps: (attack, eps) of its examples, or None."""
         order = ("autoattack", "autoattack-rand", "pgd", "square")
         return next(((a, self.nominal) for a in order if (a, self.nominal) in (self.examples or {})), None)
+
+    def search_model(self) -> nn.Module:
+        """What the attacks run on (``--attack-precision``), built once."""
+        if self._search is None:
+            precision = resolve_attack_precision(self.cfg.attack_precision, self.device)
+            self._search = attack_model(self.model, precision, self.cfg.test_noise)
+        return self._search
 
     def reference(self) -> nn.Module:
         """The ``--transfer-from`` model, loaded once."""
@@ -311,9 +327,10 @@ def _attack_section(s: _Session, out: Path) -> List[Dict[str, Any]]:
             cfg.batch_size,
             s.spec,
             return_examples=r == 0 and (cfg.noise_sensitivity or cfg.diagnostics),
-            cache_dir=out / "cache" if cfg.resume else None,
+            cache_dir=out / "cache" / resolve_attack_precision(cfg.attack_precision, s.device) if cfg.resume else None,
             progress=cfg.progress and s.env.is_main,
             test_noise=cfg.test_noise,
+            search_model=s.search_model(),
         )
         runs.extend(done["results"])
         if r == 0:
@@ -420,6 +437,7 @@ def run_evaluation(cfg: EvalConfig) -> Dict[str, Any]:
         "config": dataclasses.asdict(cfg),
         "versions": versions(),
         "device": str(s.device),
+        "attack_precision": resolve_attack_precision(cfg.attack_precision, s.device),
         "world_size": s.env.world_size,
         "dataset": dataclasses.asdict(s.info),
         "n_examples": cfg.n_examples,

@@ -59,7 +59,12 @@ class StudyConfig:
     only: Optional[str] = option(
         None, "comma-separated run names to train and evaluate now (the table keeps the others' earlier rows)"
     )
-    train_only: bool = option(False, "train the runs and evaluate none (a later invocation evaluates them)")
+    stage: str = option(
+        "all",
+        "all: train and evaluate each run in turn; train: train only, write no report; evaluate: evaluate the runs "
+        "whose training finished and skip the rest (so it can run beside a 'train' invocation)",
+        choices=["all", "train", "evaluate"],
+    )
     progress: bool = option(True, "progress bars")
 
 
@@ -182,13 +187,15 @@ def run_study(path: str, cfg: Optional[StudyConfig] = None) -> Dict[str, Any]:
         run_dir = out / "runs" / run["name"]
         metrics_path = run_dir / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        if not metrics.get("finished") and cfg.stage == "evaluate":
+            study["rows"] += [r for r in earlier if r["name"] == run["name"]]
+            continue
         if not metrics.get("finished"):
             print(f"study: training {run['name']}", file=sys.stderr)
             metrics = train(train_cfg)
             if not metrics.get("finished"):
                 raise RuntimeError(f"run {run['name']} stopped before its last epoch; rerun the study to resume it")
-        if cfg.train_only:
-            study["rows"] += [r for r in earlier if r["name"] == run["name"]]
+        if cfg.stage == "train":  # the report is left to the invocation that evaluates (it may run beside this one)
             continue
         print(f"study: evaluating {run['name']}", file=sys.stderr)
         row, mosaics[run.get("label", run["name"])] = _evaluate(
@@ -212,7 +219,8 @@ def run_study(path: str, cfg: Optional[StudyConfig] = None) -> Dict[str, Any]:
         )
         study["rows"].append(row)
         write_study_report(study, out, mosaics)
-    write_study_report(study, out, mosaics)  # also keeps the rows of runs after the last one --only ran
+    if cfg.stage != "train":
+        write_study_report(study, out, mosaics)  # also keeps the rows of runs after the last one --only ran
     return study
 
 
