@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -50,6 +49,7 @@ from bf16_shards import export_shards, import_shards  # noqa: E402
 
 from kapify.data import dataset_info  # noqa: E402
 from kapify.evaluation import EvalConfig, run_evaluation  # noqa: E402
+from kapify.evaluation.paired import paired_rows, read_per_image  # noqa: E402
 from kapify.training import build_model, parse_args, train  # noqa: E402
 from kapify.training.compiling import COMPILE_MODES  # noqa: E402
 from kapify.training.precision import resolve_precision  # noqa: E402
@@ -306,7 +306,7 @@ def evaluate_step(
 
 def paired_differences(results: Dict[str, Any], out: Path) -> Dict[str, Any]:
     """KAP − NT robust accuracy on the same images, per (attack, eps) both have: the mean of the per-image
-    differences and its 95% interval (normal approximation of the paired difference, n >= 100)."""
+    differences and its 95% interval (kapify.evaluation.paired)."""
     kap, nt = results["models"].get(KAP), results["models"].get(NT)
     if not kap or not nt:
         return {}
@@ -315,24 +315,11 @@ def paired_differences(results: Dict[str, Any], out: Path) -> Dict[str, Any]:
         files = [out / "eval" / m["run"] / key / "per_image.json" for m in (kap, nt)]
         if not all(f.is_file() for f in files):
             continue
-        (a, b) = [json.loads(f.read_text())["rows"] for f in files]
-        for row in set(a) & set(b):
-            if row.startswith("clean") and key != "test" or len(a[row]) != len(b[row]):
+        for row, d in paired_rows(read_per_image(files[0]), read_per_image(files[1])).items():
+            if row.startswith("clean") and key != "test":
                 continue
-            diffs = [x - y for x, y in zip(a[row], b[row])]
-            n = len(diffs)
-            mean = sum(diffs) / n
-            sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else 0.0
-            half = 1.96 * sd / math.sqrt(n)
-            paired[row] = {
-                "kap": sum(a[row]) / n,
-                "nt": sum(b[row]) / n,
-                "difference": mean,
-                "ci95": [mean - half, mean + half],
-                "n": n,
-                "kap_only": diffs.count(1),
-                "nt_only": diffs.count(-1),
-            }
+            paired[row] = {"kap": d.first, "nt": d.second, "difference": d.difference, "ci95": list(d.ci95),
+                           "n": d.n, "kap_only": d.first_only, "nt_only": d.second_only}  # fmt: skip
     return dict(sorted(paired.items()))
 
 

@@ -24,11 +24,11 @@ from ..layers import set_noise
 from ..options import option, parse_options
 from ..surgery.config import get_config
 from ..versions import versions
+from .attack_model import attack_model, resolve_attack_precision
 from .attacks import ATTACKS, AttackSpec
 from .certify import certified_accuracy, certify
 from .checks import masking_flags
 from .diagnostics import activation_change, first_conv, kernel_mosaic, topography_score
-from .attack_model import attack_model, resolve_attack_precision
 from .evaluate import attack_mode, evaluate, predict
 
 __all__ = ["EvalConfig", "run_evaluation", "load_model", "main", "SCHEMA"]

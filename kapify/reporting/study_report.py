@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..files import write_text_atomically
+from .study_panels import panel_comparisons, panels_markdown, plot_panels
 
 __all__ = ["write_study_report", "study_markdown", "robust_columns"]
 
@@ -57,6 +58,11 @@ def study_markdown(study: Dict[str, Any]) -> str:
         minutes = r.get("train_time_s")
         cells += [f"{r['topography']:.3f}", f"{minutes / 60:.1f} min" if minutes else ""]
         lines.append("| " + " | ".join(cells) + " |")
+    done = {r["name"] for r in rows}
+    missing = [name for name in study.get("planned", []) if name not in done]
+    if missing:
+        count = f"Runs in: {len(done)} of {len(study['planned'])}"
+        lines += ["", f"{count}. Not trained or evaluated yet: {', '.join(missing)}."]
     notes = [f"- {r['label']}: {n}" for r in rows for n in r.get("notes", [])]
     if notes:
         lines += ["", "Flags raised by the evaluation:", ""] + notes
@@ -119,9 +125,13 @@ def write_study_report(study: Dict[str, Any], out: Path, mosaics: Optional[Dict[
     """Write study.json, study.md, pareto.png and (given ``mosaics``: label -> kernel mosaic) kernels.png under
     ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("study.json", json.dumps(study, indent=2)), ("study.md", study_markdown(study))):
+    comparisons = [{**c, "paired": c["paired"].to_dict()} for c in panel_comparisons(study, out)]
+    markdown = study_markdown(study) + ("\n" + panels_markdown(study, out) if study.get("panels") else "")
+    for name, text in (("study.json", json.dumps({**study, "comparisons": comparisons}, indent=2)),
+                       ("study.md", markdown)):  # fmt: skip
         write_text_atomically(out / name, text, "study results")
     _pareto_plot(study, out / "pareto.png")
+    plot_panels(study, out)
     if mosaics:
         from .figures import plot_kernel_mosaics
 

@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 
 from ..options import build_parser, option
+from ..reporting.study_panels import check_panels
 from .compiling import COMPILE_MODES
 from .config import TrainConfig, parse_args
 
@@ -90,6 +91,7 @@ def _load_study(path: str) -> Dict[str, Any]:
     attacks = (spec.get("evaluation") or {}).get("attacks") or []
     if not all(isinstance(a, dict) and "attack" in a and "eps" in a for a in attacks):
         raise ValueError(f"{path}: evaluation.attacks must be a list of {{attack, eps: [..]}} entries")
+    spec["panels"] = check_panels(spec.get("panels"), names, path)
     return spec
 
 
@@ -171,6 +173,8 @@ def run_study(path: str, cfg: Optional[StudyConfig] = None) -> Dict[str, Any]:
         "description": spec.get("description", ""),
         "evaluation": {**evaluation, **common},
         "train_overrides": shared,
+        "planned": [r["name"] for r in spec["runs"]],
+        "panels": spec["panels"],
         "rows": [],
     }
     earlier = json.loads((out / "study.json").read_text())["rows"] if (out / "study.json").is_file() else []
@@ -209,6 +213,7 @@ def run_study(path: str, cfg: Optional[StudyConfig] = None) -> Dict[str, Any]:
                 "sigma": train_cfg.sigma,
                 "k": train_cfg.kap_k,
                 "kap_stride": train_cfg.kap_stride,
+                "depth": train_cfg.model_kwargs.get("depth"),
                 "objective": train_cfg.objective,
                 "epochs": train_cfg.epochs,
                 "init_from": run.get("init_from"),

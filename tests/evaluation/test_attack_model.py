@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import kapify
-from kapify.surgery.kap_conv import is_kap_conv
 from kapify.evaluation import evaluate
 from kapify.evaluation.attack_model import attack_model, resolve_attack_precision
 from kapify.evaluation.evaluate import predict
+from kapify.surgery.kap_conv import is_kap_conv
 
 FIG4_NT = Path(__file__).resolve().parents[2] / "results" / "paper-fig4" / "runs" / "nt_d3_s0.1" / "model.safetensors"
 

@@ -21,6 +21,8 @@ evaluation:
   n_examples: 8
   attacks: [{attack: pgd, eps: [0.25, 1.0]}, {attack: square, eps: [0.5]}]
   options: {pgd_steps: 3, square_queries: 20}
+panels:
+  - {title: "depth panel", x: depth, values: [1], lines: {NT: [nt], KAP: [kap]}}
 """
 
 
@@ -37,9 +39,24 @@ def test_two_run_study_end_to_end_and_rerun_skips_finished_runs(cifar_dir, tmp_p
         "--no-download",
         "--no-progress",
     ]
+    out = tmp_path / "out"
+    assert study_main(argv + ["--stage", "train", "--only", "nt"]) == 0
+    assert (out / "runs" / "nt" / "model.safetensors").is_file() and not (out / "study.json").exists()
+    assert study_main(argv + ["--stage", "evaluate"]) == 0  # beside a training invocation: finished runs only
+    assert [r["name"] for r in json.loads((out / "study.json").read_text())["rows"]] == ["nt"]
+    assert (
+        not (out / "runs" / "kap").exists()
+        and "Not trained or evaluated yet: kap, ft" in (out / "study.md").read_text()
+    )
     assert study_main(argv) == 0
     study = json.loads((tmp_path / "out" / "study.json").read_text())
     assert [r["name"] for r in study["rows"]] == ["nt", "kap", "ft"]
+    assert {(c["run"], c["against"], c["attack"]) for c in study["comparisons"]} == {
+        ("kap", "nt", "pgd eps=0.25"), ("kap", "nt", "pgd eps=1"), ("kap", "nt", "square eps=0.5")
+    }  # fmt: skip
+    paired = study["comparisons"][0]["paired"]
+    assert paired["n"] == 8 and paired["ci95"][0] <= paired["difference"] <= paired["ci95"][1]
+    assert "## depth panel" in (out / "study.md").read_text() and (out / "panel-1.png").stat().st_size > 5_000
     kap = study["rows"][1]
     assert kap["pool"] == "avg" and set(kap["robust"]) == {"pgd@0.25", "pgd@1", "square@0.5"}
     assert all(0 <= v <= kap["clean"] for v in kap["robust"].values()) and kap["train_time_s"] > 0
@@ -65,6 +82,9 @@ def test_study_file_errors_are_specific(tmp_path, capsys):
     spec.write_text("runs: [{name: a, config: x.yaml, init_from: b}, {name: b, config: x.yaml}]\n")
     assert study_main(["--config", str(spec)]) == 2
     assert "init_from 'b', which must name an earlier run" in capsys.readouterr().err
+    spec.write_text("runs: [{name: a, config: x.yaml}]\npanels: [{title: t, x: d, values: [1], lines: {L: [b]}}]\n")
+    assert study_main(["--config", str(spec)]) == 2
+    assert "panel 't' names unknown run(s) ['b']" in capsys.readouterr().err
 
 
 @pytest.mark.slow
