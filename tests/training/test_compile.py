@@ -10,7 +10,7 @@ import torch._dynamo
 
 import kapify
 from kapify.models import small_image_stem
-from kapify.training import parse_args, train
+from kapify.training import compiling, parse_args, train
 from kapify.training.compiling import resolve_compile
 
 CASES = {
@@ -43,9 +43,11 @@ def test_converted_resnet18_compiles_in_one_graph_with_its_noise(case):
     torch._dynamo.reset()
 
 
-def test_resolve_compile():
+def test_resolve_compile(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_compile("auto", cpu) is None and resolve_compile("auto", cuda) == "reduce-overhead"
+    assert resolve_compile("auto", cpu) is None and resolve_compile("auto", cuda) is None  # until checked on a GPU
+    monkeypatch.setattr(compiling, "CUDA_COMPILE_CHECKED", True)
+    assert resolve_compile("auto", cuda) == "reduce-overhead" and resolve_compile("auto", cpu) is None
     assert resolve_compile("auto", cuda, "pgd_at") is None and resolve_compile("default", cuda, "trades") == "default"
     assert resolve_compile("off", cuda) is None and resolve_compile(False, cuda) is None
     assert resolve_compile(True, cpu) == "default" and resolve_compile("max-autotune", cpu) == "max-autotune"
