@@ -45,9 +45,9 @@ def growth_limits(graph: ChannelGraph) -> Callable[[Iterable[int]], int]:
     """How much groups may grow to reach a square: :data:`MAX_GROWTH_GROUPED` where a grouped or depthwise conv pools
     one of them or, with a depth multiplier, sets its width from them (spare filters cannot stand in there), else
     :data:`MAX_GROWTH`."""
-    multiplied = {
-        g for out in graph.depth_multiplied for g in (out, graph.multiplied[out][0]) if out in graph.multiplied
-    }
+    multiplied = set(graph.depth_multiplied) | {
+        graph.multiplied[out][0] for out in graph.depth_multiplied if out in graph.multiplied
+    }  # an output whose input group the analysis dropped (e.g. cut into segments) still counts
     grouped = {g for name in graph.grouped for g in graph.channelwise[name]} | multiplied
     return lambda groups: MAX_GROWTH_GROUPED if grouped.intersection(groups) else MAX_GROWTH
 

@@ -129,3 +129,21 @@ def shifted_window_attention(an: ChannelAnalysis, step: Step) -> Any:
     if not an.stored(step, heads, (head,)):
         an.fix_all([src, bias], f"{node.name} (shifted_window_attention) hard-codes {heads} heads")
     return src[0], (out,)
+
+
+@register_node_rule(F.layer_norm, torch.layer_norm, F.group_norm, torch.group_norm)
+def functional_norm(an: ChannelAnalysis, step: Step) -> Any:
+    """``F.layer_norm(x, shape, ...)`` / ``F.group_norm(x, groups, ...)`` traced inside a norm layer kapify has no
+    rule for (a LayerNorm subclass with its own forward): the call holds the normalised shape or the group count
+    as a number, so channels it normalises keep their width; the output keeps the input's layout"""
+    node, src, shape = step.node, step.src, step.src_shape
+    if src is None or shape is None:
+        return NotImplemented
+    if node.target in (F.layer_norm, torch.layer_norm):
+        normalized = _argument(node, 1, "normalized_shape")
+        count = len(normalized) if isinstance(normalized, (tuple, list)) else 1
+        if src[0] >= len(shape) - count:
+            an.fix_all([src], f"{node.name} (layer_norm) holds its normalized shape {normalized} in the traced graph")
+    elif src[0] == 1:
+        an.fix_all([src], f"{node.name} (group_norm) holds its group count in the traced graph")
+    return src

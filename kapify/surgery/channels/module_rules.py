@@ -164,6 +164,15 @@ def module_layout(an: ChannelAnalysis, step: Step, module: nn.Module) -> Optiona
             axis,
             (an.groups.new(int(step.src_shape[axis]), f"input of '{node.target}' has no traced channel layout"),),
         )
+    declared = getattr(module, handler.in_attr, None)
+    declared = declared[0] if isinstance(declared, (tuple, list)) and len(declared) == 1 else declared
+    if isinstance(declared, int) and not guessed and step.src_shape[axis] != declared:
+        # e.g. a LayerNorm subclass whose own forward permutes NCHW to channels-last: not what its class does
+        an.fix_all([an.lay(a) for a in step.args], f"{what} reads dim {axis} of {step.src_shape[axis]} entries, "
+                   f"but its {handler.in_attr} is {declared}: its forward is not its base class's")  # fmt: skip
+        located = an.set_layout(node, an.fresh(node, f"output of {what}, whose forward kapify cannot see into"))
+        an.pinned(node, module, handler)
+        return located
     if (
         src[0] != axis
         and handler.passes_other_dims

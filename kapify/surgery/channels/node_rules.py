@@ -256,8 +256,9 @@ def cast(an: ChannelAnalysis, step: Step) -> Optional[Located]:
 def broadcasting(an: ChannelAnalysis, step: Step) -> Optional[Located]:
     """add, mul, activations: operands' channels merge (residual adds, squeeze-excitation); size-1 channel dims
     broadcast"""
-    wide = [(a, lo) for a, lo in step.located if shape_of(a)[lo[0]] > 1]
-    return an.merge(wide, step.node) if wide else (step.located[0][1] if step.located else None)
+    widest = max((shape_of(a)[lo[0]] for a, lo in step.located), default=0)
+    wide = [(a, lo) for a, lo in step.located if shape_of(a)[lo[0]] == widest]  # a size-1 dim broadcasts only
+    return an.merge(wide, step.node) if wide else None  # against a wider one: 1-channel operands add as channels
 
 
 @register_node_rule(torch.permute, torch.transpose, torch.swapaxes, methods=("permute", "transpose", "swapaxes"))
