@@ -152,7 +152,7 @@ def plot_panels(study: Dict[str, Any], out: Path) -> List[Path]:
             ax.set_xlabel(panel["x"])
             ax.set_ylabel(f"robust accuracy (%, n={n})")
             ax.set_xticks(panel["values"])
-            ax.set_ylim(bottom=0)
+            ax.set_ylim(0, max(ax.get_ylim()[1], 1.0) * 1.08)  # from 0, room above the highest interval
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         fig.suptitle(panel["title"])
