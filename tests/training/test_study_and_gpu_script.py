@@ -190,3 +190,19 @@ def test_gpu_table1_hands_compiled_kernels_to_the_next_session(tmp_path, monkeyp
     torch._dynamo.reset()
     assert gpu_table1.load_compile_cache(tmp_path) == ["compile_cache-kap_s0.1.bin"]
     assert gpu_table1.load_compile_cache(tmp_path / "nothing-here") == []
+
+
+@pytest.mark.slow
+def test_gpu_compile_check_rehearses_on_a_cpu(tmp_path):
+    """benchmarks/gpu_compile_check.py (issue 30's first GPU step) runs end to end and compares what it says."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_compile_check", ROOT / "benchmarks" / "gpu_compile_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "check.json"
+    assert module.main(["--smoke", "--steps", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["runs"]) == {"NT σ=0", "NT σ=0.1", "KAP σ=0", "KAP σ=0.1"} and report["passed"]
+    nt = report["runs"]["NT σ=0"]
+    assert len(nt["eager"]["losses"]) == 2 and nt["worst_relative_difference"] <= 0.02
