@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import timm
 import torch
 import torchvision
@@ -87,6 +88,14 @@ TORCHVISION = [
     "shufflenet_v2_x1_0",
 ]
 CASES = [("timm", n) for n in TIMM] + [("torchvision", n) for n in TORCHVISION]
+# the zoo models that take over 10 s a test on the 2-core machine: in the full run (CI) only
+HEAVY = {
+    ("timm", "vgg11_bn"),
+    ("torchvision", "vgg11_bn"),
+    ("timm", "wide_resnet50_2"),
+    ("torchvision", "regnet_y_400mf"),
+}
+ZOO = [pytest.param(lib, n, id=f"{lib}-{n}", marks=[pytest.mark.slow] if (lib, n) in HEAVY else []) for lib, n in CASES]
 
 
 def build(library: str, name: str) -> nn.Module:

@@ -47,7 +47,7 @@ def test_save_plain_timm_model_infers_source(tmp_path):
         ("regnet_x_400mf", 32),
         ("mobilenet_v3_small", 32),
         ("efficientnet_b0", 32),
-        ("inception_v3", 299),
+        pytest.param("inception_v3", 299, marks=pytest.mark.slow),
         ("squeezenet1_1", 48),
         ("mnasnet0_5", 32),
     ],

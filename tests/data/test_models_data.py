@@ -123,6 +123,7 @@ def test_missing_data_offline_says_where_it_looked(tmp_path, monkeypatch):
         dataset_info("mnist")
 
 
+@pytest.mark.slow  # over 10 s on the 2-core machine: the full run (CI) only
 def test_loader_order_is_a_function_of_seed_and_epoch_and_can_skip(cifar_dir):
     kwargs = dict(batch_size=8, data_dir=cifar_dir, download=False, num_samples=64, augment=False)
     a, b = build_loader("cifar10", True, **kwargs), build_loader("cifar10", True, **kwargs)

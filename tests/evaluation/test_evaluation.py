@@ -44,7 +44,7 @@ def linear_problem(n=200, classes=4, seed=0):
     return model, x, y, dist.min(1).values.detach()
 
 
-@pytest.mark.parametrize("attack,slack", [("pgd", 0.02), ("autoattack", 0.0)])
+@pytest.mark.parametrize("attack,slack", [("pgd", 0.02), pytest.param("autoattack", 0.0, marks=pytest.mark.slow)])
 def test_attacks_find_exactly_the_examples_within_reach_of_a_linear_model(attack, slack):
     """No attack may break an example whose exact distance exceeds eps (sound); AutoAttack breaks every
     other one, PGD (maximising cross-entropy, not the margin) all but a couple of percent (strong)."""
@@ -126,6 +126,7 @@ def test_cached_batches_resume_without_attacking_again(tmp_path, monkeypatch):
     assert again["results"][0]["accuracy"] == first["results"][0]["accuracy"]
 
 
+@pytest.mark.slow  # over 10 s on the 2-core machine: the full run (CI) only
 def test_an_autoattack_run_interrupted_mid_batch_resumes_with_the_uninterrupted_result(tmp_path, monkeypatch):
     model, x, y, dist = linear_problem(n=30)
     run = dict(attacks=["autoattack"], eps=0.5, batch_size=10, progress=False)

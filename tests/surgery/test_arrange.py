@@ -16,7 +16,7 @@ from kapify.surgery.arrange import grid_placement, neighbour_similarity
     [
         lambda: timm.create_model("resnet18", pretrained=False, num_classes=10),  # residual adds
         lambda: torchvision.models.densenet121(num_classes=10),  # concats
-        lambda: torchvision.models.resnext50_32x4d(num_classes=10),  # grouped convs
+        pytest.param(lambda: torchvision.models.resnext50_32x4d(num_classes=10), marks=pytest.mark.slow),  # grouped
         lambda: timm.create_model("seresnet18", pretrained=False, num_classes=10),  # squeeze-excitation multiplies
     ],
     ids=["resnet18", "densenet121", "resnext50", "seresnet18"],

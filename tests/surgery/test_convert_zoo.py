@@ -8,10 +8,10 @@ import torchvision
 import kapify
 from kapify.layers import channel_pool
 from kapify.surgery.kap_conv import original_class
-from tests.helpers import CASES, build, called_convs
+from tests.helpers import ZOO, build, called_convs
 
 
-@pytest.mark.parametrize("library,name", CASES, ids=[f"{lib}-{n}" for lib, n in CASES])
+@pytest.mark.parametrize("library,name", ZOO)
 def test_every_conv_is_pooled(library, name):
     model = build(library, name).eval()
     size = 64 if name != "vgg11_bn" or library == "timm" else 32

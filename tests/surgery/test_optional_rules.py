@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 SIMULATE = r"""
 import json, sys, warnings
 import timm, timm.models.shvit
@@ -28,6 +30,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow  # over 10 s on the 2-core machine: the full run (CI) only
 def test_a_missing_timm_module_costs_only_its_own_rules_and_warns_once():
     import kapify
 

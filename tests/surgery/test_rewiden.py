@@ -12,7 +12,7 @@ from torch import nn
 import kapify
 from kapify.surgery.handlers import resize_layer
 from kapify.surgery.rewiden import RewidenError
-from tests.helpers import CASES, assert_unchanged, build, state_snapshot, without_layernorm
+from tests.helpers import ZOO, assert_unchanged, build, state_snapshot, without_layernorm
 
 # where channel groups legitimately stay fixed (rectangular grids), and the reason the report gives
 PARTLY_FIXED = {
@@ -24,7 +24,7 @@ def _param_count(model):
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("library,name", CASES, ids=[f"{lib}-{n}" for lib, n in CASES])
+@pytest.mark.parametrize("library,name", ZOO)
 def test_square_widening_preserves_the_function_and_gives_square_grids(library, name, tmp_path):
     model = build(library, name).eval()
     x = torch.rand(2, 3, 64, 64)

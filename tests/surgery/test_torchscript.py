@@ -21,8 +21,8 @@ def _model(name: str) -> torch.nn.Module:
     [
         ("resnet18", "rect", "avg", 0.5),  # weight route, warm-start blend, pixel normalisation moved to conv1
         ("resnet18", "square", "max", 1.0),  # KMP, re-widened
-        ("efficientnet_b0", "square", "avg", 1.0),  # depthwise convs (activation route), SE
-        ("torchvision/mobilenet_v2", "square", "avg", 1.0),
+        pytest.param("efficientnet_b0", "square", "avg", 1.0, marks=pytest.mark.slow),  # depthwise, SE
+        pytest.param("torchvision/mobilenet_v2", "square", "avg", 1.0, marks=pytest.mark.slow),
     ],
 )
 def test_scripted_model_matches_eager(name, grid, pool, blend, tmp_path):

@@ -26,6 +26,7 @@ panels:
 """
 
 
+@pytest.mark.slow  # over 10 s on the 2-core machine: the full run (CI) only
 def test_two_run_study_end_to_end_and_rerun_skips_finished_runs(cifar_dir, tmp_path, capsys):
     spec = tmp_path / "tiny.yaml"
     spec.write_text(STUDY % {"root": ROOT})
