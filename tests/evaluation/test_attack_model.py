@@ -9,7 +9,7 @@ import torch
 import kapify
 from kapify.evaluation import evaluate
 from kapify.evaluation.attack_model import attack_model, resolve_attack_precision
-from kapify.evaluation.evaluate import predict
+from kapify.evaluation.evaluate import attack_mode, predict
 from kapify.surgery.kap_conv import is_kap_conv
 
 FIG4_NT = Path(__file__).resolve().parents[2] / "results" / "paper-fig4" / "runs" / "nt_d3_s0.1" / "model.safetensors"
@@ -97,3 +97,20 @@ def test_autoattack_on_the_bf16_search_model_finds_what_the_exact_one_finds(cifa
     assert exact.mean() > 0.05  # a model with robust images left to find: the comparison says something
     assert abs(float(fast.mean() - exact.mean())) <= 0.01
     assert float((flags["exact"] == flags["bf16"]).float().mean()) >= 0.98
+
+
+@pytest.mark.slow
+def test_kapify_autoattack_on_the_exact_model_is_pyautoattack_called_directly():
+    """The harness adds nothing to AutoAttack: same model, images and seed, the same examples survive."""
+    from pyautoattack import AutoAttack
+
+    torch.manual_seed(1)
+    model = kapify.convert(kapify.models.SmallConvNet(depth=2, width=[9, 16], num_classes=10), sigma=0.1).eval()
+    x = torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    y = predict(model, x)  # every image starts correct: the attack has all 16 to work on
+    ours = evaluate(model, x, y, ["autoattack"], eps=3.0, batch_size=16, seed=0, progress=False)
+    with attack_mode(model):
+        adversary = AutoAttack(model, norm="L2", eps=3.0, version="standard", seed=0, device=torch.device("cpu"))
+        x_adv, _ = adversary.run_standard_evaluation(x.contiguous(), y, batch_size=16)
+        direct = (predict(model, x_adv) == y) & (predict(model, x) == y)
+    assert torch.equal(ours["correct"][("autoattack", 3.0)], direct) and 0 < int(direct.sum()) < 16
