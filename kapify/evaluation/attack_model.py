@@ -15,7 +15,7 @@ AutoAttack's results compare on the two paths). A randomised defence (``test_noi
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -24,9 +24,10 @@ from ..surgery.config import get_config
 from ..surgery.fold import fold
 from ..training.precision import cpu_has_fast_bf16
 
-__all__ = ["AttackPrecision", "attack_model", "resolve_attack_precision"]
+__all__ = ["ATTACK_PRECISIONS", "AttackPrecision", "attack_model", "resolve_attack_precision"]
 
 AttackPrecision = Literal["auto", "exact", "fp32", "bf16"]
+ATTACK_PRECISIONS = get_args(AttackPrecision)
 
 
 class _Autocast(nn.Module):
@@ -49,7 +50,7 @@ def resolve_attack_precision(precision: str, device: torch.device) -> str:
         >>> resolve_attack_precision("fp32", torch.device("cpu"))
         'fp32'
     """
-    if precision not in ("auto", "exact", "fp32", "bf16"):
+    if precision not in ATTACK_PRECISIONS:
         raise ValueError(f"attack precision must be auto, exact, fp32 or bf16, got {precision!r}")
     if precision != "auto":
         return precision

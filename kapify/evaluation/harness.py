@@ -24,7 +24,7 @@ from ..layers import set_noise
 from ..options import option, parse_options
 from ..surgery.config import get_config
 from ..versions import versions
-from .attack_model import attack_model, resolve_attack_precision
+from .attack_model import ATTACK_PRECISIONS, attack_model, resolve_attack_precision
 from .attacks import ATTACKS, AttackSpec
 from .certify import certified_accuracy, certify
 from .checks import masking_flags
@@ -72,7 +72,7 @@ class EvalConfig:
         "what the attacks search on (examples are always scored on the model in fp32): exact (the model as it is), "
         "fp32 (folded, channels-last), bf16 (that under bf16 autocast), auto (bf16 on CPUs with native bf16, else "
         "fp32)",
-        choices=["auto", "exact", "fp32", "bf16"],
+        choices=list(ATTACK_PRECISIONS),
     )
     noise_sensitivity: bool = option(
         False, "re-score adversarial examples with noise on input/activations (Table 2's protocol: NOT adaptive)"
@@ -257,11 +257,15 @@ class _Session:
         order = ("autoattack", "autoattack-rand", "pgd", "square")
         return next(((a, self.nominal) for a in order if (a, self.nominal) in (self.examples or {})), None)
 
+    @property
+    def attack_precision(self) -> str:
+        """``--attack-precision`` resolved for the device (``auto`` -> bf16 or fp32)."""
+        return resolve_attack_precision(self.cfg.attack_precision, self.device)
+
     def search_model(self) -> nn.Module:
         """What the attacks run on (``--attack-precision``), built once."""
         if self._search is None:
-            precision = resolve_attack_precision(self.cfg.attack_precision, self.device)
-            self._search = attack_model(self.model, precision, self.cfg.test_noise)
+            self._search = attack_model(self.model, self.attack_precision, self.cfg.test_noise)
         return self._search
 
     def reference(self) -> nn.Module:
@@ -327,7 +331,7 @@ def _attack_section(s: _Session, out: Path) -> List[Dict[str, Any]]:
             cfg.batch_size,
             s.spec,
             return_examples=r == 0 and (cfg.noise_sensitivity or cfg.diagnostics),
-            cache_dir=out / "cache" / resolve_attack_precision(cfg.attack_precision, s.device) if cfg.resume else None,
+            cache_dir=out / "cache" / s.attack_precision if cfg.resume else None,
             progress=cfg.progress and s.env.is_main,
             test_noise=cfg.test_noise,
             search_model=s.search_model(),
@@ -437,7 +441,7 @@ def run_evaluation(cfg: EvalConfig) -> Dict[str, Any]:
         "config": dataclasses.asdict(cfg),
         "versions": versions(),
         "device": str(s.device),
-        "attack_precision": resolve_attack_precision(cfg.attack_precision, s.device),
+        "attack_precision": s.attack_precision,
         "world_size": s.env.world_size,
         "dataset": dataclasses.asdict(s.info),
         "n_examples": cfg.n_examples,
