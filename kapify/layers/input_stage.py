@@ -9,16 +9,53 @@ The hooks start on the model's own call. :func:`move_input_stages` moves them to
 that consumes the raw input (``convert`` does this when the traced graph shows one, e.g. a
 ResNet's ``conv1``), so that every entry point (``forward_features``, ``forward_intermediates``,
 FX feature extractors) runs them, not only ``model(x)``.
+
+TorchScript compiles no Python hook: ``torch.jit.script`` asks each module for
+``__prepare_scriptable__()`` first. A Kap conv that hosts stages answers with its own twin
+(``kapify.surgery.scripting``); any other host (the model itself when no single module reads the
+input, e.g. RepVGG's two-branch stem) answers with a :class:`ScriptableStages`: its stages, then
+the host without their hooks.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 from typing import List, Tuple
 
+import torch
 from torch import nn
 
-__all__ = ["add_input_stage", "remove_input_stage", "input_stages", "hosted_stages", "move_input_stages"]
+__all__ = [
+    "add_input_stage",
+    "remove_input_stage",
+    "input_stages",
+    "hosted_stages",
+    "move_input_stages",
+    "ScriptableStages",
+]
+
+_PREPARE = "__prepare_scriptable__"
+
+
+class ScriptableStages(nn.Module):
+    """What ``torch.jit.script`` compiles for a host of input stages that has no twin of its own:
+    the stages, then the host without their hooks (its parameters shared).
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 2, 1))
+        >>> add_input_stage(model, "scale", nn.Identity())
+        >>> torch.jit.script(model).original_name
+        'ScriptableStages'
+    """
+
+    def __init__(self, stages: List[nn.Module], module: nn.Module) -> None:
+        super().__init__()
+        self.stages = nn.Sequential(*stages)
+        self.module = module
+
+    def forward(self, x: torch.Tensor):  # the return type is the host's
+        return self.module(self.stages(x))
 
 
 def _run_stage(host: nn.Module, args: tuple, *, attr: str) -> tuple:
@@ -27,13 +64,41 @@ def _run_stage(host: nn.Module, args: tuple, *, attr: str) -> tuple:
     return (stage(args[0]),) + tuple(args[1:])
 
 
+def _is_stage_hook(hook: object) -> bool:
+    return isinstance(hook, functools.partial) and hook.func is _run_stage
+
+
 def _hosted(host: nn.Module) -> List[Tuple[int, str]]:
     """(hook id, attr) of the input-stage hooks on ``host`` itself, in the order they run."""
     return [
-        (hook_id, hook.keywords["attr"])
-        for hook_id, hook in host._forward_pre_hooks.items()
-        if isinstance(hook, functools.partial) and hook.func is _run_stage
+        (hook_id, hook.keywords["attr"]) for hook_id, hook in host._forward_pre_hooks.items() if _is_stage_hook(hook)
     ]
+
+
+def _scriptable_twin(host: nn.Module) -> nn.Module:
+    """``host``'s answer to ``torch.jit.script``: a :class:`ScriptableStages` around a copy of it without the
+    stage hooks."""
+    attrs = [attr for _, attr in _hosted(host)]
+    bare = copy.copy(host)  # its own attribute dict; parameters and submodules shared
+    bare._forward_pre_hooks = type(host._forward_pre_hooks)(
+        (hook_id, hook) for hook_id, hook in host._forward_pre_hooks.items() if not _is_stage_hook(hook)
+    )
+    for attr in [*attrs, _PREPARE]:
+        bare.__dict__.pop(attr, None)
+    twin = ScriptableStages([host.__dict__[attr] for attr in attrs], bare)
+    # torch.jit.script keys its memo of prepared modules by id(): keep the host alive (in a tuple: not a submodule)
+    twin.__dict__["_prepared_from"] = (host,)
+    return twin.train(host.training)  # the stages follow the host's mode
+
+
+def _sync_scriptable(host: nn.Module) -> None:
+    """Give ``host`` the :func:`_scriptable_twin` answer while it hosts stages, unless its class has its own."""
+    if hasattr(type(host), _PREPARE):
+        return
+    if _hosted(host):
+        host.__dict__[_PREPARE] = functools.partial(_scriptable_twin, host)
+    else:
+        host.__dict__.pop(_PREPARE, None)
 
 
 def _stage_hooks(model: nn.Module) -> List[Tuple[nn.Module, int, str]]:
@@ -59,6 +124,7 @@ def add_input_stage(model: nn.Module, attr: str, stage: nn.Module, first: bool =
     object.__setattr__(model, attr, stage)
     host.__dict__[attr] = stage
     host.register_forward_pre_hook(functools.partial(_run_stage, attr=attr), prepend=first)
+    _sync_scriptable(host)
 
 
 def move_input_stages(model: nn.Module, entry: str) -> None:
@@ -82,6 +148,9 @@ def move_input_stages(model: nn.Module, entry: str) -> None:
             host.__dict__.pop(attr)
         target.__dict__[attr] = stage
         target.register_forward_pre_hook(functools.partial(_run_stage, attr=attr), prepend=True)
+    for host in {id(host): host for host, _, _ in hooks}.values():
+        _sync_scriptable(host)
+    _sync_scriptable(target)
 
 
 def remove_input_stage(model: nn.Module, attr: str) -> None:
@@ -90,6 +159,7 @@ def remove_input_stage(model: nn.Module, attr: str) -> None:
         if name == attr:
             del host._forward_pre_hooks[hook_id]
             host.__dict__.pop(attr, None)
+            _sync_scriptable(host)
     model.__dict__.pop(attr, None)
 
 

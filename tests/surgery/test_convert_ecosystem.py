@@ -1,6 +1,7 @@
 """A converted model keeps working where the original did: timm/torchvision API, state_dict, eval,
 torch.compile, autocast, channels_last, DDP."""
 
+import copy
 import os
 
 import pytest
@@ -185,11 +186,13 @@ def test_widened_timm_models_report_their_new_widths(name):
 
 
 @pytest.mark.parametrize("grid", ["rect", "square"])
-@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "convnext_atto"])
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "convnext_atto", "repvgg_a2"])
 def test_timm_model_suite_checks_hold_after_conversion(name, grid):
     """Assertions of timm's tests/test_models.py, restated: backward reaches every parameter,
-    forward_intermediates agrees with feature_info, pre-logits have the reported width, and a
-    features_only model converts and reports its (re-widened) channels."""
+    forward_intermediates agrees with feature_info, pre-logits have the reported width, the model
+    scripts (TorchScript) with eager's outputs, and a features_only model converts and reports its
+    (re-widened) channels. repvgg_a2: no single module reads its input (a two-branch stem), so the
+    model itself hosts the input stages."""
     x = torch.rand(2, 3, 64, 64)
     kap = kapify.convert(timm.create_model(name, pretrained=False, num_classes=10), grid=grid, example_input=x).train()
     out = kap(x)
@@ -201,6 +204,8 @@ def test_timm_model_suite_checks_hold_after_conversion(name, grid):
     final, intermediates = kap.forward_intermediates(x)
     assert [t.shape[1] for t in intermediates] == [info["num_chs"] for info in kap.feature_info]
     assert kap.forward_head(final, pre_logits=True).shape[-1] == getattr(kap, "head_hidden_size", kap.num_features)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(copy.deepcopy(kap))(x), kap(x), rtol=1e-4, atol=1e-5)
     features = kapify.convert(
         timm.create_model(name, pretrained=False, features_only=True), grid=grid, example_input=x
     ).eval()
