@@ -117,15 +117,14 @@ def evaluate(
                     name = f"{attack}-{norm}-eps{e:g}-seed{seed}-n{images.shape[0]}-bs{batch_size}-rank{rank}of{world}"
                     folder = Path(cache_dir) / name
                     folder.mkdir(parents=True, exist_ok=True)
-                t0 = time.perf_counter()
                 spec_e = dataclasses.replace(base, norm=norm, eps=e)
                 run = _Attack(model, search_model or model, attack, spec_e, seed, return_examples)
-                mine, advs, notes = run.all_batches(
+                mine, advs, notes, elapsed = run.all_batches(
                     x_all, y_all, clean_correct, batch_size, folder, progress and rank == 0
                 )
                 per_image[(attack, e)] = _unshard(mine, index, images.shape[0], world)
                 hits, total = all_reduce_sum([float(mine.sum()), float(mine.numel())], device)
-                accuracy, elapsed = hits / max(total, 1), time.perf_counter() - t0
+                accuracy = hits / max(total, 1)
                 results.append({"attack": attack, "norm": norm, "eps": e, "seed": seed, "accuracy": accuracy,
                                 "n": int(total), "time_s": elapsed, "notes": notes})  # fmt: skip
                 if return_examples and advs:
@@ -166,34 +165,40 @@ class _Attack:
     keep_examples: bool
 
     def all_batches(self, x_all, y_all, clean_correct, batch_size: int, folder: Optional[Path], progress: bool):
-        """(correct per image, adversarial batches if kept, the attack's notes)."""
-        correct, advs, notes = [], [], []
+        """(correct per image, adversarial batches if kept, the attack's notes, its seconds: those of the run that
+        attacked each batch, cached or not)."""
+        correct, advs, notes, seconds = [], [], [], 0.0
         desc = f"{self.attack} {self.spec.norm} eps={self.spec.eps:g}"
         for b in tqdm(range(0, len(y_all), batch_size), desc=desc, disable=not progress, leave=False):
             cached = folder / f"batch{b // batch_size:05d}.pt" if folder is not None else None
             x, y = x_all[b : b + batch_size], y_all[b : b + batch_size]
-            batch_correct, x_adv, batch_notes = self.batch(x, y, clean_correct[b : b + batch_size], b, cached)
+            batch_correct, x_adv, batch_notes, batch_seconds = self.batch(
+                x, y, clean_correct[b : b + batch_size], b, cached
+            )
             correct.append(batch_correct)
+            seconds += batch_seconds
             notes.extend(n for n in batch_notes if n not in notes)
             if self.keep_examples:
                 advs.append(x_adv)
-        return (torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)), advs, notes
+        return (torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)), advs, notes, seconds
 
     def batch(self, x, y, clean, offset: int, cached: Optional[Path]):
         """One batch: its saved result, or the attack run, verified, scored and saved (whole or not at all)."""
         saved = _cached_batch(cached, len(y), self.keep_examples)
-        if saved is not None:
-            return saved["correct"], saved.get("x_adv"), []
+        if saved is not None:  # caches written before the time was saved count 0 s
+            return saved["correct"], saved.get("x_adv"), [], float(saved.get("time_s", 0.0))
+        started = time.perf_counter()
         device = next(self.model.parameters()).device
         x, y = x.to(device), y.to(device)
         x_adv, notes = ATTACKS[self.attack](self.search_model, x, y, self.spec, self.seed + offset)
         verify_examples(x, x_adv, self.spec.eps, self.spec.norm, self.attack)
         batch_correct = (predict(self.model, x_adv) == y).cpu() & clean
         x_adv = x_adv.detach().cpu()
+        seconds = time.perf_counter() - started
         if cached is not None:
-            saved = {"correct": batch_correct, "x_adv": x_adv if self.keep_examples else None}
+            saved = {"correct": batch_correct, "x_adv": x_adv if self.keep_examples else None, "time_s": seconds}
             write_atomically(cached, lambda tmp: torch.save(saved, tmp), "attack cache file")
-        return batch_correct, x_adv, notes
+        return batch_correct, x_adv, notes, seconds
 
 
 def _cached_batch(path: Optional[Path], size: int, need_examples: bool) -> Optional[Dict[str, Any]]:
