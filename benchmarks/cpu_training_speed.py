@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from kapify.precision import cpu_has_fast_bf16  # noqa: E402
 from kapify.training import parse_args, train  # noqa: E402
-from kapify.training.precision import cpu_has_fast_bf16  # noqa: E402
 
 MODELS = {
     "convnet3 (width 64)": ["--config", str(ROOT / "recipes/configs/cifar10_convnet3_nt.yaml")],

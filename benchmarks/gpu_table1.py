@@ -51,10 +51,10 @@ from bf16_shards import export_shards, import_shards  # noqa: E402
 
 from kapify.data import dataset_info  # noqa: E402
 from kapify.evaluation import EvalConfig, run_evaluation  # noqa: E402
-from kapify.evaluation.paired import paired_rows, read_per_image  # noqa: E402
+from kapify.precision import resolve_precision  # noqa: E402
+from kapify.reporting.paired import paired_rows, read_per_image  # noqa: E402
 from kapify.training import build_model, parse_args, train  # noqa: E402
 from kapify.training.compiling import COMPILE_MODES  # noqa: E402
-from kapify.training.precision import resolve_precision  # noqa: E402
 
 KAP, NT = "KAP(σ=0.1, K=3)", "NT(σ=0.1)"  # KAP first: if time runs out, the model in question has been attacked
 PAPER_EAGER = {"batch_size": 512, "lr": 0.4, "label_smoothing": 0.0, "compile": "off"}
@@ -306,7 +306,7 @@ def evaluate_step(
 
 def paired_differences(results: Dict[str, Any], out: Path) -> Dict[str, Any]:
     """KAP − NT robust accuracy on the same images, per (attack, eps) both have: the mean of the per-image
-    differences and its 95% interval (kapify.evaluation.paired)."""
+    differences and its 95% interval (kapify.reporting.paired)."""
     kap, nt = results["models"].get(KAP), results["models"].get(NT)
     if not kap or not nt:
         return {}

@@ -38,7 +38,7 @@ from torch import nn
 import kapify
 from kapify.layers.fast_noise import torch_generator
 from kapify.models import small_image_stem
-from kapify.training.precision import resolve_precision
+from kapify.precision import resolve_precision
 
 SIGMA = 0.1
 VARIANTS: Dict[str, dict] = {

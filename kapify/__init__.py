@@ -8,7 +8,7 @@ Example:
 
 from . import data, evaluation, models
 from .layers import ChannelGrid, GaussianNoise, KernelAvgPool, KernelMaxPool, channel_pool, set_noise
-from .model_source import create_model
+from .models.factory import create_model
 from .reporting import summary
 from .serialization import load, load_config, load_extra, save
 from .surgery import (
@@ -37,8 +37,7 @@ from .surgery import (
     width_mult,
 )
 from .surgery.optional import diagnostics
-
-__version__ = "0.1.0"
+from .versions import __version__ as __version__
 
 __all__ = [
     "data",  # subpackages: kapify.data.cifar10(...), kapify.evaluation.evaluate(...), kapify.models.adapt(...)

@@ -1,6 +1,7 @@
 """Files written whole or not at all: every file kapify writes (checkpoints, results, caches) goes to a
 temporary name in the same folder and is renamed over the old one, so a crash or a full disk never leaves
-a torn file, and the previous version survives a failed write."""
+a torn file, and the previous version survives a failed write. :func:`cache_dir` is where kapify keeps what it
+can rebuild (decoded datasets, the compiled noise kernel)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,15 @@ import os
 from pathlib import Path
 from typing import Callable, Union
 
-__all__ = ["PathLike", "write_atomically", "write_text_atomically"]
+__all__ = ["CACHE_DIR_ENV", "PathLike", "cache_dir", "write_atomically", "write_text_atomically"]
 
 PathLike = Union[str, "os.PathLike[str]"]
+CACHE_DIR_ENV = "KAPIFY_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """``$KAPIFY_CACHE_DIR`` if set, else ``~/.cache/kapify``."""
+    return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "kapify").expanduser()
 
 
 def write_atomically(path: PathLike, write: Callable[[str], None], what: str = "file", hint: str = "") -> None:

@@ -1,4 +1,7 @@
-"""Where a model comes from (a timm or torchvision model name), so a checkpoint can rebuild it."""
+"""Where a model comes from (a timm or torchvision model name), so a checkpoint can rebuild it.
+
+Read from the model alone, below everything else in kapify (``convert`` records it); building a model
+from its source is :mod:`kapify.models.factory`'s."""
 
 from __future__ import annotations
 
@@ -7,78 +10,9 @@ from typing import Any, Callable, Dict, Iterator, Optional
 
 from torch import nn
 
-__all__ = ["create_model", "describe_source", "build_from_source", "torchvision_source", "SOURCE_ATTR"]
+__all__ = ["describe_source", "torchvision_source", "SOURCE_ATTR"]
 
-SOURCE_ATTR = "kapify_source"
-_LIBRARIES = ("timm", "torchvision", "kapify")
-
-
-def _split(name: str) -> tuple[Optional[str], str]:
-    library, sep, arch = name.partition("/")
-    if sep and library in _LIBRARIES:
-        return library, arch
-    return None, name
-
-
-def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """Build a timm or torchvision model by name and remember how, for :func:`kapify.save`.
-
-    ``name`` is ``"timm/<arch>"``, ``"torchvision/<arch>"``, ``"kapify/small_convnet"`` or a bare
-    name (timm first, then torchvision). ``kwargs`` go to the library's factory (``num_classes=10``, ...).
-
-    Example:
-        >>> model = create_model("torchvision/resnet18", num_classes=10)
-        >>> model.kapify_source["library"], model.fc.out_features
-        ('torchvision', 10)
-    """
-    library, arch = _split(name)
-    if library is None:
-        import timm
-
-        library = "timm" if timm.is_model(arch) else "torchvision"
-    source = {"library": library, "name": arch, "kwargs": dict(kwargs)}
-    model = build_from_source(source, pretrained=pretrained)
-    setattr(model, SOURCE_ATTR, source)
-    return model
-
-
-def build_from_source(source: Dict[str, Any], pretrained: bool = False) -> nn.Module:
-    """Build the plain model that ``source`` (from :func:`describe_source`) names, with its
-    recorded adaptations (``source["adapt"]``, see :func:`kapify.models.adapt`) replayed."""
-    from .models.adapt import ADAPTATIONS
-
-    model = _build_arch(source, pretrained)
-    for step in source.get("adapt") or []:
-        options = {k: v for k, v in step.items() if k != "name"}
-        if step.get("name") not in ADAPTATIONS:
-            raise ValueError(
-                f"the model source names an unknown adaptation {step.get('name')!r}; registered: {sorted(ADAPTATIONS)}"
-            )
-        model = ADAPTATIONS[step["name"]](model, **options)
-    return model
-
-
-def _build_arch(source: Dict[str, Any], pretrained: bool) -> nn.Module:
-    library, arch, kwargs = source.get("library"), source.get("name"), dict(source.get("kwargs") or {})
-    if library == "kapify":
-        from .models import MODELS
-
-        if arch not in MODELS:
-            raise ValueError(f"kapify has no model named {arch!r}; kapify models: {sorted(MODELS)}")
-        return MODELS[arch](**kwargs)
-    if library == "timm":
-        import timm
-
-        if not timm.is_model(arch):
-            raise ValueError(f"timm has no model named {arch!r}; see timm.list_models()")
-        return timm.create_model(arch, pretrained=pretrained, **kwargs)
-    if library == "torchvision":
-        import torchvision
-
-        if arch not in torchvision.models.list_models():
-            raise ValueError(f"torchvision has no model named {arch!r}; see torchvision.models.list_models()")
-        return torchvision.models.get_model(arch, weights="DEFAULT" if pretrained else None, **kwargs)
-    raise ValueError(f"cannot build a model from source {source!r}: library must be 'timm', 'torchvision' or 'kapify'")
+SOURCE_ATTR = "kapify_source"  # set by kapify.create_model: {"library", "name", "kwargs", "adapt"}
 
 
 def describe_source(model: nn.Module, in_chans: Optional[int] = None) -> Optional[Dict[str, Any]]:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from .files import PathLike, write_atomically
-from .model_source import build_from_source
+from .models.factory import build_from_source
 from .surgery.config import KapConfig, get_config, unwrap
 from .surgery.convert import convert, replay
 from .surgery.fold import fold

@@ -6,6 +6,8 @@ import platform
 from importlib import metadata
 from typing import Dict, Optional
 
+__version__ = "0.1.0"  # the package version (pyproject.toml says the same; a test checks)
+
 __all__ = ["versions"]
 
 PACKAGES = ("torch", "torchvision", "timm", "pyautoattack")
@@ -18,8 +20,6 @@ def versions() -> Dict[str, Optional[str]]:
         >>> sorted(versions())
         ['kapify', 'pyautoattack', 'python', 'timm', 'torch', 'torchvision']
     """
-    from . import __version__
-
     found: Dict[str, Optional[str]] = {"kapify": __version__, "python": platform.python_version()}
     for package in PACKAGES:
         try:

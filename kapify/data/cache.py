@@ -20,15 +20,11 @@ from typing import Callable, List, Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = ["cache_dir", "source_checksum", "cached_decode", "CACHE_DIR_ENV"]
+from ..files import CACHE_DIR_ENV, cache_dir
 
-CACHE_DIR_ENV = "KAPIFY_CACHE_DIR"
+__all__ = ["source_checksum", "cached_decode"]
+
 Decoded = Tuple[np.ndarray, List[int], List[str]]
-
-
-def cache_dir() -> Path:
-    """``$KAPIFY_CACHE_DIR`` if set, else ``~/.cache/kapify``."""
-    return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "kapify").expanduser()
 
 
 def source_checksum(paths: Sequence[Path]) -> str:

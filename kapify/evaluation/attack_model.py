@@ -20,9 +20,9 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
+from ..precision import cpu_has_fast_bf16
 from ..surgery.config import get_config
 from ..surgery.fold import fold
-from ..training.precision import cpu_has_fast_bf16
 
 __all__ = ["ATTACK_PRECISIONS", "AttackPrecision", "attack_model", "resolve_attack_precision"]
 

@@ -119,8 +119,8 @@ class EvalConfig:
 def load_model(cfg: EvalConfig, num_classes: int, device: torch.device) -> nn.Module:
     """The model to attack: a kapify checkpoint, or a plain timm/torchvision model plus weights."""
     from .. import serialization
-    from ..model_source import create_model
     from ..models import adapt
+    from ..models.factory import create_model
 
     if cfg.checkpoint:
         return serialization.load(cfg.checkpoint, device=device)

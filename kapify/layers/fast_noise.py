@@ -31,7 +31,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 
-from ..data.cache import cache_dir
+from ..files import cache_dir
 
 __all__ = ["add_gaussian", "fast_noise_available", "kernel_normals", "torch_generator"]
 

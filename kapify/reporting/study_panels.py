@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..evaluation.paired import PairedDifference, paired_rows, proportion_interval, read_per_image
+from .paired import PairedDifference, paired_rows, proportion_interval, read_per_image
 
 __all__ = ["check_panels", "panel_comparisons", "panels_markdown", "plot_panels"]
 

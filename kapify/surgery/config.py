@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 __all__ = ["LayerRecord", "KapConfig", "get_config", "is_converted", "unwrap", "require_module", "CONFIG_ATTR"]
+__all__ += ["INPUT_NOISE_ATTR"]
 
-CONFIG_ATTR = "kapify_config"
+CONFIG_ATTR = "kapify_config"  # the model attribute holding its KapConfig
+INPUT_NOISE_ATTR = "kapify_input_noise"  # the model attribute naming its input-noise stage
 
 
 @dataclass

@@ -22,7 +22,7 @@ from ..layers import ChannelGrid, GaussianNoise
 from ..layers.input_stage import add_input_stage, move_input_stages
 from ..model_source import describe_source
 from .arrange import arrange_channels
-from .config import CONFIG_ATTR, KapConfig, is_converted
+from .config import CONFIG_ATTR, INPUT_NOISE_ATTR, KapConfig, is_converted
 from .conv_sites import ConvSites, find_conv_sites
 from .conv_types import conv_types
 from .conversion_plan import GRID_RULES, IMPLS, POOLS, ConvertOptions, LayerPlan, PatternArg, plan_layers
@@ -34,9 +34,7 @@ from .tracing import example_input_shape
 from .width_plan import why_not_square
 
 __all__ = ["convert", "analyse", "plan_conversion", "apply_plan", "replay", "Analysis", "ConversionPlan", "GRID_RULES"]
-__all__ += ["POOLS", "IMPLS", "INPUT_NOISE_ATTR"]
-
-INPUT_NOISE_ATTR = "kapify_input_noise"
+__all__ += ["POOLS", "IMPLS"]
 
 
 @dataclass

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from ..layers.input_stage import remove_input_stage
-from .config import CONFIG_ATTR, get_config
-from .convert import INPUT_NOISE_ATTR
+from .config import CONFIG_ATTR, INPUT_NOISE_ATTR, get_config
 from .kap_conv import detach_kap, is_kap_conv, weight_poolable
 
 __all__ = ["fold"]

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from ..data import DatasetInfo
-from ..model_source import create_model
 from ..models import adapt
+from ..models.factory import create_model
 from ..surgery import convert
 from .config import TrainConfig
 

@@ -33,6 +33,7 @@ from ..data.tensor_loader import TensorLoader, tensor_arrays
 from ..distributed import DistEnv, all_reduce_sum, init_distributed, shutdown_distributed
 from ..files import write_text_atomically
 from ..heap import keep_freed_memory
+from ..precision import Precision, resolve_precision
 from ..surgery import set_blend
 from ..surgery.arrange import ARRANGE_METHODS
 from .checkpoint import load_state, rng_state, save_state, set_rng_state
@@ -40,7 +41,6 @@ from .compiling import compile_model, resolve_compile
 from .config import TrainConfig, parse_args
 from .model import build_model
 from .objectives import OBJECTIVES
-from .precision import Precision, resolve_precision
 
 __all__ = ["Run", "finish", "main", "save_checkpoint", "start", "train", "train_one_epoch", "validate"]
 

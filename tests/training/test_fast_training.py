@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 import torch
 
+from kapify import precision as precision_mod
 from kapify.data import build_dataset
-from kapify.data.cache import cache_dir, cached_decode
+from kapify.data.cache import cached_decode
 from kapify.data.datasets import _read_jpeg_archive
 from kapify.data.tensor_loader import TensorLoader, random_crop_flip, tensor_arrays
+from kapify.files import cache_dir
 from kapify.layers.noise import GaussianNoise, gaussian_like
+from kapify.precision import resolve_precision
 from kapify.training import parse_args, train
-from kapify.training import precision as precision_mod
-from kapify.training.precision import resolve_precision
 
 
 def _crop_flip_reference(images, offsets, flips, padding):

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from kapify.evaluation.paired import paired_difference, paired_rows, proportion_interval, read_per_image
+from kapify.reporting.paired import paired_difference, paired_rows, proportion_interval, read_per_image
 
 
 def test_paired_difference_matches_a_direct_computation_on_random_flags():
