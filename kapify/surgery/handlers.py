@@ -1,6 +1,7 @@
-"""Channel handlers: one per kind of layer, each owning how the layer reads and lays out its channels (for the
-channel analysis) and how it changes their number (for re-widening). The registry maps layer types to handlers;
-users extend it with :func:`register_channel_handler`.
+"""Channel handlers: one per kind of layer, each saying where the layer keeps its channel counts and how it changes
+their number (re-widening). The registry maps layer types to handlers; users extend it with
+:func:`register_channel_handler`. How the channel analysis reads a layer is the handler's ``layout_rule``, a name
+the analysis looks up (:mod:`kapify.surgery.channels.layer_layouts`); this module does not import the analysis.
 
 A resize keeps the old channels' values (placed where ``in_index`` / ``out_index`` say); new entries come from the
 layer's own ``reset_parameters`` on the new shape, or are zero where ``zero_new_inputs`` asks (Net2Net-style
@@ -10,17 +11,13 @@ function preservation: a new input channel then contributes nothing).
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
 
 from .optional import optional_imports
 from .regroup import regroup
-from .squares import MAX_GROWTH_GROUPED, aligned_square
-
-if TYPE_CHECKING:  # the analysis calls the handlers; they only read its types
-    from .channels.context import ChannelAnalysis, Located, Step
 
 __all__ = [
     "CHANNEL_HANDLERS",
@@ -68,14 +65,16 @@ class ChannelHandler:
     entry, a parameter its length). ``axis``: the input dim holding the channels (1 for NCHW layers, -1 for Linear
     and channels-last norms). ``channels_normalised``: the layer mixes statistics across its input channels
     (GroupNorm, LayerNorm, weight-standardised convs), so new channels change its outputs for the old ones.
-    Subclasses lay out channels (:meth:`layout`) and shape and fill the resized tensors (:meth:`tensor_shape`,
-    :meth:`place`); a layer whose parameters need their own layout overrides :meth:`resize`.
+    ``layout_rule`` names how the channel analysis reads it (``kapify.surgery.channels.layer_layouts``).
+    Subclasses shape and fill the resized tensors (:meth:`tensor_shape`, :meth:`place`); a layer whose parameters
+    need their own layout overrides :meth:`resize`.
     """
 
     carries_channels = False  # its output channels are its input channels (BatchNorm, self-attention)
     maps_channels = False  # a weight maps input to output channels (conv, linear): F.linear(x, layer.weight) is it
     reads_other_inputs = False  # what it does with tensor inputs besides the first is known (attention's k, v)
     passes_other_dims = False  # applied to a dim other than the channels, it leaves them where they are
+    layout_rule = "weight"  # how the channel analysis reads it: a weight from input to new output channels
 
     def __init__(self, in_attr: str, out_attr: str, channels_normalised: bool = False, axis: int = 1) -> None:
         self.in_attr, self.out_attr, self.channels_normalised, self.axis = in_attr, out_attr, channels_normalised, axis
@@ -95,23 +94,6 @@ class ChannelHandler:
         value = getattr(module, attr)
         if attr not in module._parameters and attr not in module._buffers:  # a parameter is resized with the others
             setattr(module, attr, (*value[:-1], channels) if isinstance(value, (tuple, list)) else channels)
-
-    # -- the channel analysis ----------------------------------------------------------------------
-    def layout(
-        self, an: "ChannelAnalysis", step: "Step", name: str, module: nn.Module, src: "Located"
-    ) -> Optional["Located"]:
-        """The layout of the layer's output given its input's ``src`` (its role recorded); a called layer."""
-        return self.inner_layout(an, step, name, module, src)
-
-    def inner_layout(
-        self, an: "ChannelAnalysis", step: "Step", name: str, module: nn.Module, src: "Located"
-    ) -> Optional["Located"]:
-        """The same for a layer a leaf block calls (or that is read through its weight): a new output group."""
-        return weight_layout(an, step, name, module, self, src)
-
-    def slides_along(self, an: "ChannelAnalysis", step: "Step", src: "Located", guessed: bool) -> bool:
-        """Whether the layer slides along the channels (any width runs: ECA's Conv1d), seen before its axis."""
-        return False
 
     # -- re-widening -------------------------------------------------------------------------------
     def resize(
@@ -192,6 +174,7 @@ class ChannelwiseHandler(ChannelHandler):
 
     carries_channels = True
     passes_other_dims = True
+    layout_rule = "channelwise"
 
     def __init__(self, attr: str, channels_normalised: bool = False, axis: int = 1) -> None:
         super().__init__(attr, attr, channels_normalised, axis)
@@ -199,37 +182,16 @@ class ChannelwiseHandler(ChannelHandler):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.in_attr!r}, channels_normalised={self.channels_normalised})"
 
-    def inner_layout(
-        self, an: "ChannelAnalysis", step: "Step", name: str, module: nn.Module, src: "Located"
-    ) -> "Located":
-        an.role(name, "channelwise", src[1])
-        if self.channels_normalised:  # statistics mix channels
-            for g in src[1]:
-                an.groups.normalise(g, 1)
-        return src
-
 
 class GroupNormHandler(ChannelwiseHandler):
     """A norm over channel groups (GroupNorm, EvoNorm-S; ``groups_attr`` holds the group count): with several
     groups it widens by whole new groups of the same size (the old ones keep their statistics)."""
 
+    layout_rule = "group_norm"
+
     def __init__(self, attr: str, groups_attr: str, axis: int = 1) -> None:
         super().__init__(attr, True, axis)
         self.groups_attr = groups_attr
-
-    def inner_layout(
-        self, an: "ChannelAnalysis", step: "Step", name: str, module: nn.Module, src: "Located"
-    ) -> "Located":
-        an.role(name, "channelwise", src[1])
-        groups = getattr(module, self.groups_attr)
-        size = self.count(module, self.in_attr) // groups
-        whole_groups = groups > 1 and not any(an.groups.width[g] % size for g in src[1])
-        for g in src[1]:
-            if whole_groups:
-                an.groups.restrict(g, size)
-            else:  # widen each group
-                an.groups.normalise(g, groups)
-        return src
 
     def finish(self, module: nn.Module, fresh: nn.Module, old_out: int, new_out: int) -> None:
         groups = getattr(module, self.groups_attr)
@@ -279,20 +241,12 @@ class ConvHandler(ChannelHandler):
     carries its input's. Grouped convs gain whole groups (depth multipliers too), each wider, or merge them."""
 
     maps_channels = True
+    layout_rule = "conv"  # a weight; or, reading the channels as its length (ECA's Conv1d), any width runs
 
     def __init__(
         self, in_attr: str = "in_channels", out_attr: str = "out_channels", channels_normalised: bool = False
     ) -> None:
         super().__init__(in_attr, out_attr, channels_normalised)
-
-    def slides_along(self, an: "ChannelAnalysis", step: "Step", src: "Located", guessed: bool) -> bool:
-        """A conv reading the channels as its length (ECA's Conv1d over (N, 1, C)): any width runs, but the last old
-        channels see new neighbours instead of zero padding, so the group is marked normalised."""
-        if src[0] < 2 or guessed or step.shape is None or step.shape[src[0]] != step.src_shape[src[0]]:
-            return False
-        for g in src[1]:
-            an.groups.normalise(g)
-        return True
 
     def prepare(self, module, fresh, in_index, out_index, *counts: int) -> None:
         groups = getattr(module, "groups", 1)
@@ -393,26 +347,10 @@ class MultiheadAttentionHandler(ChannelHandler):
 
     carries_channels = True
     reads_other_inputs = True
+    layout_rule = "attention"
 
     def __init__(self) -> None:
         super().__init__("embed_dim", "embed_dim", axis=-1)
-
-    def layout(self, an: "ChannelAnalysis", step: "Step", name: str, module: nn.Module, src: "Located") -> None:
-        node = step.node
-        qkv = [
-            node.kwargs.get(k, node.args[i] if len(node.args) > i else None)
-            for i, k in enumerate(("query", "key", "value"))
-        ]
-        operands = [an.lay(a) for a in qkv]
-        totals = {an.groups.total(lo[1]) for lo in operands if lo is not None}
-        if any(lo is None or lo[0] != src[0] for lo in operands) or len(totals) != 1:
-            an.fix_all(operands, f"{type(module).__name__} '{name}' reads keys or values laid out unlike its queries")
-            return None
-        layout = an.groups.union_layouts(an.groups.align([lo[1] for lo in operands]))
-        whole_units(an, name, layout, module.head_dim, "attention", "heads")
-        an.role(name, "channelwise", layout)
-        an.set_pieces(node, [(src[0], layout), None])
-        return None
 
     def resize(self, module, new_in, in_index, size, index, zero_new_inputs, init_fn=None) -> None:
         """The q, k and v rows of the packed ``in_proj_weight``, its columns and ``out_proj`` follow ``index``; the
@@ -450,56 +388,6 @@ class MultiheadAttentionHandler(ChannelHandler):
         resize_layer(module.out_proj, size, index, size, index, zero_new_inputs)
         module.embed_dim = module.kdim = module.vdim = size
         module.num_heads = size // module.head_dim
-
-
-def whole_units(an: "ChannelAnalysis", name: str, layout: Layout, width: int, what: str, units: str) -> None:
-    """Widening adds whole units of ``width`` channels (a grouped conv's groups, attention heads) to each segment."""
-    if any(an.groups.width[g] % width for g in layout):  # a segment boundary inside a unit
-        an.fix_all([(0, layout)], f"{what} '{name}' reads segments that cut its {units} of {width}")
-    for g in layout:
-        an.groups.restrict(g, width)
-
-
-def weight_layout(
-    an: "ChannelAnalysis", step: "Step", name: str, module: nn.Module, handler: ChannelHandler, src: "Located"
-) -> Optional["Located"]:
-    """A conv/linear (module ``name``, called as a layer or through its weight) starts a new group; a
-    depthwise/grouped conv with equal in and out channels carries its input's."""
-    node, axis = step.node, src[0]
-    groups = getattr(module, "groups", 1)
-    c_in, c_out = handler.count(module, handler.in_attr), handler.count(module, handler.out_attr)
-    if groups > 1 and c_in == c_out:  # depthwise / grouped: channel i in feeds group of channel i out
-        width = c_in // groups
-        if (
-            width > 1
-            and src is step.src
-            and len(src[1]) == 1
-            and aligned_square(c_in, divisor=width, max_growth=MAX_GROWTH_GROUPED) is None
-        ):
-            # no square within MAX_GROWTH_GROUPED x is a whole number of groups (RegNet's 3 groups of 56): keep the
-            # count, widen each
-            piece = an.equal_pieces(step, groups)
-            if piece is not None:
-                an.role(name, "grouped", piece * groups)
-                return axis, piece * groups
-        whole_units(an, name, src[1], width, "grouped conv", "groups")
-        an.role(name, "grouped", src[1])
-        return src
-    if groups > 1 and len(src[1]) != 1:
-        an.fix_all([src], f"grouped conv '{name}' with {c_in} in and {c_out} out channels reads a concatenation")
-        located = an.set_layout(node, an.fresh(node, f"output of grouped conv '{name}' ({c_in} -> {c_out} channels)"))
-        if name == node.target:
-            an.pinned(node, module, handler)
-        return located
-    if handler.channels_normalised:  # weight standardisation over the input channels
-        for g in src[1]:
-            an.groups.normalise(g)
-    out = an.groups.new(c_out)
-    if groups > 1:  # a depth multiplier (out = m x in): widening adds whole groups on both sides (or merges them)
-        an.groups.multiply(src[1][0], out, c_in // groups, c_out // groups, grouped_conv=True)
-    an.record_layer(name, inputs=src[1], outputs=(out,))
-    an.role(name, "conv", src[1])
-    return axis, (out,)
 
 
 CHANNEL_HANDLERS: Dict[Type[nn.Module], ChannelHandler] = {}

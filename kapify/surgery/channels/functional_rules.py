@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..handlers import channel_handler, weight_layout
+from ..handlers import channel_handler
 from .axes import shape_of
 from .context import ChannelAnalysis, Located, Step
+from .layer_layouts import weight_layout
 from .node_rules import register_node_rule
 
 __all__: list = []  # rules only: they register themselves

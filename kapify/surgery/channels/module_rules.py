@@ -17,11 +17,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Type
 
 from torch import nn
 
-from ..handlers import channel_handler, weight_layout
+from ..handlers import channel_handler
 from ..optional import optional_imports
 from .axes import follow_axis, permuted_axis
 from .context import ChannelAnalysis, Located, Step
 from .graph import Layout, SliceSite
+from .layer_layouts import layout_rule, weight_layout
 
 __all__ = [
     "LayerRule",
@@ -68,7 +69,7 @@ def _inner_layer(an: ChannelAnalysis, step: Step, name: str, src: Located) -> Op
             an.fix_all([src], f"{type(layer).__name__} '{path}' has no channel handler")
             return None
         return src
-    return handler.inner_layout(an, step, path, layer, src)
+    return layout_rule(handler).inner(an, step, path, layer, handler, src)
 
 
 def layers_in_sequence(
@@ -157,7 +158,7 @@ def module_layout(an: ChannelAnalysis, step: Step, module: nn.Module) -> Optiona
         an.fix_all([src], f"{what} has a multi-dim {multi[0]}")
         return an.fresh(node, f"output of {what}")
     guessed = all(an.groups.is_fixed(g) for g in src[1])  # e.g. XCiT's Fourier features: no traced channels
-    if handler.slides_along(an, step, src, guessed):
+    if layout_rule(handler).slides_along(an, step, src, guessed):
         return src
     if src[0] != axis and guessed:  # the traced axis was only a guess
         src = (
@@ -186,7 +187,7 @@ def module_layout(an: ChannelAnalysis, step: Step, module: nn.Module) -> Optiona
         located = an.set_layout(node, an.fresh(node, f"output of {what}, which reads dim {axis}"))
         an.pinned(node, module, handler)
         return located
-    return handler.layout(an, step, node.target, module, src)
+    return layout_rule(handler).layout(an, step, node.target, module, handler, src)
 
 
 def _without_handler(an: ChannelAnalysis, step: Step, module: nn.Module) -> Optional[Located]:
