@@ -42,7 +42,7 @@ from .config import TrainConfig, parse_args
 from .model import build_model
 from .objectives import OBJECTIVES
 
-__all__ = ["Run", "finish", "main", "save_checkpoint", "start", "train", "train_one_epoch", "validate"]
+__all__ = ["Run", "finish", "main", "record_epoch", "save_checkpoint", "start", "train", "train_one_epoch", "validate"]
 
 Loader = Union[DataLoader, TensorLoader]
 
@@ -430,11 +430,10 @@ def train_one_epoch(run: Run, epoch: int) -> Dict[str, Any]:
 
 
 def validate(run: Run, epoch: int, stats: Dict[str, Any]) -> Tuple[Dict[str, Any], float]:
-    """After epoch ``epoch``: the log row (training numbers summed over processes, validation accuracy, robust
-    too when asked), written to ``log.csv``; the best model so far saved for early stopping. Returns the row and
-    the epoch's loss summed over processes (one value on every process: all stop together if it is not finite)."""
+    """After epoch ``epoch``: its metrics, the log row (training numbers summed over processes, validation
+    accuracy, robust too when asked), and the epoch's loss summed over processes (one value on every process: all
+    stop together if it is not finite). It writes nothing: :func:`record_epoch` does."""
     cfg, device = run.cfg, run.device
-    run.train_time += stats["time"]
     loss_sum, correct, seen = all_reduce_sum([stats["loss_sum"], stats["correct"], float(stats["seen"])], device)
     row: Dict[str, Any] = {
         "epoch": epoch + 1,
@@ -453,15 +452,20 @@ def validate(run: Run, epoch: int, stats: Dict[str, Any]) -> Tuple[Dict[str, Any
         row["val_acc"] = _accuracy(run.eval_model, val_loader, device, cfg, attack=False)
         if cfg.val_attack_steps > 0:
             row["val_robust_acc"] = _accuracy(run.eval_model, val_loader, device, cfg, attack=True)
+    return row, loss_sum
+
+
+def record_epoch(run: Run, epoch: int, row: Dict[str, Any]) -> None:
+    """Write epoch ``epoch``'s ``row`` to ``log.csv`` and the console; with early stopping, save the model as
+    ``best.safetensors`` when its robust validation accuracy is the best so far."""
     _CsvLog(run.run_dir / "log.csv", run.env.is_main).write(row)
     run.say(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}))
-    score = row.get("val_robust_acc", -1.0) if cfg.early_stop else float(epoch)
+    score = row.get("val_robust_acc", -1.0) if run.cfg.early_stop else float(epoch)
     if score > run.best:
         run.best = score
-        if run.env.is_main and cfg.early_stop:
+        if run.env.is_main and run.cfg.early_stop:
             extra = {**run.extra, "epoch": epoch + 1, **row}
             serialization.save(run.eval_model, run.run_dir / "best.safetensors", extra=extra)
-    return row, loss_sum
 
 
 def finish(run: Run) -> Dict[str, Any]:
@@ -507,7 +511,9 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             break
         if not cfg.sched_on_updates:
             run.scheduler.step(epoch + 1)
-        _, loss_total = validate(run, epoch, stats)
+        run.train_time += stats["time"]
+        row, loss_total = validate(run, epoch, stats)
+        record_epoch(run, epoch, row)
         save_checkpoint(run, epoch + 1, 0, loss_total)
         if cfg.max_steps is not None and run.step >= cfg.max_steps:
             run.stopped = epoch + 1 < cfg.epochs

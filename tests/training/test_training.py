@@ -339,3 +339,21 @@ def test_a_run_killed_at_any_point_resumes_bit_identically(cifar_dir, tmp_path, 
     a = kapify.load(tmp_path / "straight" / "model.safetensors").state_dict()
     b = kapify.load(tmp_path / "killed" / "model.safetensors").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_validate_returns_the_epochs_metrics_and_record_epoch_writes_them(cifar_dir, tmp_path):
+    """timm's split: validate measures and writes nothing; the loop's record_epoch writes log.csv and, with early
+    stopping, best.safetensors."""
+    from kapify.training.trainer import record_epoch, start, train_one_epoch, validate
+
+    args = TINY + ["--data-dir", cifar_dir, "--train-samples", "64", "--epochs", "1", "--output", str(tmp_path)]
+    run = start(parse_args(args + ["--early-stop", "--val-attack-steps", "1"]))
+    log = run.run_dir / "log.csv"
+    before = log.read_text() if log.is_file() else ""
+    row, loss_sum = validate(run, 0, train_one_epoch(run, 0))
+    assert 0.0 <= row["val_acc"] <= 1.0 and 0.0 <= row["val_robust_acc"] <= 1.0 and loss_sum > 0
+    assert (log.read_text() if log.is_file() else "") == before and not (run.run_dir / "best.safetensors").exists()
+    record_epoch(run, 0, row)
+    logged = list(csv.DictReader(log.open()))
+    assert [int(r["epoch"]) for r in logged] == [1] and float(logged[0]["val_acc"]) == pytest.approx(row["val_acc"])
+    assert kapify.load(run.run_dir / "best.safetensors") is not None
