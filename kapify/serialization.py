@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -16,6 +17,7 @@ from torch import nn
 from .files import PathLike, write_atomically
 from .models.factory import build_from_source
 from .surgery.config import KapConfig, get_config, unwrap
+from .surgery.conversion_plan import ConvertOptions
 from .surgery.convert import convert, replay
 from .surgery.fold import fold
 
@@ -101,7 +103,11 @@ def load(path: PathLike, model: Optional[nn.Module] = None, device: Union[str, t
     if config.plan is not None:
         converted = replay(model, config, inplace=built)
     else:
-        converted = convert(model, **config.convert_kwargs())
+        # a record without a stored plan (version 2 and before): convert again with its options; the stored weights
+        # are already arranged, so a fresh model is not arranged first
+        options = dataclasses.replace(ConvertOptions.of(config), arrange=None)
+        example = None if config.input_shape is None else torch.rand(config.input_shape)
+        converted = convert(model, **dataclasses.asdict(options), example_input=example)
     if config.folded:
         converted = fold(converted)
     got = [(r.name, r.grid, r.out_channels) for r in get_config(converted).layers]

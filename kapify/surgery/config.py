@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
-import torch
 from torch import nn
 
 __all__ = ["LayerRecord", "KapConfig", "get_config", "is_converted", "unwrap", "require_module", "CONFIG_ATTR"]
@@ -72,22 +71,6 @@ class KapConfig:
     # and the module that reads the input ("entry"); None in checkpoints of version 2 and before (load converts again)
     plan: Optional[Dict[str, Any]] = None
     version: int = 3  # 2: spare filters for fixed widths, a group grows at most 2x; 3: the plan is stored
-
-    def convert_kwargs(self) -> Dict[str, Any]:
-        """The keyword arguments that make :func:`kapify.convert` repeat this conversion."""
-        return dict(
-            k=self.k,
-            stride=self.stride,
-            sigma=self.sigma,
-            pool=self.pool,
-            grid=self.grid,
-            input_noise=self.input_noise,
-            impl=self.impl,
-            include=self.include,
-            exclude=self.exclude,
-            example_input=None if self.input_shape is None else torch.rand(self.input_shape),
-            blend=self.blend,
-        )
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from torch import nn
@@ -17,7 +17,7 @@ from torch import nn
 from ..layers import ChannelGrid, KernelAvgPool, KernelMaxPool, check_kernel_size, check_sigma, check_stride
 from ..layers.grid import line_grid, rect_grid
 from .arrange import ARRANGE_METHODS
-from .config import LayerRecord
+from .config import KapConfig, LayerRecord
 from .kap_conv import original_class, plain_ungrouped
 
 __all__ = ["ConvertOptions", "GRID_RULES", "IMPLS", "LayerPlan", "POOLS", "PatternArg", "plan_layer", "plan_layers"]
@@ -50,7 +50,9 @@ def _patterns(arg: PatternArg, what: str) -> Optional[List[str]]:
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    """The options of one :func:`kapify.convert` call (see its docstring), checked by :meth:`checked`."""
+    """The options of one :func:`kapify.convert` call (see its docstring), checked by :meth:`checked`: the one list
+    of them. ``convert``'s keyword arguments and :class:`KapConfig`'s fields of the same names are checked against
+    it (tests/surgery/test_conversion_steps.py)."""
 
     k: int = 3
     sigma: float = 0.1
@@ -87,6 +89,15 @@ class ConvertOptions:
                 f"pool={opts.pool!r}, stride={opts.stride}"
             )
         return cls(**{**opts.__dict__, "sigma": sigma})
+
+    @classmethod
+    def names(cls) -> List[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def of(cls, config: KapConfig) -> "ConvertOptions":
+        """The options a conversion record holds, checked."""
+        return cls.checked(**{name: getattr(config, name) for name in cls.names()})
 
     def selects(self, name: str) -> bool:
         """Whether the conv module ``name`` passes ``include`` / ``exclude``."""

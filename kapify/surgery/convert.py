@@ -136,22 +136,13 @@ def plan_conversion(
         layer.record.neighbour_similarity = found.similarity.get(layer.name)
     fixed_widths, across_norm = _width_notes(found, chosen) if found.widened or found.unwidened else ({}, [])
     config = KapConfig(
-        k=options.k,
-        stride=options.stride,
-        sigma=options.sigma,
-        pool=options.pool,
-        grid=options.grid,
-        input_noise=bool(options.input_noise and options.sigma > 0),
-        impl=options.impl,
-        include=options.include,
-        exclude=options.exclude,
+        **{**dataclasses.asdict(options), "input_noise": bool(options.input_noise and options.sigma > 0)},
         layers=[layer.record for layer in layers],
         skipped=found.sites.functional,
         params_before=sum(p.numel() for p in model.parameters()),
         source=describe_source(model, in_chans=_input_channels(model, example_input)),
         fixed_widths=fixed_widths,
         widened_across_norm=across_norm,
-        arrange=options.arrange,
         input_shape=None if example_input is None else [1, *example_input.shape[1:]],
         plan={"widths": width_record(found.widened) if found.widened else None, "entry": found.sites.entry},
     )
@@ -258,10 +249,8 @@ def convert(
         >>> kap.conv1.kap_pool
         KernelAvgPool(kernel_size=3, stride=1, grid=8x8)
     """
-    options = ConvertOptions.checked(
-        k=k, sigma=sigma, pool=pool, stride=stride, grid=grid, input_noise=input_noise, impl=impl,
-        include=include, exclude=exclude, blend=blend, arrange=arrange,
-    )  # fmt: skip
+    given = locals()
+    options = ConvertOptions.checked(**{name: given[name] for name in ConvertOptions.names()})
     warn_skipped_once()
     _check_model(model)
     found = analyse(model, options, example_input, leaf_modules)
@@ -284,11 +273,7 @@ def replay(model: nn.Module, config: KapConfig, inplace: bool = False) -> nn.Mod
     and the plan applied. The record it gets holds the layers as planned now, to compare with ``config.layers``."""
     if config.plan is None:
         raise ValueError(f"this record (version {config.version}) has no stored plan; convert the model again")
-    options = ConvertOptions.checked(
-        k=config.k, sigma=config.sigma, pool=config.pool, stride=config.stride, grid=config.grid,
-        input_noise=config.input_noise, impl=config.impl, include=config.include, exclude=config.exclude,
-        blend=config.blend, arrange=config.arrange,
-    )  # fmt: skip
+    options = ConvertOptions.of(config)
     widths = config.plan.get("widths")
     if widths is not None:
         new = replay_widths(model, widths, inplace)
