@@ -28,8 +28,8 @@ from .attack_model import ATTACK_PRECISIONS, attack_model, resolve_attack_precis
 from .attacks import ATTACKS, AttackSpec
 from .certify import certified_accuracy, certify
 from .checks import masking_flags
-from .diagnostics import activation_change, first_conv, kernel_mosaic, topography_score
 from .evaluate import attack_mode, evaluate, predict
+from .topography import activation_change, first_conv, kernel_mosaic, topography_score
 
 __all__ = ["EvalConfig", "run_evaluation", "load_model", "main", "SCHEMA"]
 

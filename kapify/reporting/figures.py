@@ -13,7 +13,7 @@ __all__ = ["plot_kernel_mosaics"]
 def plot_kernel_mosaics(
     panels: List[Tuple[str, torch.Tensor]], path: Path, title: str = "First-layer kernels on the channel grid"
 ) -> None:
-    """One panel per ``(caption, mosaic)``, mosaics from :func:`kapify.evaluation.diagnostics.kernel_mosaic`
+    """One panel per ``(caption, mosaic)``, mosaics from :func:`kapify.evaluation.topography.kernel_mosaic`
     ((H, W, 3) in [0, 1], kernels separated by white lines), drawn with nearest-neighbour pixels at
     about 12 screen pixels per kernel pixel so that a 3x3 kernel and its neighbours can be told apart."""
     import matplotlib

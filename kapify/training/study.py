@@ -113,7 +113,7 @@ def _evaluate(
     """Clean accuracy, each attack at its eps list, the first layer's topography score; and its kernel mosaic."""
     from .. import serialization
     from ..evaluation import EvalConfig, run_evaluation
-    from ..evaluation.diagnostics import first_conv, kernel_mosaic, topography_score
+    from ..evaluation.topography import first_conv, kernel_mosaic, topography_score
 
     row: Dict[str, Any] = {"robust": {}, "notes": []}
     for group in evaluation.get("attacks") or []:

@@ -20,8 +20,8 @@ from kapify.evaluation import (
     masking_flags,
     register_attack,
 )
-from kapify.evaluation.diagnostics import activation_change, topography_score
 from kapify.evaluation.harness import main
+from kapify.evaluation.topography import activation_change, topography_score
 from kapify.layers import ChannelGrid
 
 
