@@ -6,7 +6,7 @@ Example:
     >>> print(kapify.summary(model))  # doctest: +SKIP
 """
 
-from . import data, evaluation, models
+from . import data, evaluation, extend, models
 from .layers import ChannelGrid, GaussianNoise, KernelAvgPool, KernelMaxPool, channel_pool, set_noise
 from .models.factory import create_model
 from .reporting import summary
@@ -42,6 +42,7 @@ from .versions import __version__ as __version__
 __all__ = [
     "data",  # subpackages: kapify.data.cifar10(...), kapify.evaluation.evaluate(...), kapify.models.adapt(...)
     "evaluation",
+    "extend",
     "models",
     "set_blend",
     "arrange_channels",

@@ -23,6 +23,15 @@ _share_cores_among_workers()
 os.environ["KAPIFY_CACHE_DIR"] = tempfile.mkdtemp(prefix="kapify-test-cache-")
 
 
+@pytest.fixture
+def scoped_registries():
+    """What the test registers (conv types, handlers, rules) is undone after it (kapify.extend.scoped)."""
+    from kapify.extend import scoped
+
+    with scoped():
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -25,7 +25,7 @@ FLOORS: List[Set[str]] = [
     {"kapify.data", "kapify.attacks", "kapify.serialization", "kapify.reporting"},
     {"kapify.evaluation"},
     {"kapify.training"},
-    {"kapify", "kapify.cli"},
+    {"kapify", "kapify.cli", "kapify.extend"},
 ]
 
 

@@ -8,15 +8,17 @@ Register your own conv-like layer with :func:`register_conv_type`.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple, Type
+from typing import Tuple, Type
 
 from torch import nn
 
 from .optional import optional_imports
+from .registry import Registry
 
-__all__ = ["register_conv_type", "is_conv", "conv_types"]
+__all__ = ["CONV_TYPES", "register_conv_type", "is_conv", "conv_types"]
 
-_CONV_TYPES: Dict[Type[nn.Module], str] = {}
+#: the module classes that get KAP after their output (subclasses included)
+CONV_TYPES: Registry[Type[nn.Module]] = Registry("conv type")
 
 
 def register_conv_type(cls: Type[nn.Module], reason: str = "") -> Type[nn.Module]:
@@ -30,13 +32,13 @@ def register_conv_type(cls: Type[nn.Module], reason: str = "") -> Type[nn.Module
         >>> is_conv(MyConv(3, 8, 3))
         True
     """
-    _CONV_TYPES[cls] = reason
+    CONV_TYPES.add(cls, cls, reason)
     return cls
 
 
 def conv_types() -> Tuple[Type[nn.Module], ...]:
     """All registered conv types."""
-    return tuple(_CONV_TYPES)
+    return CONV_TYPES.keys()  # type: ignore[return-value]
 
 
 def is_conv(module: nn.Module) -> bool:

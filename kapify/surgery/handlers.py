@@ -11,12 +11,13 @@ function preservation: a new input channel then contributes nothing).
 from __future__ import annotations
 
 import copy
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Callable, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
 
 from .optional import optional_imports
+from .registry import Registry
 from .regroup import regroup
 
 __all__ = [
@@ -390,24 +391,22 @@ class MultiheadAttentionHandler(ChannelHandler):
         module.num_heads = size // module.head_dim
 
 
-CHANNEL_HANDLERS: Dict[Type[nn.Module], ChannelHandler] = {}
+#: layer classes -> their channel handler (subclasses included; the most specific class wins)
+CHANNEL_HANDLERS: Registry[ChannelHandler] = Registry("channel handler")
 
 
-def register_channel_handler(module_type: Type[nn.Module], handler: ChannelHandler) -> None:
+def register_channel_handler(module_type: Type[nn.Module], handler: ChannelHandler, reason: str = "") -> None:
     """Teach the analysis and re-widening a layer type: ``register_channel_handler(MyNorm, ChannelwiseHandler("dim",
     channels_normalised=True))``; a layer with parameters of its own layout subclasses a handler and overrides
     ``resize``."""
     if not isinstance(handler, ChannelHandler):
         raise TypeError(f"register_channel_handler takes a ChannelHandler instance, got {handler!r}")
-    CHANNEL_HANDLERS[module_type] = handler
+    CHANNEL_HANDLERS.add(module_type, handler, reason)
 
 
 def channel_handler(module: nn.Module) -> Optional[ChannelHandler]:
     """The handler of ``module``'s most specific registered base class, or None."""
-    for cls in type(module).__mro__:
-        if cls in CHANNEL_HANDLERS:
-            return CHANNEL_HANDLERS[cls]
-    return None
+    return CHANNEL_HANDLERS.for_class(type(module))
 
 
 def resize_layer(
@@ -455,20 +454,19 @@ def resize_parameter(owner: nn.Module, name: str, dim: int, size: int, index: to
 def _register_present(paths: Sequence[str], handler: ChannelHandler, used_for: str) -> None:
     """``handler`` for each of the timm/torchvision classes ``paths`` names that exists (the rest are recorded)."""
     for cls in optional_imports(*paths, used_for=f"channel handler: {used_for}"):
-        register_channel_handler(cls, handler)
+        register_channel_handler(cls, handler, used_for)
 
 
-BUILT_IN: List[Tuple[Sequence[type], ChannelHandler]] = [
-    ([nn.modules.conv._ConvNd], ConvHandler()),  # Conv1d/2d/3d, transposed, and subclasses
-    ([nn.Linear], LinearHandler()),  # heads, channels-last MLPs
-    ([nn.modules.batchnorm._NormBase], ChannelwiseHandler("num_features")),  # BatchNorm*, InstanceNorm*
-    ([nn.GroupNorm], GroupNormHandler("num_channels", "num_groups")),  # stats over channel groups
-    ([nn.LayerNorm], ChannelwiseHandler("normalized_shape", True, axis=-1)),  # channels-last (ConvNeXt blocks)
-    ([nn.MultiheadAttention], MultiheadAttentionHandler()),
+BUILT_IN: List[Tuple[type, ChannelHandler, str]] = [
+    (nn.modules.conv._ConvNd, ConvHandler(), "Conv1d/2d/3d, transposed, and subclasses"),
+    (nn.Linear, LinearHandler(), "heads, channels-last MLPs"),
+    (nn.modules.batchnorm._NormBase, ChannelwiseHandler("num_features"), "BatchNorm*, InstanceNorm*"),
+    (nn.GroupNorm, GroupNormHandler("num_channels", "num_groups"), "statistics over channel groups"),
+    (nn.LayerNorm, ChannelwiseHandler("normalized_shape", True, axis=-1), "channels-last (ConvNeXt blocks)"),
+    (nn.MultiheadAttention, MultiheadAttentionHandler(), "self-attention: whole heads"),
 ]
-for _types, _handler in BUILT_IN:
-    for _type in _types:
-        register_channel_handler(_type, _handler)
+for _type, _handler, _reason in BUILT_IN:
+    register_channel_handler(_type, _handler, _reason)
 
 _register_present(
     [

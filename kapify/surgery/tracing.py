@@ -11,23 +11,25 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Type
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from .conv_types import conv_types
+from .registry import Registry
 
 __all__ = [
     "KapifyTracer", "TracingError", "register_leaf_module", "trace", "check_graph", "eval_mode", "example_input",
     "example_input_shape",
 ]  # fmt: skip
 
-_LEAF_MODULES: Set[Type[nn.Module]] = set()
+#: module classes FX does not trace through (besides timm's own and a call's leaf_modules)
+LEAF_MODULES: Registry[Type[nn.Module]] = Registry("leaf module")
 
 
-def register_leaf_module(cls: Type[nn.Module]) -> Type[nn.Module]:
+def register_leaf_module(cls: Type[nn.Module], reason: str = "") -> Type[nn.Module]:
     """Treat ``cls`` as a leaf when tracing: FX does not trace through its ``forward``.
 
     Use it for blocks with data-dependent control flow. Convolutions inside a leaf are still
@@ -39,7 +41,7 @@ def register_leaf_module(cls: Type[nn.Module]) -> Type[nn.Module]:
         ...     def forward(self, x):
         ...         return x if x.sum() > 0 else -x
     """
-    _LEAF_MODULES.add(cls)
+    LEAF_MODULES.add(cls, cls, reason)
     return cls
 
 
@@ -61,7 +63,7 @@ class KapifyTracer(fx.Tracer):
     def __init__(self, leaf_modules: Sequence[type] = (), timm_leaves: bool = True) -> None:
         timm_modules, timm_functions = timm_settings()
         super().__init__(autowrap_functions=tuple(f for f in timm_functions if callable(f)))
-        self.leaf_types = tuple({*(timm_modules if timm_leaves else ()), *_LEAF_MODULES, *leaf_modules})
+        self.leaf_types = tuple({*(timm_modules if timm_leaves else ()), *LEAF_MODULES.keys(), *leaf_modules})
         self._stack: List[Tuple[str, type]] = []
         self.failed_in: Optional[Tuple[str, type]] = None
 

@@ -10,7 +10,6 @@ from torch import nn
 
 import kapify
 from kapify.surgery.channels import analyze_channels, register_block_handler
-from kapify.surgery.channels.blocks import _BLOCK_HANDLERS
 from kapify.surgery.channels.graph import GroupSet
 from kapify.surgery.conv_types import is_conv
 from kapify.surgery.rewiden import RewidenError
@@ -92,8 +91,7 @@ class Halves(nn.Module):
 
 
 @pytest.fixture
-def halves_handler(monkeypatch):
-    monkeypatch.setattr("kapify.surgery.channels.blocks._BLOCK_HANDLERS", dict(_BLOCK_HANDLERS))
+def halves_handler(scoped_registries):
 
     @register_block_handler(Halves)
     def halves(block, sizes):
@@ -127,8 +125,7 @@ def test_register_block_handler_wants_module_classes():
         register_block_handler()
 
 
-def test_a_failing_block_handler_leaves_the_model_untouched(monkeypatch):
-    monkeypatch.setattr("kapify.surgery.channels.blocks._BLOCK_HANDLERS", dict(_BLOCK_HANDLERS))
+def test_a_failing_block_handler_leaves_the_model_untouched(scoped_registries):
 
     @register_block_handler(Halves)
     def broken(block, sizes):
@@ -190,8 +187,7 @@ class SliceAdd(nn.Module):
         return self.head(torch.cat([y[:, : self.k] + s, y.narrow(1, self.k, self.rest)], 1))
 
 
-def test_a_slice_and_narrow_follow_the_channels_and_square_the_sliced_conv(monkeypatch):
-    monkeypatch.setattr("kapify.surgery.channels.blocks._BLOCK_HANDLERS", dict(_BLOCK_HANDLERS))
+def test_a_slice_and_narrow_follow_the_channels_and_square_the_sliced_conv(scoped_registries):
 
     @register_block_handler(SliceAdd)
     def slice_add(block, sizes):
@@ -222,10 +218,9 @@ def test_groupset_cut_and_align_refine_every_use_of_a_group():
     assert groups.is_fixed(c) and all(groups.is_fixed(g) for g in groups.leaves(c))
 
 
-def test_the_docs_block_handler_example_runs(monkeypatch, capsys):
+def test_the_docs_block_handler_example_runs(scoped_registries, capsys):
     import re
 
-    monkeypatch.setattr("kapify.surgery.channels.blocks._BLOCK_HANDLERS", dict(_BLOCK_HANDLERS))
     page = (ROOT / "docs" / "rewiden.md").read_text()
     example = next(b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "register_block_handler" in b)
     exec(compile(example, "docs/rewiden.md", "exec"), {"__name__": "docs_example"})

@@ -766,9 +766,7 @@ def test_a_grouped_transposed_conv_keeps_its_function(c_mid, c_out, groups):
         torch.testing.assert_close(wide(x), model(x), rtol=1e-9, atol=1e-9)
 
 
-def test_a_user_layer_with_a_registered_channelwise_handler_widens_with_its_group(monkeypatch):
-    from kapify.surgery.handlers import CHANNEL_HANDLERS
-
+def test_a_user_layer_with_a_registered_channelwise_handler_widens_with_its_group(scoped_registries):
     class Scale(nn.Module):  # one learned factor per channel, its width in ``dim``
         def __init__(self, dim):
             super().__init__()
@@ -780,7 +778,6 @@ def test_a_user_layer_with_a_registered_channelwise_handler_widens_with_its_grou
         def forward(self, x):
             return x * self.weight[:, None, None]
 
-    monkeypatch.setattr("kapify.surgery.handlers.CHANNEL_HANDLERS", dict(CHANNEL_HANDLERS))
     with pytest.raises(TypeError, match="takes a ChannelHandler instance"):
         kapify.register_channel_handler(Scale, "channelwise")
     kapify.register_channel_handler(Scale, kapify.ChannelwiseHandler("dim"))

@@ -23,9 +23,12 @@ channel offset of the block's splits to the new one, and rewrites its attributes
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Type
 
 from torch import fx, nn
+
+from ..registry import Registry
 
 __all__ = ["BlockHandler", "StoredSizes", "register_block_handler", "block_handler", "block_owner", "counts_heads"]
 
@@ -61,14 +64,22 @@ class StoredSizes:
 
 
 BlockHandler = Callable[[nn.Module, StoredSizes], None]
-_BLOCK_HANDLERS: Dict[Type[nn.Module], BlockHandler] = {}
 
 
-_HEAD_COUNTING: Set[Type[nn.Module]] = set()
+@dataclass(frozen=True)
+class BlockRule:
+    """A block's handler; ``heads``: it rewrites the block's stored head count."""
+
+    handler: BlockHandler
+    heads: bool = False
+
+
+#: blocks that store the sizes of their channel splits -> their handler (subclasses included)
+BLOCK_HANDLERS: Registry[BlockRule] = Registry("block handler")
 
 
 def register_block_handler(
-    *block_types: Type[nn.Module], heads: bool = False
+    *block_types: Type[nn.Module], heads: bool = False, reason: str = ""
 ) -> Callable[[BlockHandler], BlockHandler]:
     """Register ``handler(block, sizes)`` for blocks that store the sizes of their channel splits.
     ``heads=True``: an attention block whose handler rewrites its stored head count; its channels
@@ -81,8 +92,8 @@ def register_block_handler(
         )
 
     def register(handler: BlockHandler) -> BlockHandler:
-        _BLOCK_HANDLERS.update(dict.fromkeys(block_types, handler))
-        (_HEAD_COUNTING.update if heads else _HEAD_COUNTING.difference_update)(block_types)
+        for block_type in block_types:
+            BLOCK_HANDLERS.add(block_type, BlockRule(handler, heads), reason)
         return handler
 
     return register
@@ -91,12 +102,13 @@ def register_block_handler(
 def counts_heads(node: fx.Node, root: type) -> bool:
     """Whether ``node`` is in an attention block registered with ``heads=True``."""
     _, block_type = block_owner(node, root)
-    return any(cls in _HEAD_COUNTING for cls in getattr(block_type, "__mro__", ()))
+    return any(getattr(BLOCK_HANDLERS.get(cls), "heads", False) for cls in getattr(block_type, "__mro__", ()))
 
 
 def block_handler(block_type: Type[nn.Module]) -> Optional[BlockHandler]:
     """The handler of a block type's most specific registered class, or None."""
-    return next((_BLOCK_HANDLERS[cls] for cls in block_type.__mro__ if cls in _BLOCK_HANDLERS), None)
+    rule = BLOCK_HANDLERS.for_class(block_type)
+    return None if rule is None else rule.handler
 
 
 def block_owner(node: fx.Node, root: type) -> Tuple[Optional[str], type]:

@@ -13,12 +13,13 @@ unless a rule is registered for its type (:func:`register_layer_rule`: a block F
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Dict, List, Optional, Sequence, Type
+from typing import Callable, List, Optional, Sequence, Type
 
 from torch import nn
 
 from ..handlers import channel_handler
 from ..optional import optional_imports
+from ..registry import Registry
 from .axes import follow_axis, permuted_axis
 from .context import ChannelAnalysis, Located, Step
 from .graph import Layout, SliceSite
@@ -39,10 +40,11 @@ _PERMUTES = optional_imports("torchvision.ops.misc:Permute", used_for="layer lay
 
 
 LayerRule = Callable[[ChannelAnalysis, Step, nn.Module], Optional[Located]]
-_LAYER_RULES: Dict[Type[nn.Module], LayerRule] = {}
+#: blocks FX keeps whole -> the rule that lays out their output (subclasses included)
+LAYER_RULES: Registry[LayerRule] = Registry("layer rule")
 
 
-def register_layer_rule(*layer_types: Type[nn.Module]) -> Callable[[LayerRule], LayerRule]:
+def register_layer_rule(*layer_types: Type[nn.Module], reason: str = "") -> Callable[[LayerRule], LayerRule]:
     """Register ``rule(analysis, step, layer)`` for a block FX keeps whole (a leaf, e.g. one with
     data-dependent control flow): the layout of its output, given the layers it calls."""
     bad = [t for t in layer_types if not (isinstance(t, type) and issubclass(t, nn.Module))]
@@ -52,7 +54,8 @@ def register_layer_rule(*layer_types: Type[nn.Module]) -> Callable[[LayerRule], 
         )
 
     def register(rule: LayerRule) -> LayerRule:
-        _LAYER_RULES.update(dict.fromkeys(layer_types, rule))
+        for layer_type in layer_types:
+            LAYER_RULES.add(layer_type, rule, reason)
         return rule
 
     return register
@@ -135,7 +138,7 @@ def attention_leaf(
 
 def module_layout(an: ChannelAnalysis, step: Step, module: nn.Module) -> Optional[Located]:
     """The layout of a layer's output, recording the layer's role in the groups it touches."""
-    rule = next((_LAYER_RULES[cls] for cls in type(module).__mro__ if cls in _LAYER_RULES), None)
+    rule = LAYER_RULES.for_class(type(module))
     if rule is not None and step.src is not None:
         return rule(an, step, module)
     handler = channel_handler(module)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from torch import fx
 
 from ..handlers import channel_handler
 from ..optional import optional_imports
+from ..registry import Registry
 from .axes import (
     REDUCTIONS,
     cat_dim,
@@ -49,37 +51,48 @@ from .graph import Layout
 __all__ = ["NodeRule", "register_node_rule", "node_rule", "function_layout"]
 
 NodeRule = Callable[[ChannelAnalysis, Step], Any]
-_FUNCTION_RULES: Dict[Callable, NodeRule] = {}
-_METHOD_RULES: Dict[str, NodeRule] = {}
-_NAMED_RULES: Dict[str, NodeRule] = {}
 
 
-_READS_PARAMETERS: set = set()
+@dataclass(frozen=True)
+class NodeRuleEntry:
+    """A rule for a call; ``parameters``: it places the parameters the call reads itself."""
+
+    rule: NodeRule
+    parameters: bool = False
+
+
+#: call targets (functions, tensor method names, function names) -> the rule for the call
+FUNCTION_RULES: Registry[NodeRuleEntry] = Registry("function rule")
+METHOD_RULES: Registry[NodeRuleEntry] = Registry("method rule")
+NAMED_RULES: Registry[NodeRuleEntry] = Registry("named function rule")
 
 
 def register_node_rule(
-    *functions: Callable, methods: Iterable[str] = (), names: Iterable[str] = (), parameters: bool = False
+    *functions: Callable,
+    methods: Iterable[str] = (),
+    names: Iterable[str] = (),
+    parameters: bool = False,
+    reason: str = "",
 ) -> Callable[[NodeRule], NodeRule]:
     """Register a rule for call targets: ``functions`` (``torch.cat``), tensor ``methods`` (``"view"``)
     and functions matched by ``names`` (timm's wrapped helpers, ``roll``). ``parameters=True``: the rule
     places the parameters the call reads itself (``F.linear(x, self.qkv.weight)``). Usable as a decorator."""
 
     def register(rule: NodeRule) -> NodeRule:
-        _FUNCTION_RULES.update(dict.fromkeys(functions, rule))
-        _METHOD_RULES.update(dict.fromkeys(methods, rule))
-        _NAMED_RULES.update(dict.fromkeys(names, rule))
-        if parameters:
-            _READS_PARAMETERS.add(rule)
+        entry = NodeRuleEntry(rule, parameters)
+        for registry, keys in ((FUNCTION_RULES, functions), (METHOD_RULES, methods), (NAMED_RULES, names)):
+            for key in keys:
+                registry.add(key, entry, reason)
         return rule
 
     return register
 
 
-def node_rule(node: fx.Node) -> Optional[NodeRule]:
+def node_rule(node: fx.Node) -> Optional[NodeRuleEntry]:
     """The rule registered for a call_function / call_method node, or None."""
     if node.op == "call_method":
-        return _METHOD_RULES.get(node.target) or _NAMED_RULES.get(node.target)
-    return _FUNCTION_RULES.get(node.target) or _NAMED_RULES.get(name_of(node.target))
+        return METHOD_RULES.get(node.target) or NAMED_RULES.get(node.target)
+    return FUNCTION_RULES.get(node.target) or NAMED_RULES.get(name_of(node.target))
 
 
 _ELEMENTWISE = {
@@ -222,11 +235,11 @@ def function_layout(an: ChannelAnalysis, step: Step) -> Optional[Located]:
             if placed is not None:
                 step.located.append((param, placed))
         params = [a for a in params if an.lay(a) is None]
-    rule = node_rule(node)
-    if params and rule not in _READS_PARAMETERS:
+    entry = node_rule(node)
+    if params and not (entry is not None and entry.parameters):
         an.fix_all([lo for _, lo in step.located], f"{node.name} uses parameter '{params[0].target}' directly")
         return an.fresh(node, f"output of {node.name}")
-    result = rule(an, step) if rule is not None else NotImplemented
+    result = entry.rule(an, step) if entry is not None else NotImplemented
     if result is NotImplemented:
         flat = next((an.spread[a] for a in step.args if a in an.spread), None)
         an.fix_all(
