@@ -124,6 +124,11 @@ def example_input_shape(model: nn.Module) -> Tuple[int, ...]:
     first = next((m for m in model.modules() if isinstance(m, conv_types())), None)
     if first is None:
         raise ValueError("cannot guess an input for a model without convolutions; pass example_input")
+    if not hasattr(first, "kernel_size"):
+        raise ValueError(
+            f"cannot guess an input for {type(model).__name__}: its first conv ({type(first).__name__}) has no "
+            f"kernel_size to tell 1-D from 2-D; pass example_input"
+        )
     ndim = len(first.kernel_size)
     return (first.in_channels, *([224 if ndim == 2 else 32] * ndim))
 
