@@ -10,7 +10,7 @@ those values (``recipes/studies/paper_fig4.yaml``)::
 
 The comparisons: with two lines, the second against the first at each value (KAP − NT on the same images);
 with one line, each value against the line's first (K = 3 and 5 against K = 1). Each is the paired
-difference of the two runs' per-image results (``kapify.evaluation.paired``) with its 95% interval.
+difference of the two runs' per-image results (``kapify.reporting.paired``) with its 95% interval.
 """
 
 from __future__ import annotations
