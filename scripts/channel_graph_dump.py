@@ -21,19 +21,22 @@ import torch
 VOLATILE = ("version", "plan")  # the config's format, and the replay data a later format adds
 
 
-def dump(name: str) -> dict:
+def build_listed(name: str) -> torch.nn.Module:
+    """The eval-mode model a list line names: a timm name, or torchvision/<name> (random weights)."""
     import timm
     import torchvision
 
+    if name.startswith("torchvision/"):
+        return torchvision.models.get_model(name.split("/")[1], weights=None).eval()
+    return timm.create_model(name, pretrained=False).eval()
+
+
+def dump(name: str) -> dict:
     import kapify
     from kapify.surgery.channels import analyze_channels
     from kapify.surgery.tracing import example_input
 
-    model = (
-        torchvision.models.get_model(name.split("/")[1], weights=None)
-        if name.startswith("torchvision/")
-        else timm.create_model(name, pretrained=False)
-    ).eval()
+    model = build_listed(name)
     x = example_input(model)
     graph = analyze_channels(model, x)
     kap = kapify.convert(model, k=3, sigma=0.1, example_input=x)

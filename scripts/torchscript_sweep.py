@@ -20,17 +20,12 @@ import torch
 
 
 def check(name: str, grid: str) -> dict:
-    import timm
-    import torchvision
+    from channel_graph_dump import build_listed  # beside this script: the same model list format
 
     import kapify
     from kapify.surgery.tracing import example_input
 
-    model = (
-        torchvision.models.get_model(name.split("/")[1], weights=None)
-        if name.startswith("torchvision/")
-        else timm.create_model(name, pretrained=False)
-    ).eval()
+    model = build_listed(name)
     x = example_input(model)
     kap = kapify.convert(model, k=3, sigma=0.1, grid=grid, example_input=x).eval()
     try:
